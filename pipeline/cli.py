@@ -8,6 +8,7 @@ and tests call `main([...])` directly.
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -27,26 +28,33 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
 
 
-def _commands() -> list[Command]:
-    # Imported here so `--help` of one stage does not import every stage's dependencies.
-    from pipeline import sync
+# Which module holds each command. Only the named stage's module is imported, so a quick
+# command (a no-op sync) does not pay for importing docker, numpy and gguf.
+STAGE_MODULES: dict[str, str] = {
+    "sync": "pipeline.sync",
+    "bump": "pipeline.sync",
+    "render": "pipeline.render",
+    "build": "pipeline.build",
+    "smoke": "pipeline.smoke",
+    "publish": "pipeline.publish",
+    "bench": "pipeline.bench",
+}
 
-    commands: list[Command] = [*sync.COMMANDS]
-    for module_name in ("render", "build", "smoke", "publish", "bench"):
-        try:
-            module = __import__(f"pipeline.{module_name}", fromlist=["COMMANDS"])
-        except ModuleNotFoundError as exc:
-            if exc.name == f"pipeline.{module_name}":
-                continue
-            raise
-        commands.extend(module.COMMANDS)
+
+def _commands(names: Sequence[str]) -> list[Command]:
+    commands: list[Command] = []
+    for module_name in dict.fromkeys(STAGE_MODULES[name] for name in names):
+        module = importlib.import_module(module_name)
+        commands.extend(c for c in module.COMMANDS if c[0] in names)
     return commands
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pipeline", description=__doc__.splitlines()[0] if __doc__ else None)
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """A parser for the command named in argv, or for every command (help, usage errors)."""
+    named = [argv[0]] if argv and argv[0] in STAGE_MODULES else list(STAGE_MODULES)
+    parser = _Parser(prog="pipeline", description="Build, smoke-test and publish llama.cpp server images.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, help_text, add_arguments, handler in _commands():
+    for name, help_text, add_arguments, handler in _commands(named):
         stage = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(stage)
         stage.set_defaults(handler=handler)
@@ -61,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (docker stop, CI cancel, kill) unwinds like Ctrl-C so context managers clean up.
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        args = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser(argv).parse_args(argv)
         handler: Handler = args.handler
         return handler(args)
     except KeyboardInterrupt:

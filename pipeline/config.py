@@ -20,7 +20,9 @@ SEMVER_RE = re.compile(
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
-IMAGE_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)+$")
+IMAGE_RE = re.compile(
+    r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)+$"
+)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,9 @@ def parse_version(data: Any, where: str = "version.json") -> VersionInfo:
         raise ConfigError(f"{sub}: key 'ref' is {ref!r}, expected a tag/branch name or null")
     unknown = set(llama) - {"repository", "commit", "ref"}
     if unknown:
-        raise ConfigError(f"{sub}: unknown key(s) {sorted(unknown)} (expected repository, commit, ref)")
+        raise ConfigError(
+            f"{sub}: unknown key(s) {sorted(unknown)} (expected repository, commit, ref)"
+        )
     image = _require(data, "image", str, where, "an image name such as docker.io/acme/llama-server")
     if not IMAGE_RE.match(image):
         raise ConfigError(
@@ -152,9 +156,13 @@ def load_version(path: Path) -> VersionInfo:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path} not found", "create it or run from the project checkout") from None
+        raise ConfigError(
+            f"{path} not found", "create it or run from the project checkout"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name} is not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
