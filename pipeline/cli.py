@@ -52,7 +52,9 @@ def _commands(names: Sequence[str]) -> list[Command]:
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """A parser for the command named in argv, or for every command (help, usage errors)."""
     named = [argv[0]] if argv and argv[0] in STAGE_MODULES else list(STAGE_MODULES)
-    parser = _Parser(prog="pipeline", description="Build, smoke-test and publish llama.cpp server images.")
+    parser = _Parser(
+        prog="pipeline", description="Build, smoke-test and publish llama.cpp server images."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text, add_arguments, handler in _commands(named):
         stage = sub.add_parser(name, help=help_text, description=help_text)
