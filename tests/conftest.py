@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import http.server
 import json
@@ -22,10 +23,11 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -228,8 +230,9 @@ def fake_project(tmp_path: Path, fake_upstream: FakeUpstream, clean_env: None) -
 
 
 # =====================================================================================
-# smoke (owner: smoke engineer, issue 4): the cpu images `nox -s build -- <arch> --load`
-# built (read from their build reports), and throwaway broken images derived from them.
+# smoke (owner: smoke engineer, issue 4): the cpu images as `nox -s build -- <arch> --load`
+# builds them (through the build section's `cpu_image`), and throwaway broken images derived
+# from them by `docker commit` (no build).
 # =====================================================================================
 
 
@@ -240,13 +243,11 @@ class SmokeImage:
     report: Path  # build/reports/build-cpu-<arch>.json
 
 
-def built_cpu_image(arch: str) -> SmokeImage:
-    """The cpu image of the checkout's build report for `arch`, present in the local engine."""
+def reported_cpu_image(reports: Path, arch: str) -> SmokeImage:
+    """The cpu image a build report in `reports` names, present in the local engine."""
     require_lab(docker_engine_answers(), "a Docker engine")
-    report = REPO_ROOT / "build" / "reports" / f"build-cpu-{arch}.json"
-    require_lab(
-        report.is_file(), f"a built cpu {arch} image (build/reports/{report.name}; nox -s build)"
-    )
+    report = reports / f"build-cpu-{arch}.json"
+    require_lab(report.is_file(), f"a built cpu {arch} image ({report}; nox -s build)")
     data = json.loads(report.read_text())
     inspect = subprocess.run(
         ["docker", "image", "inspect", data["ref"]], capture_output=True, check=False
@@ -255,14 +256,25 @@ def built_cpu_image(arch: str) -> SmokeImage:
     return SmokeImage(data["ref"], data.get("digest"), report)
 
 
-@pytest.fixture(scope="session")
-def cpu_amd64() -> SmokeImage:
-    return built_cpu_image("amd64")
+def smoke_image(request: pytest.FixtureRequest, arch: str) -> SmokeImage:
+    # $SMOKE_BUILD_REPORTS: images built elsewhere (a CI job's artifacts, a developer's own
+    # build); otherwise the build section builds them (BuildKit's cache: seconds when unchanged).
+    override = os.environ.get("SMOKE_BUILD_REPORTS")
+    if override:
+        return reported_cpu_image(Path(override), arch)
+    result = request.getfixturevalue("cpu_image")(arch)
+    report = REPO_ROOT / "build" / "reports" / f"build-cpu-{arch}.json"
+    return SmokeImage(result.ref, result.digest, report)
 
 
 @pytest.fixture(scope="session")
-def cpu_arm64() -> SmokeImage:
-    return built_cpu_image("arm64")
+def cpu_amd64(request: pytest.FixtureRequest) -> SmokeImage:
+    return smoke_image(request, "amd64")
+
+
+@pytest.fixture(scope="session")
+def cpu_arm64(request: pytest.FixtureRequest) -> SmokeImage:
+    return smoke_image(request, "arm64")
 
 
 # Entrypoints replacing llama-server: one that dies at once with a message, one that never
@@ -274,35 +286,26 @@ BROKEN_ENTRYPOINTS = {
 
 
 @pytest.fixture(scope="session")
-def broken_images(
-    cpu_amd64: SmokeImage, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, str]]:
-    context = tmp_path_factory.mktemp("broken-image")
+def broken_images(cpu_amd64: SmokeImage) -> Iterator[dict[str, str]]:
+    """`docker commit` of the real image with another ENTRYPOINT: no build, no CPU, seconds."""
     tags: dict[str, str] = {}
     for name, entrypoint in BROKEN_ENTRYPOINTS.items():
         tag = f"smoke-test/{name}:{os.getpid()}"
-        dockerfile = f"FROM {cpu_amd64.ref}\nENTRYPOINT {entrypoint}\n"
-        subprocess.run(
-            [
-                "flock",
-                "/tmp/lab-docker-build.lock",
-                "docker",
-                "buildx",
-                "build",
-                "--load",
-                "-q",
-                "-t",
-                tag,
-                "-f",
-                "-",
-                str(context),
-            ],
-            input=dockerfile,
-            text=True,
+        created = subprocess.run(
+            ["docker", "container", "create", cpu_amd64.ref],
             capture_output=True,
+            text=True,
             check=True,
-            timeout=600,
         )
+        cid = created.stdout.strip()
+        try:
+            subprocess.run(
+                ["docker", "commit", "--change", f"ENTRYPOINT {entrypoint}", cid, tag],
+                capture_output=True,
+                check=True,
+            )
+        finally:
+            subprocess.run(["docker", "rm", "-f", cid], capture_output=True, check=False)
         tags[name] = tag
     yield tags
     subprocess.run(
@@ -558,6 +561,9 @@ class TokenServer:
             def do_GET(self) -> None:
                 server.handle(self)
 
+            def do_POST(self) -> None:  # OAuth2 password grant: containerd (buildx) uses it
+                server.handle(self)
+
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
@@ -579,8 +585,18 @@ class TokenServer:
         query = urllib.parse.parse_qs(urllib.parse.urlparse(request.path).query)
         header = request.headers.get("Authorization", "")
         who = ""
-        if header.startswith("Basic "):
+        presented: tuple[str, str] | None = None
+        if request.command == "POST":
+            length = int(request.headers.get("Content-Length", "0"))
+            form = urllib.parse.parse_qs(request.rfile.read(length).decode())
+            query = {**query, **form}
+            if form.get("grant_type") == ["password"]:
+                presented = (form.get("username", [""])[0], form.get("password", [""])[0])
+        elif header.startswith("Basic "):
             user, _, secret = base64.b64decode(header[6:]).decode().partition(":")
+            presented = (user, secret)
+        if presented is not None:
+            user, secret = presented
             if (user, secret) != self.user:
                 request.send_response(401)
                 request.send_header("Content-Length", "0")
@@ -588,13 +604,15 @@ class TokenServer:
                 return
             who = user
         access = []
-        for scope in query.get("scope", []):
+        # GET repeats `scope`; the OAuth2 POST form joins scopes with spaces.
+        for scope in " ".join(query.get("scope", [])).split():
             kind, name, actions = scope.split(":")
             wanted = set(actions.split(","))
             granted = wanted if who else wanted & ({"pull"} if self.anonymous_pull else set())
             access.append({"type": kind, "name": name, "actions": sorted(granted)})
             self.issued.append((who or "anonymous", scope))
-        body = json.dumps({"token": self.sign(who, access), "expires_in": 300}).encode()
+        token = self.sign(who, access)
+        body = json.dumps({"token": token, "access_token": token, "expires_in": 300}).encode()
         request.send_response(200)
         request.send_header("Content-Type", "application/json")
         request.send_header("Content-Length", str(len(body)))
@@ -662,7 +680,11 @@ def fault_proxy(make_registry: Callable[..., LocalRegistry]) -> Iterator[FaultPr
 def lab_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
     """A registry shared by the session: the per-platform test images live in it."""
     require_lab(shutil.which("docker-registry") is not None, "Debian's docker-registry")
-    registry = LocalRegistry(tmp_path_factory.mktemp("lab-registry"))
+    root = tmp_path_factory.mktemp("lab-registry")
+    cached = publish_images_cache() / "storage"
+    if cached.is_dir():  # the test images of an earlier session: no build needed
+        shutil.copytree(cached, root / "storage")
+    registry = LocalRegistry(root)
     registry.start()
     yield registry
     registry.stop()
@@ -710,8 +732,6 @@ def build_test_release(
         name = f"{repository}:{version}{flavour}-{arch}"
         subprocess.run(
             [
-                "flock",
-                "/tmp/lab-docker-build.lock",
                 "docker",
                 "buildx",
                 "build",
@@ -759,16 +779,49 @@ def test_releases(
 
     Keys: the version, or `<version>+rebuild` for a second, different build of 1.1.0.
     """
+    cache = publish_images_cache()
+    repository = f"{lab_registry.host}/src"
+    if (cache / "releases.json").is_file():
+        saved = json.loads((cache / "releases.json").read_text())
+        releases = {k: LabRelease(**(v | {"repository": repository})) for k, v in saved.items()}
+        present = all(
+            httpx.head(
+                f"http://{lab_registry.host}/v2/src/manifests/{d}",
+                headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+            ).status_code
+            == 200
+            for release in releases.values()
+            for d in release.digests.values()
+        )
+        if present:
+            return releases
     context = tmp_path_factory.mktemp("test-image")
     (context / "Dockerfile").write_text(TEST_IMAGE_DOCKERFILE)
-    releases = {
-        v: build_test_release(lab_registry, context, v)
-        for v in ("1.0.0", "1.1.0", "1.0.1", "2.0.0-rc.1")
-    }
-    releases["1.1.0+rebuild"] = build_test_release(
-        lab_registry, context, "1.1.0", "-rebuild", releases["1.1.0"].commit
-    )
+    # The machine's one-build-at-a-time lock (what `flock /tmp/lab-docker-build.lock` takes),
+    # held once for the ten small builds; waiting for it is not part of any build's timeout.
+    with Path("/tmp/lab-docker-build.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        releases = {
+            v: build_test_release(lab_registry, context, v)
+            for v in ("1.0.0", "1.1.0", "1.0.1", "2.0.0-rc.1")
+        }
+        releases["1.1.0+rebuild"] = build_test_release(
+            lab_registry, context, "1.1.0", "-rebuild", releases["1.1.0"].commit
+        )
+    # Keep them for later sessions on this machine (build/ is not in git): the copy of the
+    # storage holds only the `src` repository, pushed so far.
+    partial = cache.with_name(cache.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(lab_registry.root / "storage", partial / "storage")
+    (partial / "releases.json").write_text(json.dumps({k: asdict(v) for k, v in releases.items()}))
+    shutil.rmtree(cache, ignore_errors=True)
+    partial.rename(cache)
     return releases
+
+
+def publish_images_cache() -> Path:
+    key = hashlib.sha256(f"{TEST_IMAGE_DOCKERFILE}|releases-v1".encode()).hexdigest()[:12]
+    return REPO_ROOT / "build" / "test-cache" / f"publish-images-{key}"
 
 
 # =====================================================================================

@@ -1,0 +1,100 @@
+#!/bin/sh
+# Assembles a from-scratch runtime filesystem for a target architecture on the build machine,
+# without running any target code: ELF dependencies are read with the cross readelf, the
+# target's shared libraries are copied from its multiarch and cross directories, and busybox
+# (static, unpacked from the target's .deb) provides /bin/sh and wget for the entrypoint and
+# the healthcheck. Runs in the builder stage of cpu.Dockerfile.
+#
+#   assemble-rootfs.sh TRIPLET APP_DIR BUSYBOX ENTRYPOINT USER UID ROOTFS
+#
+# Result under ROOTFS: /app (llama-server, its libraries, entrypoint.sh), /lib/TRIPLET (the
+# closure of their NEEDED entries), the ELF interpreter at its own path, /bin/{busybox,sh,wget},
+# /etc/{passwd,group,nsswitch.conf}, /etc/ssl/certs/ca-certificates.crt, /tmp, /home/USER.
+set -eu
+
+if [ "$#" -ne 7 ]; then
+    echo "usage: $0 TRIPLET APP_DIR BUSYBOX ENTRYPOINT USER UID ROOTFS" >&2
+    exit 2
+fi
+triplet=$1 app=$2 busybox=$3 entrypoint=$4 user=$5 uid=$6 rootfs=$7
+
+readelf="$triplet-readelf"
+libdir="$rootfs/lib/$triplet"
+# Multiarch packages (libssl-dev:arm64 pulls libc6:arm64) first, then the cross toolchain's
+# own copies (libstdc++, libgcc_s, libgomp); same Debian release, same versions.
+search="/usr/lib/$triplet /lib/$triplet /usr/$triplet/lib"
+
+find_lib() {
+    for dir in $search; do
+        if [ -e "$dir/$1" ]; then
+            printf '%s\n' "$dir/$1"
+            return 0
+        fi
+    done
+    return 1
+}
+
+needed() {
+    "$readelf" -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'
+}
+
+mkdir -p "$rootfs/app" "$rootfs/bin" "$rootfs/etc/ssl/certs" "$libdir" "$rootfs/tmp" \
+    "$rootfs/home/$user"
+cp -P "$app"/* "$rootfs/app/"
+cp "$entrypoint" "$rootfs/app/entrypoint.sh"
+chmod 0755 "$rootfs/app/entrypoint.sh"
+
+# Breadth-first over NEEDED: the server, every ggml backend module (dlopened, so their own
+# dependencies such as libgomp must be here too), then each library copied in.
+queue=$(find "$rootfs/app" -type f -name '*.so*' -o -type f -name llama-server)
+while [ -n "$queue" ]; do
+    next=
+    for file in $queue; do
+        for lib in $(needed "$file"); do
+            # Shipped next to the server (found through RUNPATH $ORIGIN) or already copied.
+            if [ -e "$rootfs/app/$lib" ] || [ -e "$libdir/$lib" ]; then
+                continue
+            fi
+            if ! source=$(find_lib "$lib"); then
+                echo "error: $file needs $lib, which is in none of: $search" >&2
+                exit 1
+            fi
+            cp -L "$source" "$libdir/$lib"
+            next="$next $libdir/$lib"
+        done
+    done
+    queue=$next
+done
+
+interp=$("$readelf" -l "$rootfs/app/llama-server" |
+    sed -n 's/.*Requesting program interpreter: \(.*\)\]$/\1/p')
+if [ -z "$interp" ]; then
+    echo "error: llama-server has no ELF interpreter (not dynamically linked?)" >&2
+    exit 1
+fi
+if ! source=$(find_lib "${interp##*/}"); then
+    echo "error: the ELF interpreter $interp is in none of: $search" >&2
+    exit 1
+fi
+mkdir -p "$rootfs${interp%/*}"
+cp -L "$source" "$rootfs$interp"
+
+cp "$busybox" "$rootfs/bin/busybox"
+ln -s busybox "$rootfs/bin/sh"
+ln -s busybox "$rootfs/bin/wget"
+
+cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+cat >"$rootfs/etc/passwd" <<EOF
+root:x:0:0:root:/root:/sbin/nologin
+$user:x:$uid:$uid:llama-server:/home/$user:/sbin/nologin
+EOF
+cat >"$rootfs/etc/group" <<EOF
+root:x:0:
+$user:x:$uid:
+EOF
+# glibc's resolver defaults are right, but an explicit file keeps /etc/hosts in the order.
+echo 'hosts: files dns' >"$rootfs/etc/nsswitch.conf"
+
+chmod 1777 "$rootfs/tmp"
+chown "$uid:$uid" "$rootfs/home/$user"
+chmod 0755 "$rootfs/home/$user"

@@ -1,0 +1,589 @@
+"""A small client of the registry HTTP API v2 (what Docker Hub, GHCR and distribution speak).
+
+Reads manifests and indexes (with the Accept headers registries need to return OCI and Docker
+lists), reads config blobs for their labels, and writes manifests to tags. Authentication
+follows Docker's registry auth spec: an anonymous request, then the challenge in the 401's
+`WWW-Authenticate` answered with HTTP Basic or with a bearer token fetched from the realm it
+names (Docker Hub's flow). Transient failures are retried with bounded backoff; refused or
+missing credentials become one CredentialsError naming the registry and the variables.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from pipeline import console
+from pipeline.errors import CredentialsError, RegistryError
+
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+INDEX_TYPES = frozenset({MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST})
+MANIFEST_TYPES = frozenset({MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST})
+# Without an Accept listing them, registries may down-convert or answer 404 for lists.
+MANIFEST_ACCEPT = ", ".join(
+    [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST]
+)
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_API = "registry-1.docker.io"
+# The key `docker login` writes for Docker Hub in config.json; tools look it up by this name.
+DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
+
+LABEL_VERSION = "org.opencontainers.image.version"
+LABEL_REVISION = "org.opencontainers.image.revision"
+ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
+
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
+
+
+def is_loopback(host: str) -> bool:
+    """Docker talks plain HTTP to loopback registries by default; so do we (127.0.0.0/8, ::1)."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ImageName:
+    """A repository in a registry: `docker.io/acme/llama-server`, `127.0.0.1:5000/x/y`."""
+
+    registry: str
+    repository: str
+
+    @classmethod
+    def parse(cls, name: str) -> ImageName:
+        """Docker's normalisation: no registry part means Docker Hub, one path part `library/`."""
+        if "@" in name or not name or name != name.strip():
+            raise RegistryError(f"image name {name!r} is not a repository name")
+        first, sep, rest = name.partition("/")
+        if sep and ("." in first or ":" in first or first == "localhost"):
+            registry, repository = first, rest
+        else:
+            registry, repository = DOCKER_HUB, name
+        if registry in {"index.docker.io", "registry-1.docker.io"}:
+            registry = DOCKER_HUB
+        if registry == DOCKER_HUB and "/" not in repository:
+            repository = f"library/{repository}"
+        if ":" in repository or not repository:
+            raise RegistryError(f"image name {name!r} has a tag; give the repository name only")
+        return cls(registry, repository)
+
+    def __str__(self) -> str:
+        return f"{self.registry}/{self.repository}"
+
+    def tagged(self, tag: str) -> str:
+        return f"{self}:{tag}"
+
+    def at(self, digest: str) -> str:
+        return f"{self}@{digest}"
+
+
+def split_reference(ref: str) -> tuple[ImageName, str]:
+    """`name@sha256:…` or `name:tag` → (ImageName, digest-or-tag)."""
+    if "@" in ref:
+        name, _, reference = ref.partition("@")
+        if not DIGEST_RE.match(reference):
+            raise RegistryError(f"image reference {ref!r} has a malformed digest")
+        return ImageName.parse(name), reference
+    head, _, last = ref.rpartition("/")
+    if ":" in last:
+        repo_last, _, tag = last.partition(":")
+        return ImageName.parse(f"{head}/{repo_last}" if head else repo_last), tag
+    return ImageName.parse(ref), "latest"
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """A username and a secret, and the names of the variables they came from (for messages)."""
+
+    username: str
+    secret: str
+    variables: tuple[str, str]
+
+    def __repr__(self) -> str:
+        # The secret must never reach a log, a traceback or an assertion message.
+        return f"Credentials(username={self.username!r}, from={'/'.join(self.variables)})"
+
+    def basic(self) -> str:
+        token = base64.b64encode(f"{self.username}:{self.secret}".encode()).decode("ascii")
+        return f"Basic {token}"
+
+
+def env_pairs(registry: str) -> list[tuple[str, str]]:
+    """Which environment variables hold credentials for `registry`, in order of preference."""
+    pairs = [("DOCKERHUB_USERNAME", "DOCKERHUB_TOKEN")] if registry == DOCKER_HUB else []
+    return [*pairs, ("REGISTRY_USERNAME", "REGISTRY_PASSWORD")]
+
+
+def credentials_from_env(registry: str, env: Mapping[str, str] | None = None) -> Credentials | None:
+    """The first complete pair of variables for `registry`; None means anonymous access."""
+    environ = os.environ if env is None else env
+    for user_var, secret_var in env_pairs(registry):
+        user, secret = environ.get(user_var, ""), environ.get(secret_var, "")
+        if user and secret:
+            return Credentials(user, secret, (user_var, secret_var))
+        if user or secret:
+            have, lack = (user_var, secret_var) if user else (secret_var, user_var)
+            raise CredentialsError(
+                f"{have} is set but {lack} is not (credentials for {registry})",
+                "set both, or neither for anonymous access",
+            )
+    return None
+
+
+def _wanted(registry: str) -> str:
+    return " and ".join("/".join(pair) for pair in env_pairs(registry)[:1])
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Platform:
+        return cls(str(data.get("os", "")), str(data.get("architecture", "")), data.get("variant"))
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise RegistryError(f"platform {text!r} is not os/arch[/variant]")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+    def __str__(self) -> str:
+        base = f"{self.os}/{self.architecture}"
+        return f"{base}/{self.variant}" if self.variant else base
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    platform: Platform | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Descriptor:
+        platform = data.get("platform")
+        return cls(
+            media_type=str(data.get("mediaType", "")),
+            digest=str(data.get("digest", "")),
+            size=int(data.get("size", 0)),
+            platform=Platform.from_json(platform) if isinstance(platform, dict) else None,
+            annotations=dict(data.get("annotations") or {}),
+        )
+
+    @property
+    def is_attestation(self) -> bool:
+        """BuildKit stores SBOM/provenance as manifests of platform unknown/unknown in the index."""
+        if self.annotations.get(ATTESTATION_ANNOTATION) == "attestation-manifest":
+            return True
+        return self.platform is not None and self.platform.os == "unknown"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest or an index exactly as the registry holds it (bytes define the digest)."""
+
+    media_type: str
+    digest: str
+    body: bytes
+    data: Mapping[str, Any]
+
+    @classmethod
+    def from_bytes(cls, body: bytes, media_type: str | None = None) -> Manifest:
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"manifest is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RegistryError("manifest is not a JSON object")
+        kind = str(data.get("mediaType") or media_type or "")
+        return cls(kind, sha256_digest(body), body, data)
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_TYPES or "manifests" in self.data
+
+    @property
+    def descriptors(self) -> list[Descriptor]:
+        return [Descriptor.from_json(item) for item in self.data.get("manifests") or []]
+
+    @property
+    def platform_descriptors(self) -> list[Descriptor]:
+        """The runnable images of an index: its attestation manifests left out."""
+        return [d for d in self.descriptors if not d.is_attestation]
+
+    @property
+    def config(self) -> Descriptor:
+        config = self.data.get("config")
+        if not isinstance(config, dict):
+            raise RegistryError(f"manifest {self.digest} has no config descriptor")
+        return Descriptor.from_json(config)
+
+
+@dataclass(frozen=True)
+class PlatformImage:
+    platform: str
+    digest: str
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    """What a tag points to: its digest and, per platform, the manifest digest and labels."""
+
+    digest: str
+    media_type: str
+    images: list[PlatformImage]
+    attestations: int
+
+    @property
+    def platforms(self) -> list[str]:
+        return [image.platform for image in self.images]
+
+
+def sha256_digest(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff: `attempts` tries, sleeping base, 2*base, … up to max_delay."""
+
+    attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+
+    def delay(self, attempt: int, retry_after: str | None = None) -> float:
+        if retry_after and retry_after.strip().isdigit():
+            return min(float(retry_after), self.max_delay)
+        return float(min(self.base_delay * (2 ** (attempt - 1)), self.max_delay))
+
+
+def _challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    return scheme.lower(), dict(_CHALLENGE_PARAM_RE.findall(rest))
+
+
+class RegistryClient:
+    """One registry, one set of credentials (or none). Use as a context manager."""
+
+    def __init__(
+        self,
+        registry: str,
+        credentials: Credentials | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float = 30.0,
+        plain_http: bool | None = None,
+    ) -> None:
+        self.registry = registry
+        self.credentials = credentials
+        self.retry = retry or RetryPolicy()
+        host = DOCKER_HUB_API if registry == DOCKER_HUB else registry
+        insecure = is_loopback(registry) if plain_http is None else plain_http
+        self.base_url = f"{'http' if insecure else 'https'}://{host}"
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            follow_redirects=True,
+            headers={"User-Agent": "llama-server-images-publish"},
+        )
+        # Per scope: the Authorization header value that worked (bearer tokens are scoped).
+        self._auth: dict[str, str] = {}
+        self._basic = False
+        self.requests: list[tuple[str, str, int]] = []
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ transport
+    def _send_retrying(
+        self, method: str, url: str, headers: Mapping[str, str], content: bytes | None
+    ) -> httpx.Response:
+        started = time.monotonic()
+        last = ""
+        for attempt in range(1, self.retry.attempts + 1):
+            retry_after = None
+            try:
+                response = self._http.request(method, url, headers=headers, content=content)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                self.requests.append((method, url, response.status_code))
+                if response.status_code not in RETRY_STATUS:
+                    return response
+                last = f"HTTP {response.status_code}"
+                retry_after = response.headers.get("Retry-After")
+            if attempt == self.retry.attempts:
+                break
+            delay = self.retry.delay(attempt, retry_after)
+            console.err.print(
+                f"registry {self.registry}: {method} {_path(url)}: {last}; "
+                f"retrying in {delay:.1f} s (attempt {attempt + 1}/{self.retry.attempts})"
+            )
+            time.sleep(delay)
+        elapsed = time.monotonic() - started
+        raise RegistryError(
+            f"registry {self.registry} failed {method} {_path(url)}: {last} "
+            f"({self.retry.attempts} attempts over {elapsed:.0f} s)",
+            "check that the registry is up and reachable, then re-run: publishing is idempotent",
+        )
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        scope: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> httpx.Response:
+        url = f"{self.base_url}{path}"
+        for attempt in (1, 2):
+            sent = dict(headers or {})
+            auth = self._auth.get("*" if self._basic else scope)
+            if auth:
+                sent["Authorization"] = auth
+            response = self._send_retrying(method, url, sent, content)
+            if response.status_code == 401 and attempt == 1:
+                self._authenticate(response, scope)
+                continue
+            if response.status_code in (401, 403):
+                raise self._refused(response.status_code, scope)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _authenticate(self, response: httpx.Response, scope: str) -> None:
+        """Answer a 401's challenge: Basic with our credentials, or a token from the realm."""
+        header = response.headers.get("WWW-Authenticate", "")
+        scheme, params = _challenge(header)
+        if scheme == "basic":
+            if self.credentials is None:
+                raise self._refused(401, scope)
+            self._basic = True
+            self._auth["*"] = self.credentials.basic()
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise RegistryError(
+                f"registry {self.registry} asked for unsupported authentication {header!r}"
+            )
+        query = {"scope": scope}
+        if "service" in params:
+            query["service"] = params["service"]
+        token_headers = {"Authorization": self.credentials.basic()} if self.credentials else {}
+        token_url = str(httpx.URL(params["realm"]).copy_merge_params(query))
+        answer = self._send_retrying("GET", token_url, token_headers, None)
+        if answer.status_code in (401, 403):
+            raise self._refused(answer.status_code, scope)
+        if answer.status_code != 200:
+            raise RegistryError(
+                f"token server of {self.registry} answered HTTP {answer.status_code} for {scope}"
+            )
+        try:
+            body = answer.json()
+            token = body.get("token") or body.get("access_token")
+        except (json.JSONDecodeError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"token server of {self.registry} returned no token for {scope}")
+        self._auth[scope] = f"Bearer {token}"
+
+    def _refused(self, status: int, scope: str) -> CredentialsError:
+        what = _describe_scope(scope)
+        if self.credentials is None:
+            return CredentialsError(
+                f"registry {self.registry} requires credentials to {what}, and none are set "
+                f"(HTTP {status})",
+                f"set {_wanted(self.registry)} in the environment",
+            )
+        variables = "/".join(self.credentials.variables)
+        if status == 401:
+            return CredentialsError(
+                f"registry {self.registry} refused the credentials in {variables} "
+                f"(user {self.credentials.username!r}) to {what} (HTTP 401)",
+                f"check {self.credentials.variables[1]}: wrong, expired or revoked",
+            )
+        return CredentialsError(
+            f"registry {self.registry} denied user {self.credentials.username!r} "
+            f"(from {variables}) permission to {what} (HTTP 403)",
+            "give the token read/write access to the repository, or use another account",
+        )
+
+    def _fail(self, response: httpx.Response, what: str) -> RegistryError:
+        detail = ""
+        try:
+            errors = response.json().get("errors") or []
+            if errors:
+                detail = f": {errors[0].get('code', '')} {errors[0].get('message', '')}".rstrip()
+        except (json.JSONDecodeError, AttributeError, IndexError):
+            pass
+        return RegistryError(
+            f"registry {self.registry} answered HTTP {response.status_code} to {what}{detail}"
+        )
+
+    # ------------------------------------------------------------------ API
+    def ping(self, repository: str, push: bool = False) -> None:
+        """Check that we may read (or write) `repository`: raises CredentialsError if not."""
+        response = self._request("GET", "/v2/", _scope(repository, push))
+        if response.status_code != 200:
+            raise self._fail(response, "GET /v2/")
+
+    def manifest_digest(self, repository: str, reference: str) -> str | None:
+        """HEAD a tag or digest: its digest, or None when it does not exist."""
+        path = f"/v2/{repository}/manifests/{reference}"
+        response = self._request(
+            "HEAD", path, _scope(repository), headers={"Accept": MANIFEST_ACCEPT}
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._fail(response, f"HEAD {path}")
+        digest = str(response.headers.get("Docker-Content-Digest", ""))
+        if DIGEST_RE.match(digest):
+            return digest
+        manifest = self.manifest(repository, reference)  # some registries omit the header
+        return manifest.digest if manifest else None
+
+    def manifest(self, repository: str, reference: str) -> Manifest | None:
+        """GET a manifest or index by tag or digest; None when it does not exist."""
+        path = f"/v2/{repository}/manifests/{reference}"
+        response = self._request(
+            "GET", path, _scope(repository), headers={"Accept": MANIFEST_ACCEPT}
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._fail(response, f"GET {path}")
+        manifest = Manifest.from_bytes(response.content, response.headers.get("Content-Type"))
+        expected = reference if DIGEST_RE.match(reference) else None
+        expected = expected or response.headers.get("Docker-Content-Digest")
+        if expected and expected != manifest.digest:
+            raise RegistryError(
+                f"registry {self.registry} returned {repository}:{reference} with digest "
+                f"{manifest.digest}, expected {expected}"
+            )
+        return manifest
+
+    def put_manifest(self, repository: str, reference: str, manifest: Manifest) -> str:
+        """PUT the exact bytes of `manifest` under a tag (or its digest); returns the digest."""
+        path = f"/v2/{repository}/manifests/{reference}"
+        response = self._request(
+            "PUT",
+            path,
+            _scope(repository, push=True),
+            headers={"Content-Type": manifest.media_type},
+            content=manifest.body,
+        )
+        if response.status_code not in (200, 201):
+            raise self._fail(response, f"PUT {path}")
+        digest = str(response.headers.get("Docker-Content-Digest", manifest.digest))
+        if digest != manifest.digest:
+            raise RegistryError(
+                f"registry {self.registry} stored {repository}:{reference} as {digest}, "
+                f"expected {manifest.digest}"
+            )
+        return digest
+
+    def blob(self, repository: str, digest: str) -> bytes:
+        path = f"/v2/{repository}/blobs/{digest}"
+        response = self._request("GET", path, _scope(repository))
+        if response.status_code != 200:
+            raise self._fail(response, f"GET {path}")
+        if sha256_digest(response.content) != digest:
+            raise RegistryError(f"registry {self.registry} returned corrupt blob {digest}")
+        return response.content
+
+    def labels(self, repository: str, manifest: Manifest) -> dict[str, str]:
+        """The labels of an image manifest's config (empty when it has none)."""
+        config = json.loads(self.blob(repository, manifest.config.digest))
+        labels = (config.get("config") or {}).get("Labels") or {}
+        return {str(k): str(v) for k, v in labels.items()}
+
+    def platform_images(self, repository: str, manifest: Manifest) -> Iterator[PlatformImage]:
+        """Each runnable image of an index (or the one image of a manifest) with its labels."""
+        if not manifest.is_index:
+            config = json.loads(self.blob(repository, manifest.config.digest))
+            platform = Platform(str(config.get("os", "")), str(config.get("architecture", "")))
+            yield PlatformImage(str(platform), manifest.digest, self.labels(repository, manifest))
+            return
+        for descriptor in manifest.platform_descriptors:
+            child = self.manifest(repository, descriptor.digest)
+            if child is None:
+                raise RegistryError(
+                    f"index {manifest.digest} in {self.registry}/{repository} lists "
+                    f"{descriptor.digest}, which the registry does not have"
+                )
+            yield PlatformImage(
+                str(descriptor.platform), descriptor.digest, self.labels(repository, child)
+            )
+
+    def summary(self, repository: str, reference: str) -> ImageSummary | None:
+        manifest = self.manifest(repository, reference)
+        if manifest is None:
+            return None
+        images = list(self.platform_images(repository, manifest))
+        attestations = sum(1 for d in manifest.descriptors if d.is_attestation)
+        return ImageSummary(manifest.digest, manifest.media_type, images, attestations)
+
+    def version_label(self, repository: str, reference: str) -> tuple[str, str | None] | None:
+        """(digest, version label of its first image) for a tag; None if the tag is absent."""
+        manifest = self.manifest(repository, reference)
+        if manifest is None:
+            return None
+        for image in self.platform_images(repository, manifest):
+            return manifest.digest, image.labels.get(LABEL_VERSION)
+        return manifest.digest, None
+
+
+def _scope(repository: str, push: bool = False) -> str:
+    return f"repository:{repository}:{'pull,push' if push else 'pull'}"
+
+
+def _describe_scope(scope: str) -> str:
+    _, repository, actions = [*scope.split(":"), "", ""][:3]
+    verb = "push to" if "push" in actions else "read"
+    return f"{verb} {repository}"
+
+
+def _path(url: str) -> str:
+    parsed = httpx.URL(url)
+    return parsed.path

@@ -1,0 +1,507 @@
+"""`nox -s build`: planning, the buildx command line, the reports, failure paths, and real cpu
+images built from the pinned snapshot (amd64 natively, arm64 cross-compiled with QEMU off)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PINNED_COMMIT, REPO_ROOT, TEST_CPU_VARIANTS, build_lock, require_lab
+
+from pipeline.build import (
+    BuilderInfo,
+    BuildRequest,
+    BuildResult,
+    _cache_spec,
+    build,
+    build_arguments,
+    check_builder_platforms,
+    host_platform,
+    load_build_result,
+    load_build_results,
+    plan_jobs,
+    write_build_result,
+)
+from pipeline.cli import main
+from pipeline.config import Project, load_version
+from pipeline.errors import BuildError, UsageError
+from pipeline.matrix import configure_flags, load_matrix
+
+MATRIX = load_matrix()
+VERSION = load_version(REPO_ROOT / "version.json")
+ENTRYPOINT = REPO_ROOT / "dockerfiles" / "entrypoint.sh"
+QEMU_AARCH64 = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+
+
+def request(*platforms: str, **kwargs: object) -> BuildRequest:
+    names = tuple(MATRIX.platform(p).name for p in platforms)
+    defaults: dict[str, object] = {"backends": ("cpu",)}
+    defaults.update(kwargs)
+    return BuildRequest(platforms=names, **defaults)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------ planning
+
+
+def test_load_builds_one_local_image_per_platform() -> None:
+    jobs = plan_jobs(request("amd64", "arm64"), MATRIX, VERSION)
+    assert [(j.key, j.output, j.tags) for j in jobs] == [
+        ("cpu-amd64", "load", (f"{VERSION.image}:{VERSION.version}-cpu-amd64",)),
+        ("cpu-arm64", "load", (f"{VERSION.image}:{VERSION.version}-cpu-arm64",)),
+    ]
+    assert jobs[0].repository == VERSION.image
+    assert jobs[0].cpu_variants == "all"
+
+
+def test_push_is_one_multi_platform_image_and_push_by_digest_one_per_platform() -> None:
+    (push,) = plan_jobs(request("amd64", "arm64", output="push"), MATRIX, VERSION)
+    assert [p.name for p in push.platforms] == ["linux/amd64", "linux/arm64"]
+    assert push.tags == (f"{VERSION.image}:{VERSION.version}-cpu",)
+    by_digest = plan_jobs(
+        request("amd64", "arm64", output="push-by-digest", tags=("127.0.0.1:5000/t/llama",)),
+        MATRIX,
+        VERSION,
+    )
+    assert [(j.key, j.repository) for j in by_digest] == [
+        ("cpu-amd64", "127.0.0.1:5000/t/llama"),
+        ("cpu-arm64", "127.0.0.1:5000/t/llama"),
+    ]
+
+
+def test_usage_errors_come_before_any_work(tmp_path: Path) -> None:
+    cases = [
+        (request("amd64", "arm64", tags=("dev",)), "--tag with --load names one image"),
+        (request("amd64", output="push-by-digest", tags=("r/x:1",)), "pushes no tag"),
+        (request("amd64", "arm64", backends=("cpu", "rocm")), "not built for"),
+        (request("arm64", backends=("rocm",)), "'rocm' is not built for linux/arm64"),
+        (request("amd64", cpu_variants="fast"), "unknown CPU variant set 'fast'"),
+        (
+            request("amd64", backends=("cpu", "vulkan"), output="oci", oci_path=tmp_path / "x.tar"),
+            "need a directory",
+        ),
+    ]
+    for req, message in cases:
+        with pytest.raises(UsageError) as err:
+            plan_jobs(req, MATRIX, VERSION)
+        assert message in err.value.line()
+
+
+def test_cli_rejects_unknown_names_with_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", "mips64"]) == 2
+    assert "valid platforms: linux/amd64 (amd64), linux/arm64 (arm64)" in capsys.readouterr().err
+    assert main(["build", "--backend", "cpu,metal"]) == 2
+    assert "valid backends: cpu, vulkan, cuda, rocm" in capsys.readouterr().err
+    assert main(["build", "--load", "--push"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_buildx_command_line() -> None:
+    project = Project(REPO_ROOT)
+    req = request("arm64", cache_from=("ghcr.io/acme/cache:cpu",), cache_to=("/tmp/cache",))
+    (job,) = plan_jobs(req, MATRIX, VERSION)
+    args = build_arguments(
+        project, job, VERSION, 1790820708, PINNED_COMMIT, 6500, req, Path("/tmp/meta.json")
+    )
+    assert args[:3] == ["docker", "buildx", "build"]
+    joined = " ".join(args)
+    assert f"--file {REPO_ROOT}/build/dockerfiles/cpu.Dockerfile" in joined
+    assert f"--build-context support={REPO_ROOT}/dockerfiles" in joined
+    assert "--platform linux/arm64" in joined
+    for arg in (
+        f"LLAMA_CPP_COMMIT={PINNED_COMMIT}",
+        "LLAMA_CPP_BUILD_NUMBER=6500",
+        "IMAGE_CREATED=2026-10-01T02:11:48Z",
+        "SOURCE_DATE_EPOCH=1790820708",
+        "CPU_VARIANTS=all",
+        f"IMAGE_VERSION={VERSION.version}",
+    ):
+        assert f"--build-arg {arg}" in joined
+    assert "--provenance=false" in args
+    assert "--cache-from type=registry,ref=ghcr.io/acme/cache:cpu" in joined
+    assert "--cache-to type=local,dest=/tmp/cache,mode=max" in joined
+    assert args[-2:] == ["--load", str(REPO_ROOT / "third_party" / "llama.cpp")]
+
+
+def test_cache_specs() -> None:
+    assert _cache_spec("./cache", export=False) == "type=local,src=cache"
+    assert (
+        _cache_spec("reg.example/c:1", export=True) == "type=registry,ref=reg.example/c:1,mode=max"
+    )
+    assert _cache_spec("type=gha,scope=cpu", export=True) == "type=gha,scope=cpu"
+
+
+def test_only_backends_that_run_target_code_need_an_emulator() -> None:
+    amd64_only = BuilderInfo("default", "docker", ("linux/amd64", "linux/amd64/v2", "linux/386"))
+    cpu_arm64 = plan_jobs(request("arm64"), MATRIX, VERSION)
+    check_builder_platforms(amd64_only, cpu_arm64)  # cross-compiled, FROM scratch: fine
+    vulkan_arm64 = plan_jobs(request("arm64", backends=("vulkan",)), MATRIX, VERSION)
+    with pytest.raises(BuildError) as err:
+        check_builder_platforms(amd64_only, vulkan_arm64)
+    line = err.value.line()
+    assert "cannot run linux/arm64 code, which the vulkan image needs" in line
+    assert "update-binfmts --enable qemu-aarch64" in line
+    assert "docker buildx create --append" in line
+    check_builder_platforms(
+        BuilderInfo("multi", "remote", ("linux/amd64", "linux/arm64")), vulkan_arm64
+    )
+
+
+# ------------------------------------------------------------------------ reports
+
+
+def result(**changes: object) -> BuildResult:
+    fields: dict[str, object] = {
+        "backend": "cpu",
+        "platform": "linux/arm64",
+        "image": "docker.io/acme/llama-server",
+        "ref": "docker.io/acme/llama-server:0.1.0-cpu-arm64",
+        "digest": "sha256:" + "a" * 64,
+        "output": "load",
+        "commit": PINNED_COMMIT,
+        "version": "0.1.0",
+        "size_bytes": 41_000_000,
+        "seconds": 512.3,
+        "cpu_variants": "baseline",
+    }
+    fields.update(changes)
+    return BuildResult(**fields)  # type: ignore[arg-type]
+
+
+def test_reports_round_trip_in_the_agreed_schema(tmp_path: Path) -> None:
+    project = Project(tmp_path)
+    path = write_build_result(project, result())
+    assert path == tmp_path / "build" / "reports" / "build-cpu-arm64.json"
+    data = json.loads(path.read_text())
+    assert list(data)[:11] == ["schema", "backend", "platform", "image", "ref", "digest",
+                               "output", "commit", "version", "size_bytes", "seconds"]  # fmt: skip
+    assert data["schema"] == 1
+    write_build_result(project, result(platform="linux/amd64", size_bytes=None))
+    assert load_build_results(project) == [result(platform="linux/amd64", size_bytes=None),
+                                           result()]  # fmt: skip
+    assert load_build_result(project, "cpu", "linux/arm64") == result()
+    with pytest.raises(BuildError) as err:
+        load_build_result(project, "vulkan", "linux/arm64")
+    assert "run: nox -s build -- arm64 --backend vulkan" in err.value.line()
+    path.write_text(json.dumps({**data, "digest": 42}))
+    with pytest.raises(BuildError) as err:
+        load_build_results(project)
+    assert "build-cpu-arm64.json: key 'digest'" in err.value.line()
+
+
+# ------------------------------------------------------------------------ failure paths
+
+
+@pytest.fixture
+def bare_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A checkout with no snapshot: version.json and the templates only."""
+    shutil.copy(REPO_ROOT / "version.json", tmp_path / "version.json")
+    shutil.copytree(REPO_ROOT / "dockerfiles", tmp_path / "dockerfiles")
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def test_missing_snapshot_fails_before_docker(
+    bare_project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["build", "amd64"]) == 6
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "snapshot.json is missing" in err and "nox -s sync" in err
+    # The Dockerfile was rendered first, so it can be read even when the build cannot run.
+    assert (bare_project / "build" / "dockerfiles" / "cpu.Dockerfile").is_file()
+
+
+def test_no_engine_is_one_clear_line(
+    pinned_snapshot: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    monkeypatch.setenv("PIPELINE_ROOT", str(REPO_ROOT))
+    assert main(["build", "amd64"]) == 13
+    err = capsys.readouterr().err
+    assert err.startswith("error: no Docker engine answers at unix:///nonexistent/docker.sock")
+    assert "start dockerd" in err
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_commit_mismatch_stops_the_build(docker_engine: None, pinned_snapshot: Path) -> None:
+    other = "1" * 40
+    req = request("amd64", build_args=(("LLAMA_CPP_COMMIT", other),))
+    with build_lock(), pytest.raises(BuildError) as err:
+        build(Project(REPO_ROOT), req, quiet=True)
+    line = err.value.line()
+    assert f"snapshot.json is llama.cpp {PINNED_COMMIT} but LLAMA_CPP_COMMIT is {other}" in line
+    assert "full log:" in line
+
+
+# ------------------------------------------------------------------------ the entrypoint
+
+
+@pytest.fixture
+def fake_server(tmp_path: Path) -> Path:
+    """A stand-in executable for llama-server that records its argv and HF_TOKEN's presence."""
+    script = tmp_path / "llama-server"
+    script.write_text(
+        '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$0.args"\n'
+        'printf "%s" "${HF_TOKEN:-}" > "$0.token"\nenv > "$0.env"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def run_entrypoint(server: Path, env: dict[str, str], *args: str,
+                   shell: str = "/bin/sh") -> subprocess.CompletedProcess[str]:  # fmt: skip
+    return subprocess.run(
+        [shell, str(ENTRYPOINT), *args],
+        env={"PATH": os.environ["PATH"], "LLAMA_SERVER_BIN": str(server), **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def shells() -> list[str]:
+    found = ["/bin/sh"]
+    if busybox := shutil.which("busybox"):
+        found.append(busybox + " sh")
+    return found
+
+
+@pytest.mark.parametrize("shell", shells())
+def test_entrypoint_assembles_the_command_line(fake_server: Path, shell: str,
+                                               tmp_path: Path) -> None:  # fmt: skip
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    env = {
+        "LLAMA_MODEL": str(model),
+        "LLAMA_SERVER_PORT": "9090",
+        "LLAMA_SERVER_EXTRA_ARGS": "--ctx-size 512  --alias 'x*'",
+    }
+    done = run_entrypoint(fake_server, env, "--threads", "2", shell=shell.split()[0])
+    assert done.returncode == 0, done.stderr
+    argv = Path(f"{fake_server}.args").read_text().splitlines()
+    assert argv == ["--host", "0.0.0.0", "--port", "9090", "--model", str(model),
+                    "--ctx-size", "512", "--alias", "'x*'", "--threads", "2"]  # fmt: skip
+
+
+def test_entrypoint_passes_the_token_by_environment_only(fake_server: Path) -> None:
+    env = {"LLAMA_HF_REPO": "acme/tiny-GGUF", "LLAMA_HF_FILE": "tiny.gguf",
+           "LLAMA_HF_TOKEN": "hf_s3cret", "LLAMA_HF_REVISION": "main"}  # fmt: skip
+    done = run_entrypoint(fake_server, env)
+    assert done.returncode == 0, done.stderr
+    argv = Path(f"{fake_server}.args").read_text()
+    assert argv.split() == ["--host", "0.0.0.0", "--port", "8080", "--hf-repo", "acme/tiny-GGUF",
+                            "--hf-file", "tiny.gguf"]  # fmt: skip
+    assert "hf_s3cret" not in argv
+    assert Path(f"{fake_server}.token").read_text() == "hf_s3cret"
+    assert "LLAMA_HF_TOKEN" not in Path(f"{fake_server}.env").read_text()
+
+
+def test_entrypoint_refuses_what_llama_server_cannot_do(fake_server: Path, tmp_path: Path) -> None:
+    cases = [
+        ({}, "no model: set LLAMA_MODEL=/models/<file>.gguf"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_HF_REVISION": "v1"}, "LLAMA_HF_REVISION=v1 is not"),
+        ({"LLAMA_HF_FILE": "x.gguf"}, "LLAMA_HF_FILE is set without LLAMA_HF_REPO"),
+        ({"LLAMA_MODEL": "/nope.gguf", "LLAMA_HF_REPO": "a/b"}, "both set"),
+        ({"LLAMA_MODEL": str(tmp_path / "absent.gguf")}, "no such file in the container"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_SERVER_PORT": "80a"}, "is not a port number"),
+    ]  # fmt: skip
+    for env, message in cases:
+        done = run_entrypoint(fake_server, env)
+        assert done.returncode == 64, (env, done.stderr)
+        assert done.stderr.count("\n") == 1 and message in done.stderr, (env, done.stderr)
+        assert not Path(f"{fake_server}.args").exists()
+
+
+def test_entrypoint_lets_informational_and_explicit_model_options_through(
+    fake_server: Path,
+) -> None:
+    assert run_entrypoint(fake_server, {}, "--version").returncode == 0
+    assert Path(f"{fake_server}.args").read_text().split() == ["--version"]
+    assert run_entrypoint(fake_server, {}, "-m", "/models/x.gguf").returncode == 0
+    assert run_entrypoint(fake_server, {"LLAMA_ARG_HF_REPO": "a/b"}).returncode == 0
+    assert run_entrypoint(fake_server, {}, "--models-dir", "/models").returncode == 0
+
+
+# ------------------------------------------------------------------------ CUDA flags, configured
+
+
+def test_cuda_flags_configure_against_the_machine_toolkit(pinned_snapshot: Path,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    """cmake configure only (no compile) with the cuda image's flags and the host's nvcc."""
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not Path(nvcc).is_file():
+        pytest.skip("no CUDA toolkit (nvcc) on this machine: the cuda flags are not configured")
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed on this machine")
+    cuda = MATRIX.backend("cuda")
+    flags = [f"-D{k}={v}" for k, v in configure_flags(MATRIX, cuda)]
+    variants = MATRIX.cpu_variant_set(cuda.cpu_variants).cmake_flags["amd64"]
+    flags += [f"-D{k}={v}" for k, v in variants]
+    done = subprocess.run(
+        [cmake, "-S", str(pinned_snapshot / "vendor"), "-B", str(tmp_path / "build"),
+         *flags, f"-DCMAKE_CUDA_COMPILER={nvcc}"],
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    # nvcc identified and tested for every architecture of the list: the configure step.
+    assert "-- Configuring done" in output, output[-4000:]
+    assert "Including CUDA backend" in output
+    if done.returncode != 0:
+        # A toolkit without the CUDA libraries (this machine's: nvcc and cudart only) fails
+        # the generate step on the library targets alone; anything else is a real failure.
+        errors = re.findall(r"CMake Error.*?(?=\nCMake |\Z)", output, re.S)
+        unexpected = [e for e in errors if not re.search(r"links to:\s+CUDA::\w+", e)]
+        assert not unexpected, unexpected
+        print("cuda: generate skipped: this CUDA toolkit lacks", sorted(set(
+            re.findall(r"CUDA::\w+", output))))  # fmt: skip
+    cache = (tmp_path / "build" / "CMakeCache.txt").read_text()
+    assert re.search(r"^CMAKE_CUDA_ARCHITECTURES:\w+=75;80;86;89;90;120$", cache, re.M)
+    assert re.search(r"CMAKE_CUDA_COMPILER:\w+=.*nvcc", cache)
+
+
+# ------------------------------------------------------------------------ real cpu images
+
+
+def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check,
+                          timeout=600)  # fmt: skip
+
+
+@contextlib.contextmanager
+def qemu_aarch64_disabled() -> Iterator[None]:
+    """Turn the qemu-aarch64 binfmt handler off (and back on): no arm64 code can run."""
+    require_lab(QEMU_AARCH64.exists(), "the qemu-aarch64 binfmt handler")
+    was_enabled = QEMU_AARCH64.read_text().startswith("enabled")
+    QEMU_AARCH64.write_text("0")
+    try:
+        yield
+    finally:
+        if was_enabled:
+            QEMU_AARCH64.write_text("1")
+
+
+def image_rootfs(ref: str, platform: str, dest: Path) -> Path:
+    """The image's filesystem, exported from a created (never started) container."""
+    cid = docker("create", "--platform", platform, ref).stdout.strip()
+    try:
+        tar_path = dest.with_suffix(".tar")
+        docker("export", "-o", str(tar_path), cid)
+    finally:
+        docker("rm", cid, check=False)
+    dest.mkdir()
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(dest, filter="tar")
+    return dest
+
+
+def elf_files(root: Path) -> list[Path]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as handle:
+                if handle.read(4) == b"\x7fELF":
+                    found.append(path)
+    return found
+
+
+def check_needed_closure(root: Path) -> list[str]:
+    """Every NEEDED of every ELF file in the image resolves inside the image, as ld.so would:
+    the RUNPATH ($ORIGIN), then the multiarch and default library directories."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    missing: list[str] = []
+    elves = elf_files(root)
+    assert elves, "no ELF files in the image"
+    system_dirs = [d for d in root.glob("lib/*-linux-gnu*")] + [root / "lib", root / "usr/lib"]
+    for elf in elves:
+        out = subprocess.run([readelf, "-d", "-l", str(elf)], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+        runpaths = re.findall(r"\((?:RUNPATH|RPATH)\).*\[(.*)\]", out)
+        dirs = [Path(str(elf.parent) + p.removeprefix("$ORIGIN")) if p.startswith("$ORIGIN")
+                else root / p.lstrip("/") for rp in runpaths for p in rp.split(":")]  # fmt: skip
+        for lib in re.findall(r"\(NEEDED\).*\[(.*)\]", out):
+            if not any((d / lib).exists() for d in [*dirs, *system_dirs]):
+                missing.append(f"{elf.relative_to(root)} needs {lib}")
+        interp = re.search(r"program interpreter: (.*)\]", out)
+        if interp and not (root / interp.group(1).lstrip("/")).exists():
+            missing.append(f"{elf.relative_to(root)}: interpreter {interp.group(1)}")
+    return missing
+
+
+def image_size(ref: str) -> int:
+    sizes = docker("history", "--human=false", "--format", "{{.Size}}", ref).stdout.split()
+    return sum(int(s) for s in sizes)
+
+
+def check_image(built: BuildResult, platform: str, tmp_path: Path) -> None:
+    assert built.platform == platform and built.output == "load"
+    assert built.commit == PINNED_COMMIT and built.cpu_variants == TEST_CPU_VARIANTS
+    assert built.digest.startswith("sha256:")
+    report = REPO_ROOT / "build" / "reports" / f"build-cpu-{platform.split('/')[1]}.json"
+    assert json.loads(report.read_text())["digest"] == built.digest
+    info = json.loads(docker("image", "inspect", built.ref).stdout)[0]
+    config = info["Config"]
+    assert f"{info['Os']}/{info['Architecture']}" == platform
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.revision"] == PINNED_COMMIT
+    assert labels["org.opencontainers.image.version"] == VERSION.version
+    assert labels["org.opencontainers.image.created"] == "2026-10-01T02:11:48Z"
+    assert labels["org.llamacpp-images.cpu-variants"] == TEST_CPU_VARIANTS
+    assert config["User"] == "10001:10001"
+    assert "8080/tcp" in config["ExposedPorts"]
+    assert "/health" in " ".join(config["Healthcheck"]["Test"])
+    assert built.size_bytes == image_size(built.ref)
+    assert built.size_bytes is not None and built.size_bytes <= 60_000_000, built.size_bytes
+    missing = check_needed_closure(image_rootfs(built.ref, platform, tmp_path / "rootfs"))
+    assert not missing, missing
+
+
+def check_runs(ref: str, platform: str) -> None:
+    """--version reports the pinned commit; the process is not root; no model: one line."""
+    version = docker("run", "--rm", "--platform", platform, ref, "--version")
+    assert f"commit {PINNED_COMMIT[:7]})" in version.stdout + version.stderr
+    uid = docker("run", "--rm", "--platform", platform, "--entrypoint", "/bin/busybox", ref, "id",
+                 "-u")  # fmt: skip
+    assert uid.stdout.strip() == "10001"
+    no_model = docker("run", "--rm", "--platform", platform, ref, check=False)
+    assert no_model.returncode == 64
+    assert no_model.stderr.strip().startswith("llama-server image: no model:")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_cpu_amd64_image(cpu_image: Callable[[str], BuildResult], tmp_path: Path) -> None:
+    built = cpu_image("amd64")
+    check_image(built, "linux/amd64", tmp_path)
+    check_runs(built.ref, "linux/amd64")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_cpu_arm64_image_builds_with_qemu_off(
+    cpu_image: Callable[[str], BuildResult], tmp_path: Path
+) -> None:
+    """The first arm64 build of a session runs here, with no way to execute arm64 code; the
+    rootfs stage is rebuilt uncached too, so something really ran without it."""
+    with qemu_aarch64_disabled():
+        built = cpu_image("arm64")
+        req = request("arm64", cpu_variants=TEST_CPU_VARIANTS, no_cache_filter=("rootfs",))
+        with build_lock():
+            (again,) = build(Project(REPO_ROOT), req, quiet=True).results
+        assert again.ref == built.ref and again.commit == PINNED_COMMIT
+    check_image(built, "linux/arm64", tmp_path)
+    check_runs(built.ref, "linux/arm64")
+
+
+def test_host_platform_is_a_matrix_platform() -> None:
+    assert MATRIX.platform(host_platform()).name == host_platform()

@@ -1,0 +1,156 @@
+"""pipeline/matrix.yaml and its loader: the shipped matrix, and every validation error."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.errors import ConfigError, UsageError
+from pipeline.matrix import (
+    MATRIX_FILE,
+    Matrix,
+    configure_flags,
+    load_matrix,
+    normalize_platform,
+    parse_matrix,
+)
+
+
+@pytest.fixture(scope="module")
+def matrix() -> Matrix:
+    return load_matrix()
+
+
+@pytest.fixture
+def raw() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(MATRIX_FILE.read_text())
+    return copy.deepcopy(data)
+
+
+def test_shipped_matrix_has_every_backend_on_its_platforms(matrix: Matrix) -> None:
+    assert list(matrix.backends) == ["cpu", "vulkan", "cuda", "rocm"]
+    assert matrix.default_backend == "cpu"
+    both = ("linux/amd64", "linux/arm64")
+    assert matrix.backend("cpu").platform_names == both
+    assert matrix.backend("vulkan").platform_names == both
+    assert matrix.backend("cuda").platform_names == both
+    assert matrix.backend("rocm").platform_names == ("linux/amd64",)
+    assert matrix.runtime_user.uid > 0
+
+
+def test_cpu_is_portable_cross_compiled_and_needs_no_target_code(matrix: Matrix) -> None:
+    cpu = matrix.backend("cpu")
+    flags = dict(configure_flags(matrix, cpu))
+    assert flags["GGML_NATIVE"] == "OFF"
+    assert flags["GGML_BACKEND_DL"] == "ON"
+    assert flags["LLAMA_USE_PREBUILT_UI"] == "OFF"
+    assert cpu.cpu_variants == "all"
+    assert dict(matrix.cpu_variant_set("all").cmake_flags["arm64"]) == {
+        "GGML_CPU_ALL_VARIANTS": "ON"
+    }
+    assert cpu.cross_compile and cpu.runtime_image == "scratch"
+    assert not cpu.runs_target_code
+    assert cpu.smoke_without_gpu
+
+
+def test_gpu_backends_carry_their_architecture_lists(matrix: Matrix) -> None:
+    cuda = dict(configure_flags(matrix, matrix.backend("cuda")))
+    assert cuda["CMAKE_CUDA_ARCHITECTURES"] == "75;80;86;89;90;120"
+    assert cuda["GGML_CUDA"] == "ON"
+    rocm = dict(configure_flags(matrix, matrix.backend("rocm")))
+    assert rocm["GPU_TARGETS"].split(";")[:3] == ["gfx908", "gfx90a", "gfx942"]
+    # Native builders for CUDA/ROCm (no cross nvcc/hipcc): they run target code.
+    assert matrix.backend("cuda").runs_target_code
+    assert not matrix.backend("cuda").smoke_without_gpu
+    # vulkan is cross-compiled but its Debian runtime runs apt-get for the target.
+    assert matrix.backend("vulkan").runs_target_code
+
+
+def test_names_are_checked_with_the_valid_ones_listed(matrix: Matrix) -> None:
+    with pytest.raises(UsageError) as err:
+        matrix.backend("opencl")
+    assert "valid backends: cpu, vulkan, cuda, rocm" in err.value.line()
+    with pytest.raises(UsageError) as err:
+        matrix.platform("riscv64")
+    assert "linux/amd64 (amd64), linux/arm64 (arm64)" in err.value.line()
+    with pytest.raises(UsageError) as err:
+        matrix.cpu_variant_set("some")
+    assert "all, baseline" in err.value.line()
+    with pytest.raises(UsageError) as err:
+        matrix.targets(["rocm"], ["arm64"])
+    assert "not built for linux/arm64" in err.value.line()
+    assert "linux/amd64" in err.value.line()
+
+
+def test_platform_shorthands(matrix: Matrix) -> None:
+    assert normalize_platform("arm64") == "linux/arm64"
+    assert normalize_platform(" linux/amd64 ") == "linux/amd64"
+    assert matrix.platform("arm64").gnu_triplet == "aarch64-linux-gnu"
+    targets = matrix.targets(["cpu", "vulkan"], ["amd64", "linux/arm64"])
+    assert [t.key for t in targets] == ["cpu-amd64", "cpu-arm64", "vulkan-amd64", "vulkan-arm64"]
+
+
+def _error(data: Any) -> str:
+    with pytest.raises(ConfigError) as err:
+        parse_matrix(data)
+    return err.value.line()
+
+
+def test_unknown_and_missing_keys_are_named(raw: dict[str, Any]) -> None:
+    raw["backends"]["cpu"]["cmake_flag"] = {}
+    assert "backends.cpu: unknown key(s) cmake_flag" in _error(raw)
+    del raw["backends"]["cpu"]["cmake_flag"]
+    del raw["backends"]["cpu"]["builder_image"]
+    assert "backends.cpu: missing key 'builder_image'" in _error(raw)
+
+
+def test_a_bare_yaml_boolean_flag_is_refused(raw: dict[str, Any]) -> None:
+    raw["backends"]["vulkan"]["cmake_flags"]["GGML_VULKAN"] = True
+    assert 'write "ON"/"OFF" in quotes' in _error(raw)
+
+
+def test_backend_platforms_must_be_declared(raw: dict[str, Any]) -> None:
+    raw["backends"]["cpu"]["platforms"].append("linux/riscv64")
+    line = _error(raw)
+    assert "platform 'linux/riscv64' is not declared" in line
+    assert "linux/amd64, linux/arm64" in line
+
+
+def test_cross_field_rules(raw: dict[str, Any]) -> None:
+    bad = copy.deepcopy(raw)
+    bad["default_backend"] = "metal"
+    assert "default_backend 'metal' is not a backend" in _error(bad)
+    bad = copy.deepcopy(raw)
+    bad["backends"]["cpu"]["runtime_packages"] = ["libgomp1"]
+    assert "a scratch runtime cannot install runtime_packages" in _error(bad)
+    bad = copy.deepcopy(raw)
+    bad["backends"]["cuda"]["gpu_architectures"] = []
+    assert "go together" in _error(bad)
+    bad = copy.deepcopy(raw)
+    bad["backends"]["cpu"]["cpu_variants"] = "fast"
+    assert "cpu_variants 'fast' is not declared" in _error(bad)
+    bad = copy.deepcopy(raw)
+    del bad["cpu_variants"]["baseline"]["cmake_flags"]["arm64"]
+    assert "no flags for arch(es) arm64" in _error(bad)
+    bad = copy.deepcopy(raw)
+    bad["runtime_user"]["uid"] = 0
+    assert "non-root" in _error(bad)
+    bad = copy.deepcopy(raw)
+    bad["backends"]["cpu"]["build_packages"].append("Not A Package")
+    assert "build_packages" in _error(bad)
+
+
+def test_broken_files_fail_with_the_file_named(tmp_path: Path) -> None:
+    path = tmp_path / "matrix.yaml"
+    path.write_text("backends: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_matrix(path)
+    assert "matrix.yaml is not valid YAML at line" in err.value.line()
+    with pytest.raises(ConfigError) as err:
+        load_matrix(tmp_path / "absent.yaml")
+    assert "absent.yaml not found" in err.value.line()
+    assert "top level is list" in _error([1, 2])

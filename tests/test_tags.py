@@ -1,0 +1,152 @@
+"""The tag rules of pipeline/tags.yaml and the per-tag decision, as pure functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.publish import (
+    TAG_RULES_FILE,
+    Action,
+    ExistingTag,
+    PlannedTag,
+    SemVer,
+    TagKind,
+    decide,
+    load_tag_rules,
+    parse_tag_rules,
+)
+
+COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+INDEX = "sha256:" + "a" * 64
+OTHER = "sha256:" + "b" * 64
+
+
+def names(version: str, suffix: str = "", ref: str | None = None) -> list[str]:
+    rules = load_tag_rules()
+    backend = suffix or "cpu"
+    return [t.name for t in rules.tags_for(SemVer.parse(version), backend, suffix, COMMIT, ref)]
+
+
+def test_release_of_the_default_backend() -> None:
+    assert names("1.2.3") == ["1.2.3", "1.2", "1", "latest", "sha-0c1e570"]
+
+
+def test_release_of_another_backend_is_suffixed_and_floats_on_its_name() -> None:
+    assert names("1.2.3", "vulkan") == [
+        "1.2.3-vulkan",
+        "1.2-vulkan",
+        "1-vulkan",
+        "vulkan",
+        "sha-0c1e570-vulkan",
+    ]
+
+
+def test_llama_build_tag_only_when_the_ref_is_a_release_tag() -> None:
+    assert "b6543" in names("1.2.3", ref="b6543")
+    assert "b6543-cuda" in names("1.2.3", "cuda", ref="b6543")
+    for ref in (None, "master", "b12x", "v1.0"):
+        assert not [n for n in names("1.2.3", ref=ref) if n.startswith("b")], ref
+
+
+def test_prerelease_gets_only_its_exact_tag() -> None:
+    assert names("2.0.0-rc.1", ref="b6543") == ["2.0.0-rc.1"]
+    assert names("2.0.0-rc.1", "vulkan") == ["2.0.0-rc.1-vulkan"]
+
+
+def test_kinds() -> None:
+    rules = load_tag_rules()
+    kinds = {t.name: t.kind for t in rules.tags_for(SemVer.parse("1.2.3"), "cpu", "", COMMIT, "b1")}
+    assert kinds == {
+        "1.2.3": TagKind.IMMUTABLE,
+        "1.2": TagKind.FLOATING,
+        "1": TagKind.FLOATING,
+        "latest": TagKind.FLOATING,
+        "b1": TagKind.IMMUTABLE,
+        "sha-0c1e570": TagKind.IMMUTABLE,
+    }
+
+
+@pytest.mark.parametrize(
+    ("lower", "higher"),
+    [
+        ("1.0.0", "1.0.1"),
+        ("1.0.1", "1.1.0"),
+        ("1.9.0", "1.10.0"),
+        ("1.0.0-rc.1", "1.0.0"),
+        ("1.0.0-alpha", "1.0.0-alpha.1"),
+        ("1.0.0-alpha.1", "1.0.0-alpha.beta"),
+        ("1.0.0-beta.2", "1.0.0-beta.11"),
+        ("1.0.0-rc.1", "1.0.0-rc.1a"),
+        ("0.9.9", "1.0.0-rc.1"),
+    ],
+)
+def test_semver_precedence(lower: str, higher: str) -> None:
+    assert SemVer.parse(lower) < SemVer.parse(higher)
+    assert SemVer.parse(higher) > SemVer.parse(lower)
+    assert SemVer.parse("1.0.0+build.5") == SemVer.parse("1.0.0")
+
+
+def tag(name: str, kind: TagKind) -> PlannedTag:
+    return PlannedTag(name, kind, name)
+
+
+def test_decisions() -> None:
+    v = SemVer.parse("1.1.0")
+    latest = tag("latest", TagKind.FLOATING)
+    exact = tag("1.1.0", TagKind.IMMUTABLE)
+    assert decide(latest, v, INDEX, None).action is Action.CREATE
+    assert decide(latest, v, INDEX, ExistingTag(INDEX, None)).action is Action.UNCHANGED
+    assert decide(latest, v, INDEX, ExistingTag(OTHER, "1.0.9")).action is Action.MOVE
+    left = decide(latest, v, INDEX, ExistingTag(OTHER, "1.2.0"))
+    assert left.action is Action.LEAVE and "newer 1.2.0" in left.reason
+    assert decide(latest, v, INDEX, ExistingTag(OTHER, "1.1.0-rc.2")).action is Action.MOVE
+    assert decide(latest, v, INDEX, ExistingTag(OTHER, "1.1.0")).action is Action.MOVE
+    unknown = decide(latest, v, INDEX, ExistingTag(OTHER, None))
+    assert unknown.action is Action.MOVE and "no semantic version" in unknown.reason
+    conflict = decide(exact, v, INDEX, ExistingTag(OTHER, "1.1.0"))
+    assert conflict.action is Action.CONFLICT and not conflict.pushes
+    forced = decide(exact, v, INDEX, ExistingTag(OTHER, "1.1.0"), force=True)
+    assert forced.action is Action.OVERWRITE and forced.pushes and "--force" in forced.reason
+    assert decide(exact, v, INDEX, ExistingTag(INDEX, None), force=True).action is Action.UNCHANGED
+
+
+def rules_data(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(TAG_RULES_FILE.read_text())
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (rules_data(schema=2), "schema: 1"),
+        (rules_data(default_backend="cpu"), "unknown key(s) ['default_backend']"),
+        (rules_data(rules=[{"pattern": "{{nope}}", "kind": "floating"}]), "{{nope}}"),
+        (rules_data(rules=[{"pattern": "x", "kind": "sticky"}]), "immutable or floating"),
+        (rules_data(rules=[{"pattern": "x", "kind": "floating", "extra": 1}]), "'extra'"),
+        (
+            rules_data(rules=[{"pattern": "{{major}}", "kind": "floating", "prerelease": True}]),
+            "cannot apply to prereleases",
+        ),
+        (rules_data(rules=[]), "non-empty list"),
+    ],
+)
+def test_malformed_rules_are_rejected_with_the_reason(data: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_tag_rules(data)
+    assert message in error.value.line()
+
+
+def test_a_rule_making_an_invalid_tag_is_rejected() -> None:
+    rules = parse_tag_rules(rules_data(rules=[{"pattern": "-{{version}}", "kind": "immutable"}]))
+    with pytest.raises(ConfigError, match="not a valid tag"):
+        rules.tags_for(SemVer.parse("1.0.0"), "cpu", "", COMMIT, None)
+
+
+def test_build_metadata_is_left_out_of_tags() -> None:
+    # `+` cannot appear in a tag, and SemVer says build metadata does not order versions.
+    assert names("1.0.0+build.5")[0] == "1.0.0"

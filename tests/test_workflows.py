@@ -1,0 +1,117 @@
+"""The GitHub workflows: actionlint and zizmor clean, and the release shape issue 5 asks for."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / ".github" / "workflows"
+USES_RE = re.compile(r"^\s*(?:-\s*)?uses:\s*(\S+?)@(\S+)(?:\s+#\s*(\S+))?\s*$", re.M)
+
+
+def tool(name: str) -> str:
+    """The tool from the test extra, next to this interpreter (the venv's bin), or on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: pip install -e '.[test]'")
+    return found
+
+
+def load(name: str) -> dict[Any, Any]:
+    data: dict[Any, Any] = yaml.safe_load((WORKFLOWS / name).read_text())
+    # YAML 1.1 reads the key `on` as True.
+    data["on"] = data.pop(True, data.get("on"))
+    return data
+
+
+def test_actionlint_is_clean() -> None:
+    result = subprocess.run(
+        [tool("actionlint"), "-no-color", *sorted(map(str, WORKFLOWS.glob("*.yml")))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_zizmor_is_clean_even_pedantic() -> None:
+    result = subprocess.run(
+        [tool("zizmor"), "--offline", "--persona=pedantic", "--no-progress", str(WORKFLOWS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No findings to report" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["release.yml", "ci.yml"])
+def test_actions_are_pinned_by_full_commit_sha_with_the_version_noted(name: str) -> None:
+    text = (WORKFLOWS / name).read_text()
+    uses = USES_RE.findall(text)
+    assert uses
+    for action, ref, comment in uses:
+        assert re.fullmatch(r"[0-9a-f]{40}", ref), f"{action}@{ref} is not pinned by commit"
+        assert re.fullmatch(r"v\d+\.\d+\.\d+", comment or ""), f"{action}: no version comment"
+
+
+@pytest.mark.parametrize("name", ["release.yml", "ci.yml"])
+def test_least_privilege_and_concurrency(name: str) -> None:
+    workflow = load(name)
+    assert workflow["permissions"] == {}
+    assert "group" in workflow["concurrency"]
+    for job_name, job in workflow["jobs"].items():
+        assert job.get("permissions") == {"contents": "read"}, job_name
+        assert job.get("timeout-minutes"), job_name
+        for step in job["steps"]:
+            if str(step.get("uses", "")).startswith("actions/checkout@"):
+                assert step["with"]["persist-credentials"] is False
+
+
+def test_release_shape() -> None:
+    workflow = load("release.yml")
+    assert workflow["on"]["push"]["tags"] == ["v*"]
+    assert workflow["on"]["workflow_dispatch"]["inputs"]["dry-run"]["type"] == "boolean"
+    assert workflow["concurrency"]["cancel-in-progress"] is False
+    build = workflow["jobs"]["build"]
+    matrix = build["strategy"]["matrix"]
+    assert matrix["arch"] == ["amd64", "arm64"]
+    runners = {entry["arch"]: entry["runner"] for entry in matrix["include"]}
+    assert runners == {"amd64": "ubuntu-24.04", "arm64": "ubuntu-24.04-arm"}
+    runs = "\n".join(str(step.get("run", "")) for step in build["steps"])
+    assert "nox -s sync" in runs
+    assert re.search(
+        r'nox -s build -- "\$\{ARCH\}" --backend "\$\{BACKEND\}" --push-by-digest', runs
+    )
+    assert "--attest" in runs and "type=registry" in runs
+    assert "nox -s smoke" in runs
+    assert any(
+        "pip install" in str(s.get("run", "")) and "nox" in str(s.get("run", ""))
+        for s in build["steps"]
+    )
+    publish = workflow["jobs"]["publish"]
+    assert publish["needs"] == "build"
+    publish_runs = "\n".join(str(step.get("run", "")) for step in publish["steps"])
+    assert "nox -s publish -- --dry-run" in publish_runs
+    # Secrets reach publish through the environment only.
+    step = next(s for s in publish["steps"] if "nox -s publish" in str(s.get("run", "")))
+    assert set(step["env"]) >= {"DOCKERHUB_USERNAME", "DOCKERHUB_TOKEN"}
+    assert "secrets." not in str(step["run"])
+
+
+def test_ci_runs_lint_and_tests_on_pull_requests() -> None:
+    workflow = load("ci.yml")
+    assert "pull_request" in workflow["on"]
+    runs = [str(step.get("run", "")) for job in workflow["jobs"].values() for step in job["steps"]]
+    assert any("nox -s lint" in run for run in runs)
+    assert any("nox -s tests" in run for run in runs)
