@@ -148,6 +148,7 @@ def write_build_result(project: Project, result: BuildResult) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / result.filename
     write_json_atomic(path, result.to_json())
+    path.chmod(0o644)  # a build artifact for other stages and CI uploads, no secret in it
     return path
 
 
@@ -555,7 +556,9 @@ def run_buildx(args: Sequence[str], log_path: Path, label: str, quiet: bool = Fa
                         continue
                     seen_steps.add(step)
                     what = " ".join(match.group("what").split())
-                    console.err.print(f"  {label} [{step}] {what[:90]}", markup=False)
+                    console.err.print(
+                        f"  {label} [{step}] {what[:90]}", markup=False, soft_wrap=True
+                    )
                 elif match := _NINJA_RE.match(line):
                     done, total = int(match.group("done")), int(match.group("total"))
                     tenth = done * 10 // max(total, 1)
@@ -563,7 +566,9 @@ def run_buildx(args: Sequence[str], log_path: Path, label: str, quiet: bool = Fa
                         last_tenth = tenth
                         elapsed = time.monotonic() - started
                         console.err.print(
-                            f"  {label} compiling {done}/{total} ({elapsed:.0f} s)", markup=False
+                            f"  {label} compiling {done}/{total} ({elapsed:.0f} s)",
+                            markup=False,
+                            soft_wrap=True,
                         )
             proc.wait()
         except BaseException:
@@ -572,7 +577,7 @@ def run_buildx(args: Sequence[str], log_path: Path, label: str, quiet: bool = Fa
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         for line in tail[-25:]:
-            console.err.print(f"  | {line}", markup=False, highlight=False)
+            console.err.print(f"  | {line}", markup=False, highlight=False, soft_wrap=True)
         buildx_error = next((ln for ln in reversed(tail) if ln.startswith("ERROR:")), None)
         message = script_error or (buildx_error or f"buildx exited with {proc.returncode}")
         raise BuildError(f"{label}: {message[:400]}", f"full log: {log_path}")
@@ -797,11 +802,15 @@ def _mb(size: int | None) -> str:
 def results_table(results: Sequence[BuildResult]) -> Table:
     table = Table(title="images built")
     for column in ("backend", "platform", "ref", "digest", "size", "seconds"):
-        table.add_column(column, justify="right" if column in ("size", "seconds") else "left")
-    for r in results:
-        table.add_row(
-            r.backend, r.platform, r.ref, r.digest[:19] + "…", _mb(r.size_bytes), f"{r.seconds:.0f}"
+        # Refs and digests are copied from here: fold them, never cut them.
+        table.add_column(
+            column,
+            justify="right" if column in ("size", "seconds") else "left",
+            overflow="fold",
+            no_wrap=column not in ("ref", "digest"),
         )
+    for r in results:
+        table.add_row(r.backend, r.platform, r.ref, r.digest, _mb(r.size_bytes), f"{r.seconds:.0f}")
     return table
 
 

@@ -9,7 +9,7 @@ the CPU variant set) are build args that `nox -s build` fills in.
 from __future__ import annotations
 
 import argparse
-import shlex
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +29,20 @@ def dockerfile_path(project: Project, backend: str) -> Path:
     return project.build_dir / "dockerfiles" / f"{backend}.Dockerfile"
 
 
+_SHELL_SAFE = re.compile(r"^[A-Za-z0-9_./=:,+@%-]+$")
+
+
+def _shell_quote(value: object) -> str:
+    """A POSIX shell word: bare when safe, else in double quotes with \\ " $ ` escaped
+    (double quotes rather than single ones: shellcheck then knows `$` is meant literally)."""
+    text = str(value)
+    if _SHELL_SAFE.match(text):
+        return text
+    for char in ("\\", '"', "$", "`"):
+        text = text.replace(char, "\\" + char)
+    return f'"{text}"'
+
+
 def _dockerfile_quote(value: object) -> str:
     """A Dockerfile word in double quotes: the instruction parser unescapes \\, \" and \\$."""
     text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
@@ -45,7 +59,7 @@ def _environment(templates: Path) -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    env.filters["shquote"] = lambda value: shlex.quote(str(value))
+    env.filters["shquote"] = _shell_quote
     env.filters["dquote"] = _dockerfile_quote
     return env
 

@@ -427,6 +427,8 @@ def check_needed_closure(root: Path) -> list[str]:
         out = subprocess.run([readelf, "-d", "-l", str(elf)], capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
         runpaths = re.findall(r"\((?:RUNPATH|RPATH)\).*\[(.*)\]", out)
+        if any(rp != "$ORIGIN" for rp in runpaths):
+            missing.append(f"{elf.relative_to(root)}: RUNPATH {runpaths}, expected $ORIGIN")
         dirs = [Path(str(elf.parent) + p.removeprefix("$ORIGIN")) if p.startswith("$ORIGIN")
                 else root / p.lstrip("/") for rp in runpaths for p in rp.split(":")]  # fmt: skip
         for lib in re.findall(r"\(NEEDED\).*\[(.*)\]", out):

@@ -116,7 +116,7 @@ def test_cpu_runs_no_target_code(rendered: dict[str, str]) -> None:
 
 
 def test_gpu_flags_and_native_builders(rendered: dict[str, str]) -> None:
-    assert "'-DCMAKE_CUDA_ARCHITECTURES=75;80;86;89;90;120'" in rendered["cuda"]
+    assert '"-DCMAKE_CUDA_ARCHITECTURES=75;80;86;89;90;120"' in rendered["cuda"]
     assert "-DCMAKE_CUDA_HOST_COMPILER=g++-14" in rendered["cuda"]
     assert "-DGPU_TARGETS=gfx908;" in rendered["rocm"]
     assert "hipconfig -l" in rendered["rocm"]
