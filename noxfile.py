@@ -74,7 +74,8 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff and mypy."""
-    session.install("-q", "-e", ".[lint,test]")
+    # bench too: mypy follows pipeline.bench_report into matplotlib.
+    session.install("-q", "-e", ".[lint,test,bench]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
