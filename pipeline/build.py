@@ -374,7 +374,7 @@ def inspect_builder(builder: str | None) -> BuilderInfo:
                 f"--name {builder} ...`",
             )
         raise DockerUnavailableError(f"the default buildx builder is not usable: {detail}")
-    name, driver, platforms = builder or "default", "", []
+    name, driver, platforms = "", "", []
     for line in result.stdout.splitlines():
         key, _, value = line.partition(":")
         key, value = key.strip(), value.strip()
@@ -384,7 +384,7 @@ def inspect_builder(builder: str | None) -> BuilderInfo:
             driver = value
         elif key == "Platforms":
             platforms += [p.strip().rstrip("*") for p in value.split(",") if p.strip()]
-    return BuilderInfo(name, driver, tuple(dict.fromkeys(platforms)))
+    return BuilderInfo(name or builder or "default", driver, tuple(dict.fromkeys(platforms)))
 
 
 def check_builder_platforms(builder: BuilderInfo, jobs: Sequence[BuildJob]) -> None:
@@ -526,7 +526,8 @@ def run_buildx(args: Sequence[str], log_path: Path, label: str, quiet: bool = Fa
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     seen_steps: set[str] = set()
-    last_tenth = -1
+    # Per ninja total: nested builds (vulkan's shader generator) count on their own.
+    last_tenth: dict[int, int] = {}
     script_error: str | None = None
     tail: list[str] = []
     with log_path.open("w", encoding="utf-8") as log:
@@ -562,8 +563,8 @@ def run_buildx(args: Sequence[str], log_path: Path, label: str, quiet: bool = Fa
                 elif match := _NINJA_RE.match(line):
                     done, total = int(match.group("done")), int(match.group("total"))
                     tenth = done * 10 // max(total, 1)
-                    if tenth > last_tenth:
-                        last_tenth = tenth
+                    if tenth > last_tenth.get(total, -1):
+                        last_tenth[total] = tenth
                         elapsed = time.monotonic() - started
                         console.err.print(
                             f"  {label} compiling {done}/{total} ({elapsed:.0f} s)",
@@ -587,16 +588,20 @@ def run_buildx(args: Sequence[str], log_path: Path, label: str, quiet: bool = Fa
 # ------------------------------------------------------------------------ what came out
 
 
-def _image_sizes(client: Any, ref: str) -> tuple[int | None, int | None, str | None]:
+def _image_sizes(client: Any, ref: str, platform: str) -> tuple[int | None, int | None, str | None]:
     """(uncompressed, compressed, digest) of a local image, by docker-py.
 
     With the containerd image store `Size` is the compressed content; the layers' own sizes
-    (docker history) add up to the uncompressed size.
+    (docker history) add up to the uncompressed size, but only once the layers are unpacked,
+    which the engine does for a foreign platform when a container is created: so one is
+    created (never started) and removed first.
     """
     from docker.errors import DockerException
 
     try:
         image = client.images.get(ref)
+        container = client.containers.create(ref, platform=platform)
+        container.remove(force=True)
         history = client.api.history(ref)
     except DockerException:
         return None, None, None
@@ -683,7 +688,7 @@ def collect_results(
     sizes: dict[str, tuple[int | None, int | None]] = {}
     if job.output == "load":
         only = job.platforms[0].name
-        uncompressed, compressed, local_digest = _image_sizes(client, job.tags[0])
+        uncompressed, compressed, local_digest = _image_sizes(client, job.tags[0], only)
         if local_digest is None and not digest:
             raise BuildError(
                 f"{job.key}: buildx succeeded but the engine has no image {job.tags[0]}",

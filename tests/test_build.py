@@ -463,7 +463,7 @@ def check_image(built: BuildResult, platform: str, tmp_path: Path) -> None:
     assert "8080/tcp" in config["ExposedPorts"]
     assert "/health" in " ".join(config["Healthcheck"]["Test"])
     assert built.size_bytes == image_size(built.ref)
-    assert built.size_bytes is not None and built.size_bytes <= 60_000_000, built.size_bytes
+    assert built.size_bytes is not None and 5_000_000 < built.size_bytes <= 60_000_000
     missing = check_needed_closure(image_rootfs(built.ref, platform, tmp_path / "rootfs"))
     assert not missing, missing
 
@@ -507,3 +507,14 @@ def test_cpu_arm64_image_builds_with_qemu_off(
 
 def test_host_platform_is_a_matrix_platform() -> None:
     assert MATRIX.platform(host_platform()).name == host_platform()
+
+
+@pytest.mark.docker
+def test_unknown_builder_is_a_usage_error(
+    docker_engine: None, pinned_snapshot: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("PIPELINE_ROOT", str(REPO_ROOT))
+    assert main(["build", "amd64", "--builder", "no-such-builder"]) == 2
+    err = capsys.readouterr().err
+    assert "buildx builder 'no-such-builder' is not usable" in err and "docker buildx ls" in err
