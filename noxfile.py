@@ -67,7 +67,8 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Run the test suite (pytest); posargs go to pytest."""
-    session.install("-q", "-e", ".[test]")
+    # bench: its chart and `bench --only sync,size` are tested.
+    session.install("-q", "-e", ".[test,bench]")
     session.run("pytest", *session.posargs)
 
 

@@ -43,7 +43,8 @@ from pipeline.snapshot import (
 )
 from pipeline.sync import bump, sync
 
-pytestmark = pytest.mark.timeout(120)
+# Every test here names its remote; the lab env's LLAMA_CPP_REMOTE must not leak in.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("clean_env")]
 
 UNREACHABLE = "http://127.0.0.1:9/llama.cpp.git"
 
