@@ -176,33 +176,33 @@ def _handler_class(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
         # ---------------------------------------------------------------- dispatch
 
+        def send_response(self, code: int, message: str | None = None) -> None:
+            # Recorded before the response goes out, so a client that has its answer always
+            # finds its request in hub.requests.
+            hub.record(
+                HubRequest(
+                    method=self.command,
+                    path=urlsplit(self.path).path,
+                    status=code,
+                    sent_token=self.headers.get("Authorization") is not None,
+                    user_agent=self.headers.get("User-Agent", ""),
+                )
+            )
+            super().send_response(code, message)
+
         def _serve(self, *, head: bool) -> None:
-            status = 500
             try:
                 parts = [unquote(p) for p in urlsplit(self.path).path.split("/") if p]
                 if parts[:2] == ["api", "models"] and len(parts) >= 4:
-                    status = self._api(parts[2:], head)
+                    self._api(parts[2:], head)
                 elif len(parts) >= 5 and parts[2] == "resolve":
-                    status = self._resolve(
-                        f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), head
-                    )
+                    self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), head)
                 else:
                     raise _HubError(404, "EntryNotFound", f"no route for {self.path}")
             except _HubError as err:
-                status = err.status
                 self._error(err, head)
             except (BrokenPipeError, ConnectionResetError):
-                status = 499  # the client went away mid-transfer
-            finally:
-                hub.record(
-                    HubRequest(
-                        method=self.command,
-                        path=urlsplit(self.path).path,
-                        status=status,
-                        sent_token=self.headers.get("Authorization") is not None,
-                        user_agent=self.headers.get("User-Agent", ""),
-                    )
-                )
+                pass  # the client went away mid-transfer
 
         def _repo(self, repo_id: str) -> HubRepo:
             repo = hub.repos.get(repo_id)
