@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform as host_platform
+import re
 import secrets
 import shlex
 import socket
@@ -64,22 +65,47 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class BackendSettings:
+    """What every container of one backend gets, and what its server log must show."""
+
+    env: dict[str, str]
+    device_log: tuple[re.Pattern[str], ...]
+
+
+@dataclass(frozen=True)
 class Settings:
     timing: dict[str, Timing]
     server: dict[str, Any]
     requests: dict[str, Any]
     hub: dict[str, Any]
+    backends: dict[str, BackendSettings]
 
     def timing_for(self, platform: str) -> Timing:
         return self.timing["native" if platform == host_platform_name() else "emulated"]
+
+    def backend(self, name: str) -> BackendSettings:
+        if name not in self.backends:
+            raise ConfigError(
+                f"{SETTINGS_FILE.name} has no settings for backend {name!r} "
+                f"(it has: {', '.join(self.backends)})",
+                f"add backends.{name} to pipeline/{SETTINGS_FILE.name}",
+            )
+        return self.backends[name]
 
 
 def load_settings(path: Path = SETTINGS_FILE) -> Settings:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         timing = {name: Timing(**values) for name, values in data["timing"].items()}
-        return Settings(timing, data["server"], data["requests"], data["hub"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        backends = {
+            name: BackendSettings(
+                {str(k): str(v) for k, v in (values.get("env") or {}).items()},
+                tuple(re.compile(p, re.MULTILINE) for p in values["device_log"]),
+            )
+            for name, values in data["backends"].items()
+        }
+        return Settings(timing, data["server"], data["requests"], data["hub"], backends)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, re.error) as exc:
         raise ConfigError(f"cannot load smoke settings {path.name}: {exc}") from None
 
 
@@ -538,6 +564,7 @@ class SmokeRun:
         self.model = model
         self.settings = settings
         self.timing = settings.timing_for(target.platform)
+        self.backend = settings.backend(target.backend)
         if healthy_timeout is not None:
             self.timing = Timing(**{**asdict(self.timing), "healthy": healthy_timeout})
         self.host_port = host_port
@@ -576,18 +603,20 @@ class SmokeRun:
             CheckResult(n, False, 0.0, f"skipped: {reason}", skipped=True) for n in names
         ]
 
-    def container(self, **kwargs: Any) -> ServerContainer:
+    def container(self, env: dict[str, str] | None = None, **kwargs: Any) -> ServerContainer:
         return ServerContainer(
             self.client,
             self.target.image,
             platform=self.target.platform,
             health_interval=self.timing.health_interval,
+            env={**self.backend.env, **(env or {})},
             **kwargs,
         )
 
     # ------------------------------------------------------------------ the run
 
     SERVER_CHECKS: ClassVar[list[str]] = [
+        "backend-device",
         "models",
         "completion",
         "chat",
@@ -649,6 +678,7 @@ class SmokeRun:
         )
 
     def run_server_checks(self, box: ServerContainer, url: str) -> None:
+        self.check("backend-device", lambda: self.check_backend_device(box))
         with httpx.Client(base_url=url, timeout=self.timing.request) as http:
             self.check("models", lambda: self.check_models(http))
             self.check("completion", lambda: self.check_completion(http))
@@ -680,6 +710,19 @@ class SmokeRun:
             last = f"; last log line: {tail[-1]}" if tail else "; no log output"
             raise CheckFailed(f"{exc}{last}") from None
         return f"healthy {self.time_to_healthy:.2f} s after start"
+
+    def check_backend_device(self, box: ServerContainer) -> str:
+        # A GPU image that quietly falls back to its CPU kernels still answers every request:
+        # only the server's own log says where the model went.
+        log = box.logs()
+        shown = []
+        for pattern in self.backend.device_log:
+            match = pattern.search(log)
+            if match is None:
+                backend = self.target.backend
+                raise CheckFailed(f"the {backend} server's log never shows /{pattern.pattern}/")
+            shown.append(match.group(0).strip())
+        return "; ".join(shown)
 
     def check_models(self, http: httpx.Client) -> str:
         data = http.get("/v1/models").raise_for_status().json()

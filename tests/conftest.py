@@ -243,11 +243,11 @@ class SmokeImage:
     report: Path  # build/reports/build-cpu-<arch>.json
 
 
-def reported_cpu_image(reports: Path, arch: str) -> SmokeImage:
-    """The cpu image a build report in `reports` names, present in the local engine."""
+def reported_image(reports: Path, backend: str, arch: str) -> SmokeImage:
+    """The image a build report in `reports` names, present in the local engine."""
     require_lab(docker_engine_answers(), "a Docker engine")
-    report = reports / f"build-cpu-{arch}.json"
-    require_lab(report.is_file(), f"a built cpu {arch} image ({report}; nox -s build)")
+    report = reports / f"build-{backend}-{arch}.json"
+    require_lab(report.is_file(), f"a built {backend} {arch} image ({report}; nox -s build)")
     data = json.loads(report.read_text())
     inspect = subprocess.run(
         ["docker", "image", "inspect", data["ref"]], capture_output=True, check=False
@@ -256,14 +256,14 @@ def reported_cpu_image(reports: Path, arch: str) -> SmokeImage:
     return SmokeImage(data["ref"], data.get("digest"), report)
 
 
-def smoke_image(request: pytest.FixtureRequest, arch: str) -> SmokeImage:
+def smoke_image(request: pytest.FixtureRequest, arch: str, backend: str = "cpu") -> SmokeImage:
     # $SMOKE_BUILD_REPORTS: images built elsewhere (a CI job's artifacts, a developer's own
     # build); otherwise the build section builds them (BuildKit's cache: seconds when unchanged).
     override = os.environ.get("SMOKE_BUILD_REPORTS")
     if override:
-        return reported_cpu_image(Path(override), arch)
-    result = request.getfixturevalue("cpu_image")(arch)
-    report = REPO_ROOT / "build" / "reports" / f"build-cpu-{arch}.json"
+        return reported_image(Path(override), backend, arch)
+    result = request.getfixturevalue("backend_image")(backend, arch)
+    report = REPO_ROOT / "build" / "reports" / f"build-{backend}-{arch}.json"
     return SmokeImage(result.ref, result.digest, report)
 
 
@@ -275,6 +275,12 @@ def cpu_amd64(request: pytest.FixtureRequest) -> SmokeImage:
 @pytest.fixture(scope="session")
 def cpu_arm64(request: pytest.FixtureRequest) -> SmokeImage:
     return smoke_image(request, "arm64")
+
+
+@pytest.fixture(scope="session")
+def vulkan_amd64(request: pytest.FixtureRequest) -> SmokeImage:
+    """The Vulkan image: without a GPU here, its server runs on Mesa's lavapipe."""
+    return smoke_image(request, "amd64", "vulkan")
 
 
 # Entrypoints replacing llama-server: one that dies at once with a message, one that never
@@ -868,26 +874,34 @@ def pinned_snapshot(upstream_mirror: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cpu_image(docker_engine: None, pinned_snapshot: Path) -> Callable[[str], BuildResult]:
-    """Factory: cpu_image("amd64" | "linux/arm64") -> pipeline.build.BuildResult.
+def backend_image(docker_engine: None, pinned_snapshot: Path) -> Callable[[str, str], BuildResult]:
+    """Factory: backend_image("cpu" | "vulkan", "amd64" | "linux/arm64") -> BuildResult.
 
-    Builds (--load, TEST_CPU_VARIANTS) once per platform per session and writes
-    build/reports/build-cpu-<arch>.json; the image is `result.ref` in the local engine.
+    Builds (--load, TEST_CPU_VARIANTS) once per backend and platform per session and writes
+    build/reports/build-<backend>-<arch>.json; the image is `result.ref` in the local engine.
     """
     from pipeline.build import BuildRequest, build
     from pipeline.config import Project
     from pipeline.matrix import normalize_platform
 
-    built: dict[str, BuildResult] = {}
+    built: dict[tuple[str, str], BuildResult] = {}
 
-    def image_for(platform: str) -> BuildResult:
-        name = normalize_platform(platform)
-        if name not in built:
+    def image_for(backend: str, platform: str) -> BuildResult:
+        key = (backend, normalize_platform(platform))
+        if key not in built:
             request = BuildRequest(
-                platforms=(name,), backends=("cpu",), cpu_variants=TEST_CPU_VARIANTS
+                platforms=(key[1],), backends=(backend,), cpu_variants=TEST_CPU_VARIANTS
             )
             with build_lock():
-                built[name] = build(Project(REPO_ROOT), request, quiet=True).results[0]
-        return built[name]
+                built[key] = build(Project(REPO_ROOT), request, quiet=True).results[0]
+        return built[key]
 
     return image_for
+
+
+@pytest.fixture(scope="session")
+def cpu_image(
+    backend_image: Callable[[str, str], BuildResult],
+) -> Callable[[str], BuildResult]:
+    """Factory: cpu_image("amd64" | "linux/arm64") -> BuildResult (see backend_image)."""
+    return lambda platform: backend_image("cpu", platform)

@@ -15,20 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import REPO_ROOT, SmokeImage
 
 from pipeline.cli import main
 from pipeline.config import Project
 from pipeline.errors import ConfigError
 from pipeline.hubserver import HubServer
+from pipeline.matrix import load_matrix
 from pipeline.model import generate_model, preset
 from pipeline.smoke import (
     LABEL_PID,
+    SETTINGS_FILE,
     CheckResult,
     ServerContainer,
     ServerExited,
     SmokeReport,
     junit_xml,
+    load_settings,
     load_smoke_reports,
     write_reports,
 )
@@ -36,6 +40,7 @@ from pipeline.smoke import (
 ALL_CHECKS = {
     "revision-label",
     "health",
+    "backend-device",
     "models",
     "completion",
     "chat",
@@ -72,8 +77,8 @@ def leftovers(pid: int | None = None) -> list[Any]:
     return list(client.containers.list(all=True, filters={"label": label}))
 
 
-def report_of(project: Project, arch: str = "amd64") -> dict[str, Any]:
-    path = project.build_dir / "reports" / f"smoke-cpu-{arch}.json"
+def report_of(project: Project, arch: str = "amd64", backend: str = "cpu") -> dict[str, Any]:
+    path = project.build_dir / "reports" / f"smoke-{backend}-{arch}.json"
     data: dict[str, Any] = json.loads(path.read_text())
     return data
 
@@ -298,6 +303,53 @@ def test_hf_repo_model_is_downloaded_and_mounted(
     assert report["model"] == f"hf:acme/tiny/tiny-q.gguf@{commit}"
     assert "width 128" in checks_of(report)["embeddings"]["detail"]
     assert leftovers() == []
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_vulkan_image_passes_on_lavapipe(project: Project, vulkan_amd64: SmokeImage) -> None:
+    """No GPU here: the Vulkan backend must still be the one serving, on Mesa's lavapipe."""
+    (project.build_dir / "reports").mkdir(parents=True)
+    shutil.copy(vulkan_amd64.report, project.build_dir / "reports" / vulkan_amd64.report.name)
+    assert main(["smoke", "--backend", "vulkan"]) == 0
+    report = report_of(project, backend="vulkan")
+    assert report["passed"] and report["image"] == vulkan_amd64.ref
+    checks = checks_of(report)
+    assert set(checks) == ALL_CHECKS
+    device = checks["backend-device"]["detail"]
+    assert "using device Vulkan0 (llvmpipe" in device and "layers to GPU" in device, device
+    assert leftovers() == []
+    print(f"\nFIGURE vulkan smoke {report['seconds']:.1f} s, healthy {report['time_to_healthy']} s")
+
+
+@pytest.mark.docker
+def test_cpu_image_smoked_as_vulkan_fails_on_its_device(
+    project: Project, cpu_amd64: SmokeImage, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every request is answered, yet the backend named is not the one serving: a failure."""
+    assert main(["smoke", cpu_amd64.ref, "--backend", "vulkan"]) == 8
+    err = capsys.readouterr().err
+    assert "backend-device" in err.splitlines()[-1]
+    checks = checks_of(report_of(project, backend="vulkan"))
+    assert not checks["backend-device"]["passed"]
+    assert "never shows /using device Vulkan0" in checks["backend-device"]["detail"]
+    assert checks["completion"]["passed"] and checks["health"]["passed"]
+    assert leftovers() == []
+
+
+def test_backend_without_smoke_settings_is_a_config_error(tmp_path: Path) -> None:
+    settings = load_settings()
+    assert set(settings.backends) == set(load_matrix().backends)
+    with pytest.raises(ConfigError) as failure:
+        settings.backend("opencl")
+    assert "no settings for backend 'opencl'" in failure.value.line()
+    broken = tmp_path / "smoke.yaml"
+    data = yaml.safe_load(SETTINGS_FILE.read_text())
+    data["backends"]["cpu"]["device_log"] = ["unbalanced ("]
+    broken.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as failure:
+        load_settings(broken)
+    assert "cannot load smoke settings" in failure.value.line()
 
 
 @pytest.mark.docker
