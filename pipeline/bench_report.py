@@ -11,6 +11,7 @@ import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -332,15 +333,23 @@ def machine_line(machine: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _iso_after(started: str, seconds: float) -> str:
+    """`started` (ISO 8601, UTC) plus `seconds`, in the same form."""
+    moment = datetime.fromisoformat(started.replace("Z", "+00:00")) + timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def markdown_report(
     parts: Sequence[PartResult], machine: Mapping[str, Any], generated: str, heading: str = "#"
 ) -> str:
     metrics = [m for p in parts for m in p.metrics]
     commits = sorted({p.commit[:7] for p in parts})
-    dates = sorted(p.started for p in parts)
-    when = dates[0][:16].replace("T", " ") if dates else generated[:16].replace("T", " ")
-    if len(dates) > 1 and dates[-1][:16] != dates[0][:16]:
-        when += f" to {dates[-1][:16].replace('T', ' ')}"
+    # From the first part's start to the last part's end (parts may be run on their own).
+    starts = sorted(p.started for p in parts)
+    ends = sorted(_iso_after(p.started, p.seconds) for p in parts)
+    when = starts[0][:16].replace("T", " ") if starts else generated[:16].replace("T", " ")
+    if ends and ends[-1][:16] != when.replace(" ", "T"):
+        when += f" to {ends[-1][:16].replace('T', ' ')}"
     lines = [
         f"{heading} Benchmark: ours vs upstream's `.devops/cpu.Dockerfile`",
         "",

@@ -163,6 +163,14 @@ def test_markdown_report_names_machine_date_parts_and_notes() -> None:
     assert "- **sync**: a note" in text
 
 
+def test_measured_span_runs_to_the_end_of_the_last_part() -> None:
+    metrics = (Metric("a", "m", "s", Figure.of(1), Figure.of(2)),)
+    early = PartResult("build", COMMIT, "2026-11-22T04:29:58Z", 1101.8, metrics)
+    late = PartResult("rebuild", COMMIT, "2026-11-22T06:31:03Z", 881.2, metrics)
+    text = markdown_report([early, late], MACHINE, "2026-11-22T07:00:00Z")
+    assert "Measured 2026-11-22 04:29 to 2026-11-22 06:45 UTC" in text
+
+
 # -------------------------------------------------------------------------- README
 
 
