@@ -63,6 +63,16 @@ class Timing:
     docker_health: float
     health_interval: float
 
+    def scaled(self, factor: float) -> Timing:
+        """Every bound times `factor`; the HEALTHCHECK interval asked of Docker stays."""
+        return Timing(
+            self.healthy * factor,
+            self.request * factor,
+            self.exit * factor,
+            self.docker_health * factor,
+            self.health_interval,
+        )
+
 
 @dataclass(frozen=True)
 class BackendSettings:
@@ -70,6 +80,7 @@ class BackendSettings:
 
     env: dict[str, str]
     device_log: tuple[re.Pattern[str], ...]
+    timing_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,7 @@ def load_settings(path: Path = SETTINGS_FILE) -> Settings:
             name: BackendSettings(
                 {str(k): str(v) for k, v in (values.get("env") or {}).items()},
                 tuple(re.compile(p, re.MULTILINE) for p in values["device_log"]),
+                float(values.get("timing_scale", 1.0)),
             )
             for name, values in data["backends"].items()
         }
@@ -563,8 +575,8 @@ class SmokeRun:
         self.target = target
         self.model = model
         self.settings = settings
-        self.timing = settings.timing_for(target.platform)
         self.backend = settings.backend(target.backend)
+        self.timing = settings.timing_for(target.platform).scaled(self.backend.timing_scale)
         if healthy_timeout is not None:
             self.timing = Timing(**{**asdict(self.timing), "healthy": healthy_timeout})
         self.host_port = host_port
