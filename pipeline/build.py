@@ -77,6 +77,9 @@ class BuildResult:
     seconds: float
     cpu_variants: str | None = None
     compressed_bytes: int | None = None
+    # A single-platform push with attestations is an index (image + SBOM/provenance manifests):
+    # publish joins that index, not the bare image, so the attestations reach the release.
+    index_digest: str | None = None
     schema: int = SCHEMA
 
     @property
@@ -92,7 +95,7 @@ class BuildResult:
         # The agreed schema's order, then the fields this module added.
         order = ["schema", "backend", "platform", "image", "ref", "digest", "output",
                  "commit", "version", "size_bytes", "seconds", "cpu_variants",
-                 "compressed_bytes"]  # fmt: skip
+                 "compressed_bytes", "index_digest"]  # fmt: skip
         return {key: data[key] for key in order}
 
     @classmethod
@@ -119,6 +122,9 @@ class BuildResult:
             raise BuildError(f"{where}: malformed digest or output", "rebuild: nox -s build")
         variants = data.get("cpu_variants")
         compressed = data.get("compressed_bytes")
+        index = data.get("index_digest")
+        if index is not None and not (isinstance(index, str) and index.startswith("sha256:")):
+            raise BuildError(f"{where}: malformed index_digest", "rebuild: nox -s build")
         return cls(
             backend=data["backend"],
             platform=data["platform"],
@@ -132,6 +138,7 @@ class BuildResult:
             seconds=float(data["seconds"]),
             cpu_variants=variants if isinstance(variants, str) else None,
             compressed_bytes=compressed if isinstance(compressed, int) else None,
+            index_digest=index,
         )
 
 
@@ -684,6 +691,7 @@ def collect_results(
 ) -> list[BuildResult]:  # fmt: skip
     digest = metadata.get("containerimage.digest")
     per_platform: dict[str, str] = {}
+    indexes: dict[str, str] = {}
     refs: dict[str, str] = {}
     sizes: dict[str, tuple[int | None, int | None]] = {}
     if job.output == "load":
@@ -704,6 +712,8 @@ def collect_results(
         for platform in job.platforms:
             # An index (attestations on) holds the platform's manifest; else it is the digest.
             per_platform[platform.name] = manifests.get(platform.name, digest)
+            if platform.name in manifests:
+                indexes[platform.name] = digest
     elif job.output == "push":
         if not isinstance(digest, str):
             raise BuildError(f"{job.key}: buildx reported no digest for the pushed image")
@@ -735,6 +745,7 @@ def collect_results(
                 seconds=round(seconds, 1),
                 cpu_variants=job.cpu_variants,
                 compressed_bytes=compressed,
+                index_digest=indexes.get(platform.name),
             )
         )
     return results

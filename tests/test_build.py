@@ -518,3 +518,25 @@ def test_unknown_builder_is_a_usage_error(
     assert main(["build", "amd64", "--builder", "no-such-builder"]) == 2
     err = capsys.readouterr().err
     assert "buildx builder 'no-such-builder' is not usable" in err and "docker buildx ls" in err
+
+
+def test_attested_push_report_carries_the_index_publish_joins(tmp_path: Path) -> None:
+    """build writes index_digest for an attested single-platform push; publish reads it back."""
+    from pipeline.publish import load_build_records
+
+    manifest, index = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    result = BuildResult(
+        backend="cpu", platform="linux/arm64", image="127.0.0.1:5000/t/llama",
+        ref=f"127.0.0.1:5000/t/llama@{manifest}", digest=manifest, output="push-by-digest",
+        commit=PINNED_COMMIT, version="0.1.0", size_bytes=None, seconds=1.0,
+        index_digest=index,
+    )  # fmt: skip
+    (tmp_path / result.filename).write_text(json.dumps(result.to_json()))
+    assert BuildResult.from_json(result.to_json(), result.filename) == result
+    (record,) = load_build_records(tmp_path)
+    assert (record.digest, record.index_digest) == (manifest, index)
+    assert record.source.endswith(f"@{index}")  # the index, attestations and all, is joined
+
+    with pytest.raises(BuildError) as failure:
+        BuildResult.from_json(result.to_json() | {"index_digest": "latest"}, "build-x.json")
+    assert "malformed index_digest" in failure.value.line()
