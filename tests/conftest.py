@@ -803,10 +803,9 @@ def test_releases(
             return releases
     context = tmp_path_factory.mktemp("test-image")
     (context / "Dockerfile").write_text(TEST_IMAGE_DOCKERFILE)
-    # The machine's one-build-at-a-time lock (what `flock /tmp/lab-docker-build.lock` takes),
-    # held once for the ten small builds; waiting for it is not part of any build's timeout.
-    with Path("/tmp/lab-docker-build.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # The machine's one-build-at-a-time lock, held once for the ten small builds; waiting for
+    # it is not part of any build's timeout.
+    with build_lock():
         releases = {
             v: build_test_release(lab_registry, context, v)
             for v in ("1.0.0", "1.1.0", "1.0.1", "2.0.0-rc.1")
@@ -851,8 +850,6 @@ TEST_CPU_VARIANTS = os.environ.get("LLAMA_TEST_CPU_VARIANTS", "baseline")
 @contextlib.contextmanager
 def build_lock() -> Iterator[None]:
     """Hold the machine's one-build-at-a-time lock (the same lock `flock` takes)."""
-    import fcntl
-
     with BUILD_LOCK.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -417,8 +417,8 @@ def check_needed_closure(root: Path) -> list[str]:
     """Every NEEDED of every ELF file in the image resolves inside the image, as ld.so would:
     the RUNPATH ($ORIGIN), then the multiarch and default library directories."""
     readelf = shutil.which("readelf")
-    if readelf is None:
-        pytest.skip("readelf (binutils) is not installed")
+    require_lab(readelf is not None, "readelf (binutils)")
+    assert readelf is not None
     missing: list[str] = []
     elves = elf_files(root)
     assert elves, "no ELF files in the image"
@@ -525,18 +525,16 @@ def test_attested_push_report_carries_the_index_publish_joins(tmp_path: Path) ->
     from pipeline.publish import load_build_records
 
     manifest, index = "sha256:" + "1" * 64, "sha256:" + "2" * 64
-    result = BuildResult(
-        backend="cpu", platform="linux/arm64", image="127.0.0.1:5000/t/llama",
-        ref=f"127.0.0.1:5000/t/llama@{manifest}", digest=manifest, output="push-by-digest",
-        commit=PINNED_COMMIT, version="0.1.0", size_bytes=None, seconds=1.0,
-        index_digest=index,
+    built = result(
+        image="127.0.0.1:5000/t/llama", ref=f"127.0.0.1:5000/t/llama@{manifest}",
+        digest=manifest, output="push-by-digest", size_bytes=None, index_digest=index,
     )  # fmt: skip
-    (tmp_path / result.filename).write_text(json.dumps(result.to_json()))
-    assert BuildResult.from_json(result.to_json(), result.filename) == result
+    (tmp_path / built.filename).write_text(json.dumps(built.to_json()))
+    assert BuildResult.from_json(built.to_json(), built.filename) == built
     (record,) = load_build_records(tmp_path)
     assert (record.digest, record.index_digest) == (manifest, index)
     assert record.source.endswith(f"@{index}")  # the index, attestations and all, is joined
 
     with pytest.raises(BuildError) as failure:
-        BuildResult.from_json(result.to_json() | {"index_digest": "latest"}, "build-x.json")
+        BuildResult.from_json(built.to_json() | {"index_digest": "latest"}, "build-x.json")
     assert "malformed index_digest" in failure.value.line()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PINNED_COMMIT, REPO_ROOT
+from conftest import PINNED_COMMIT, REPO_ROOT, require_lab
 
 from pipeline.cli import main
 from pipeline.config import Project, load_version
@@ -156,8 +156,8 @@ def test_hadolint_is_clean(rendered: dict[str, str], backend: str, tmp_path: Pat
 @pytest.mark.parametrize("script", ["entrypoint.sh", "assemble-rootfs.sh"])
 def test_shellcheck_is_clean(script: str) -> None:
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (.ci/provision installs it)")
+    require_lab(shellcheck is not None, "shellcheck (.ci/provision installs it)")
+    assert shellcheck is not None
     result = subprocess.run(
         [shellcheck, "--shell=sh", "--severity=style", str(REPO_ROOT / "dockerfiles" / script)],
         capture_output=True,
