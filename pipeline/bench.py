@@ -402,7 +402,7 @@ class OursBuild:
     dockerfile: Path
 
 
-def ours_build_inputs(bench: Bench, project: Project, salt: str, *, emulated: bool) -> OursBuild:
+def ours_build_inputs(project: Project, salt: str, *, emulated: bool) -> OursBuild:
     """Our cpu Dockerfile as `nox -s render` writes it, its cache mounts salted (and, for the
     QEMU reference build, its builder moved onto the target platform)."""
     from pipeline.matrix import load_matrix
@@ -444,12 +444,6 @@ def ours_build_command(inputs: OursBuild, platform: str, tag: str, *, no_cache: 
         metadata,
     )
     command[command.index("--file") + 1] = str(inputs.dockerfile)
-    if "--output" in command:
-        at = command.index("--output")
-        if command[at + 1].startswith("type=docker") and "rewrite-timestamp" in command[at + 1]:
-            # The lab engine (containerd store) refuses rewrite-timestamp with its unpack on
-            # load; --load gives the same image, only its file dates not rewritten.
-            command[at : at + 2] = ["--load"]
     if no_cache:
         command.insert(-1, "--no-cache")
     return command
@@ -473,7 +467,7 @@ def part_build(bench: Bench) -> PartResult:
     if "ours" in bench.sides:
         ours = bench.ensure_snapshot("ours", refresh=True)
         salt = f"bench-{bench.run_id}-amd64"
-        inputs = ours_build_inputs(bench, ours, salt, emulated=False)
+        inputs = ours_build_inputs(ours, salt, emulated=False)
         tag = bench.tag("ours", "cpu-amd64")
         cold = _build(
             bench,
@@ -560,14 +554,12 @@ def part_rebuild(bench: Bench) -> PartResult:
     if not ours_build or not upstream_build:
         raise UsageError("rebuild compares with the cold builds: run `--only build,rebuild`")
     ours = bench.ensure_snapshot("ours")
-    theirs = bench.ensure_snapshot("upstream")
     # The very Dockerfile the cold build used, so only the touched file differs.
     cold_dockerfile = ours.build_dir / "bench" / f"cpu-{ours_build['salt']}.Dockerfile"
     if cold_dockerfile.is_file():
         inputs = OursBuild(ours, cold_dockerfile)
     else:
-        inputs = ours_build_inputs(bench, ours, ours_build["salt"], emulated=False)
-    upstream = up.prepare(theirs.vendor_dir, bench.work)
+        inputs = ours_build_inputs(ours, ours_build["salt"], emulated=False)
     salt = f"{bench.run_id}{int(time.time())}"
     # Made before the touch: it verifies the snapshot, which the touch is about to change.
     command = ours_build_command(inputs, "linux/amd64", ours_build["tag"], no_cache=False)
@@ -580,6 +572,9 @@ def part_rebuild(bench: Bench) -> PartResult:
             "the `COPY . .` change recompiles everything, like its cold build"
         )
         return _rebuild_result(bench, ours_warm.seconds, ours_build["cold_s"], skipped, skipped)
+    # Upstream's side only now: syncing its whole tree and preparing its contexts is not free.
+    theirs = bench.ensure_snapshot("upstream")
+    upstream = up.prepare(theirs.vendor_dir, bench.work)
     with touched(theirs.vendor_dir / bench.touch, salt):
         upstream_warm = _build(
             bench,
@@ -673,7 +668,7 @@ def part_arm64(bench: Bench) -> PartResult:
         raise UsageError("arm64 compares with the amd64 cold build: run `--only build,arm64`")
     ours = bench.ensure_snapshot("ours")
     salt = f"bench-{bench.run_id}-arm64"
-    inputs = ours_build_inputs(bench, ours, salt, emulated=False)
+    inputs = ours_build_inputs(ours, salt, emulated=False)
     cross = _build(
         bench,
         ours_build_command(inputs, "linux/arm64", bench.tag("ours", "cpu-arm64"), no_cache=True),
@@ -686,7 +681,7 @@ def part_arm64(bench: Bench) -> PartResult:
         qemu_s: float | None = None
     else:
         salt_q = f"bench-{bench.run_id}-arm64-qemu"
-        emulated = ours_build_inputs(bench, ours, salt_q, emulated=True)
+        emulated = ours_build_inputs(ours, salt_q, emulated=True)
         timed = _build(
             bench,
             ours_build_command(

@@ -40,7 +40,7 @@ from pipeline.errors import (
     ToolMissingError,
     UsageError,
 )
-from pipeline.matrix import Backend, Matrix, Platform, load_matrix
+from pipeline.matrix import Backend, Matrix, Platform, host_platform, load_matrix
 from pipeline.render import dockerfile_path, render_all
 
 SCHEMA = 1
@@ -142,16 +142,12 @@ class BuildResult:
         )
 
 
-def reports_dir(project: Project) -> Path:
-    return project.build_dir / "reports"
-
-
 def logs_dir(project: Project) -> Path:
     return project.build_dir / "logs"
 
 
 def write_build_result(project: Project, result: BuildResult) -> Path:
-    directory = reports_dir(project)
+    directory = project.reports_dir
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / result.filename
     write_json_atomic(path, result.to_json())
@@ -162,7 +158,7 @@ def write_build_result(project: Project, result: BuildResult) -> Path:
 def load_build_results(project: Project) -> list[BuildResult]:
     """Every build report under build/reports/, sorted by file name."""
     results: list[BuildResult] = []
-    for path in sorted(reports_dir(project).glob("build-*.json")):
+    for path in sorted(project.reports_dir.glob("build-*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -178,7 +174,7 @@ def load_build_result(project: Project, backend: str, platform: str) -> BuildRes
             return result
     arch = platform.split("/", 1)[-1]
     raise BuildError(
-        f"no build report for {backend} {platform} in {reports_dir(project)}",
+        f"no build report for {backend} {platform} in {project.reports_dir}",
         f"run: nox -s build -- {arch} --backend {backend}",
     )
 
@@ -218,17 +214,7 @@ class BuildJob:
 
     @property
     def key(self) -> str:
-        if len(self.platforms) == 1:
-            return f"{self.backend.name}-{self.platforms[0].arch}"
         return f"{self.backend.name}-{'-'.join(p.arch for p in self.platforms)}"
-
-
-def host_platform() -> str:
-    machine = os.uname().machine.lower()
-    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
-        machine, machine
-    )
-    return f"linux/{arch}"
 
 
 def _split_repository(reference: str) -> tuple[str, str | None]:
@@ -774,8 +760,6 @@ def build(project: Project, request: BuildRequest, quiet: bool = False) -> Build
     version = load_version(project.version_file)
     jobs = plan_jobs(request, matrix, version)
     for key, _ in request.build_args:
-        if key == "LLAMA_CPP_COMMIT":
-            continue
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
             raise UsageError(f"--build-arg {key}=...: not a build arg name")
     override = dict(request.build_args).get("LLAMA_CPP_COMMIT")

@@ -66,6 +66,11 @@ class Project:
         return self.root / "build"
 
     @property
+    def reports_dir(self) -> Path:
+        """Build and smoke reports: what one stage hands the next."""
+        return self.build_dir / "reports"
+
+    @property
     def dockerfiles_dir(self) -> Path:
         return self.root / "dockerfiles"
 

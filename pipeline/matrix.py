@@ -7,6 +7,7 @@ checked against it and rejected with the list of valid ones.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -167,6 +168,13 @@ def configure_flags(matrix: Matrix, backend: Backend) -> list[tuple[str, str]]:
     return flags
 
 
+def host_platform() -> str:
+    """This machine's platform as Docker names it: `linux/amd64`, `linux/arm64`."""
+    machine = os.uname().machine.lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+    return f"linux/{arch}"
+
+
 def normalize_platform(text: str) -> str:
     """`arm64` -> `linux/arm64`; names with an OS pass through unchanged."""
     text = text.strip()
@@ -248,7 +256,6 @@ def _platforms(data: Any) -> dict[str, Platform]:
     if not isinstance(data, dict) or not data:
         raise ConfigError("matrix.yaml: key 'platforms' must be a non-empty mapping")
     platforms: dict[str, Platform] = {}
-    arches: set[str] = set()
     for name, spec in data.items():
         where = f"matrix.yaml: platforms.{name}"
         if not isinstance(name, str) or not re.match(r"^linux/[a-z0-9]+$", name):
@@ -259,7 +266,6 @@ def _platforms(data: Any) -> dict[str, Platform]:
         arch = _text(spec, "arch", where, _NAME_RE)
         if arch != name.split("/", 1)[1]:
             raise ConfigError(f"{where}: arch {arch!r} does not match the platform name")
-        arches.add(arch)
         platforms[name] = Platform(
             name=name,
             arch=arch,

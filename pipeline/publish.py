@@ -14,7 +14,6 @@ temporary directory, never through a command line.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import re
@@ -497,8 +496,7 @@ def docker_config(auths: Mapping[str, Credentials]) -> Iterator[Path]:
         config: dict[str, Any] = {"auths": {}}
         for registry, creds in auths.items():
             key = DOCKER_HUB_CONFIG_KEY if registry == DOCKER_HUB else registry
-            token = base64.b64encode(f"{creds.username}:{creds.secret}".encode()).decode()
-            config["auths"][key] = {"auth": token}
+            config["auths"][key] = {"auth": creds.token}
         try:
             user_config = json.loads((original / "config.json").read_text(encoding="utf-8"))
             if isinstance(user_config, dict) and "currentContext" in user_config:
@@ -978,7 +976,7 @@ def publish(
     check_release_tag(info.version, options.release_tag, environ)
     rules = load_tag_rules()
     target = resolve_target(info, options)
-    reports = options.reports or project.build_dir / "reports"
+    reports = options.reports or project.reports_dir
     builds = load_build_records(reports)
     if not builds:
         raise PublishError(
@@ -1047,7 +1045,7 @@ def _write_report(
     phases: Mapping[str, float],
     verified: bool,
 ) -> None:
-    directory = project.build_dir / "reports"
+    directory = project.reports_dir
     directory.mkdir(parents=True, exist_ok=True)
     data = {
         "schema": 1,

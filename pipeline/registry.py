@@ -32,7 +32,6 @@ MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 INDEX_TYPES = frozenset({MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST})
-MANIFEST_TYPES = frozenset({MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST})
 # Without an Accept listing them, registries may down-convert or answer 404 for lists.
 MANIFEST_ACCEPT = ", ".join(
     [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST]
@@ -98,9 +97,6 @@ class ImageName:
     def tagged(self, tag: str) -> str:
         return f"{self}:{tag}"
 
-    def at(self, digest: str) -> str:
-        return f"{self}@{digest}"
-
 
 def split_reference(ref: str) -> tuple[ImageName, str]:
     """`name@sha256:…` or `name:tag` → (ImageName, digest-or-tag)."""
@@ -128,9 +124,13 @@ class Credentials:
         # The secret must never reach a log, a traceback or an assertion message.
         return f"Credentials(username={self.username!r}, from={'/'.join(self.variables)})"
 
+    @property
+    def token(self) -> str:
+        """`user:secret` in base64: HTTP Basic's credentials and a docker config's `auth`."""
+        return base64.b64encode(f"{self.username}:{self.secret}".encode()).decode("ascii")
+
     def basic(self) -> str:
-        token = base64.b64encode(f"{self.username}:{self.secret}".encode()).decode("ascii")
-        return f"Basic {token}"
+        return f"Basic {self.token}"
 
 
 def env_pairs(registry: str) -> list[tuple[str, str]]:
@@ -168,13 +168,6 @@ class Platform:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Platform:
         return cls(str(data.get("os", "")), str(data.get("architecture", "")), data.get("variant"))
-
-    @classmethod
-    def parse(cls, text: str) -> Platform:
-        parts = text.split("/")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise RegistryError(f"platform {text!r} is not os/arch[/variant]")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
     def __str__(self) -> str:
         base = f"{self.os}/{self.architecture}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host_platform
 import re
 import secrets
 import shlex
@@ -39,6 +38,7 @@ from pipeline.errors import (
     SmokeError,
     UsageError,
 )
+from pipeline.matrix import host_platform, load_matrix
 from pipeline.model import GGUFInfo, download_hf_model, ensure_model, validate_gguf
 
 SCHEMA = 1
@@ -48,7 +48,6 @@ SETTINGS_FILE = Path(__file__).with_name("smoke.yaml")
 LABEL = "io.llama-server-images.smoke"
 LABEL_PID = "io.llama-server-images.smoke.pid"
 REVISION_LABEL = "org.opencontainers.image.revision"
-ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 LOG_TAIL = 15
 
 
@@ -92,7 +91,7 @@ class Settings:
     backends: dict[str, BackendSettings]
 
     def timing_for(self, platform: str) -> Timing:
-        return self.timing["native" if platform == host_platform_name() else "emulated"]
+        return self.timing["native" if platform == host_platform() else "emulated"]
 
     def backend(self, name: str) -> BackendSettings:
         if name not in self.backends:
@@ -119,21 +118,6 @@ def load_settings(path: Path = SETTINGS_FILE) -> Settings:
         return Settings(timing, data["server"], data["requests"], data["hub"], backends)
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, re.error) as exc:
         raise ConfigError(f"cannot load smoke settings {path.name}: {exc}") from None
-
-
-def host_platform_name() -> str:
-    machine = host_platform.machine().lower()
-    return f"linux/{ARCHES.get(machine, machine)}"
-
-
-def normalize_platform(value: str) -> str:
-    value = value.strip()
-    arch = value.removeprefix("linux/")
-    if arch not in ("amd64", "arm64"):
-        raise UsageError(
-            f"unknown platform {value!r}", "use linux/amd64 or linux/arm64 (or amd64, arm64)"
-        )
-    return f"linux/{arch}"
 
 
 def arch_of(platform: str) -> str:
@@ -207,14 +191,10 @@ class SmokeReport:
         return report
 
 
-def reports_dir(project: Project) -> Path:
-    return project.build_dir / "reports"
-
-
 def load_smoke_reports(project: Project) -> list[SmokeReport]:
     """Every smoke report under build/reports/ (publish refuses digests without a passed one)."""
     reports = []
-    for path in sorted(reports_dir(project).glob("smoke-*.json")):
+    for path in sorted(project.reports_dir.glob("smoke-*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -273,7 +253,7 @@ def junit_xml(reports: list[SmokeReport]) -> str:
 def write_reports(report: SmokeReport, project: Project, report_dir: Path | None) -> list[Path]:
     """build/reports/smoke-<backend>-<arch>.json always; JSON + JUnit into `report_dir` too."""
     written = []
-    for directory in (reports_dir(project), report_dir):
+    for directory in (project.reports_dir, report_dir):
         if directory is None:
             continue
         directory.mkdir(parents=True, exist_ok=True)
@@ -510,7 +490,7 @@ def targets_from_build_reports(
         match = [r for r in results if r.backend == backend and r.platform == plat]
         if not match:
             raise SmokeError(
-                f"no build report for {backend} {plat} in {reports_dir(project)}",
+                f"no build report for {backend} {plat} in {project.reports_dir}",
                 f"run `nox -s build -- {arch_of(plat)} --load` first, or pass an IMAGE",
             )
         result = match[-1]
@@ -644,7 +624,6 @@ class SmokeRun:
     ]
 
     def run(self) -> SmokeReport:
-        started = time.perf_counter()
         self.check("revision-label", self.check_revision_label)
         server = self.settings.server
         cport = int(server["container_port"])
@@ -1076,11 +1055,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_smoke(args: argparse.Namespace) -> int:
     project = Project.discover()
     settings = load_settings()
-    if args.hf_file and not args.hf_repo:
-        raise UsageError("--hf-file needs --hf-repo")
+    matrix = load_matrix()
     platforms = [
-        normalize_platform(p)
-        for value in (args.platform or [host_platform_name()])
+        matrix.platform(p).name
+        for value in (args.platform or [host_platform()])
         for p in value.split(",")
         if p
     ]
