@@ -30,13 +30,15 @@ def sync(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bump(session: nox.Session) -> None:
-    """Move version.json's pin to a ref on the remote (default: newest b<number> tag)."""
+    """Move version.json's pin to a ref on the remote (default: newest b<number> tag), then
+    re-render the Dockerfiles (their defaults name the pin): commit both."""
     _stage(session, "bump")
+    session.run("python", "-m", "pipeline", "render")
 
 
 @nox.session(python=PYTHON)
 def render(session: nox.Session) -> None:
-    """Render the Dockerfiles of every backend into build/dockerfiles/."""
+    """Render the Dockerfiles of every backend into dockerfiles/rendered/ (committed)."""
     _stage(session, "render")
 
 
@@ -56,6 +58,18 @@ def smoke(session: nox.Session) -> None:
 def publish(session: nox.Session) -> None:
     """Tag and push smoke-tested digests: nox -s publish -- --dry-run."""
     _stage(session, "publish")
+
+
+@nox.session(python=PYTHON)
+def verify(session: nox.Session) -> None:
+    """Check a published image's signature, smoke attestations and SBOM: -- IMAGE[:TAG]."""
+    _stage(session, "verify")
+
+
+@nox.session(python=PYTHON)
+def models(session: nox.Session) -> None:
+    """The model catalogue: nox -s models -- list | pull NAME [--into DIR] | recommend."""
+    _stage(session, "models")
 
 
 @nox.session(python=PYTHON)

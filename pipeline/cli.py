@@ -1,8 +1,12 @@
-"""The command-line boundary: `python -m pipeline <stage> [args]`.
+"""The command-line boundary: `python -m pipeline <stage> [args]`, and the composition root.
 
-Each stage registers a parser and one function here. Errors raised below become one line on
-stderr and the error type's exit code; no traceback reaches the user. nox sessions call this,
-and tests call `main([...])` directly.
+Each stage module contributes its commands (pipeline.options.Command). Errors raised below
+become one line on stderr and the error type's exit code; no traceback reaches the user. nox
+sessions call this, tests call `main([...])`. Only the named stage's module is imported, so a
+quick command (a no-op sync) does not pay for importing docker, numpy and gguf.
+
+Stages never import one another. bench, which drives other stages to measure them, is handed
+their functions here.
 """
 
 from __future__ import annotations
@@ -15,10 +19,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from pipeline.errors import Interrupted, PipelineError, UsageError
-
-Handler = Callable[[argparse.Namespace], int]
-# Each stage module contributes: (name, help, add_arguments, handler).
-Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Handler]
+from pipeline.options import Command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,38 +29,47 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
 
 
-# Which module holds each command. Only the named stage's module is imported, so a quick
-# command (a no-op sync) does not pay for importing docker, numpy and gguf.
-STAGE_MODULES: dict[str, str] = {
-    "sync": "pipeline.sync",
-    "bump": "pipeline.sync",
-    "render": "pipeline.render",
-    "build": "pipeline.build",
-    "smoke": "pipeline.smoke",
-    "publish": "pipeline.publish",
-    "bench": "pipeline.bench",
+def _stage_commands(module: str) -> Callable[[], Sequence[Command]]:
+    return lambda: importlib.import_module(module).COMMANDS
+
+
+def _bench_commands() -> Sequence[Command]:
+    from pipeline import bench, build, smoke, sync
+
+    return bench.commands(
+        bench.StageFunctions(sync=sync.sync, build=build.build, smoke=smoke.smoke)
+    )
+
+
+# Which loader holds each command, in the order `--help` lists them.
+COMMANDS: dict[str, Callable[[], Sequence[Command]]] = {
+    "sync": _stage_commands("pipeline.sync"),
+    "bump": _stage_commands("pipeline.sync"),
+    "render": _stage_commands("pipeline.render"),
+    "build": _stage_commands("pipeline.build"),
+    "smoke": _stage_commands("pipeline.smoke"),
+    "publish": _stage_commands("pipeline.publish"),
+    "verify": _stage_commands("pipeline.verify"),
+    "models": _stage_commands("pipeline.presets"),
+    "bench": _bench_commands,
 }
-
-
-def _commands(names: Sequence[str]) -> list[Command]:
-    commands: list[Command] = []
-    for module_name in dict.fromkeys(STAGE_MODULES[name] for name in names):
-        module = importlib.import_module(module_name)
-        commands.extend(c for c in module.COMMANDS if c[0] in names)
-    return commands
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """A parser for the command named in argv, or for every command (help, usage errors)."""
-    named = [argv[0]] if argv and argv[0] in STAGE_MODULES else list(STAGE_MODULES)
+    named = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
     parser = _Parser(
         prog="pipeline", description="Build, smoke-test and publish llama.cpp server images."
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, help_text, add_arguments, handler in _commands(named):
-        stage = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(stage)
-        stage.set_defaults(handler=handler)
+    loaded: dict[str, Command] = {}
+    for loader in dict.fromkeys(COMMANDS[name] for name in named):
+        loaded.update((command.name, command) for command in loader())
+    for name in named:
+        command = loaded[name]
+        stage = sub.add_parser(name, help=command.summary, description=command.summary)
+        command.add_arguments(stage)
+        stage.set_defaults(run=command.run)
     return parser
 
 
@@ -67,14 +77,12 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # SIGTERM (docker stop, CI cancel, kill) unwinds like Ctrl-C so context managers clean up.
+def guarded(work: Callable[[], int]) -> int:
+    """Run `work` the way every command runs: SIGTERM unwinds like Ctrl-C (so context managers
+    clean up), an expected failure is one line and its exit code, an interrupt exits 130."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        args = build_parser(argv).parse_args(argv)
-        handler: Handler = args.handler
-        return handler(args)
+        return work()
     except KeyboardInterrupt:
         print("error: interrupted (nothing was left half-written)", file=sys.stderr)
         return Interrupted.exit_code
@@ -83,6 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+
+    def work() -> int:
+        args = build_parser(args_list).parse_args(args_list)
+        run: Callable[[argparse.Namespace], int] = args.run
+        return run(args)
+
+    return guarded(work)
 
 
 def run() -> None:

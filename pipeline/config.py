@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.errors import ConfigError
 
 DEFAULT_REPOSITORY = "https://github.com/ggml-org/llama.cpp"
@@ -23,6 +25,19 @@ SEMVER_RE = re.compile(
 IMAGE_RE = re.compile(
     r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)+$"
 )
+
+
+class Under:
+    """A path of the project's layout: `relative` under the root, or under another of its
+    paths (`of`). Read on a Project, it is that project's path."""
+
+    def __init__(self, relative: str, of: str | None = None) -> None:
+        self.relative = relative
+        self.of = of
+
+    def __get__(self, project: Project, owner: type[Project]) -> Path:
+        base = project.root if self.of is None else getattr(project, self.of)
+        return Path(base) / self.relative
 
 
 @dataclass(frozen=True)
@@ -45,34 +60,27 @@ class Project:
             "run from the project checkout, or set PIPELINE_ROOT",
         )
 
-    @property
-    def version_file(self) -> Path:
-        return self.root / "version.json"
+    # Where things live. Each is a path under the root (or under another of these).
+    version_file = Under("version.json")
+    third_party = Under("third_party/llama.cpp")
+    vendor_dir = Under("vendor", of="third_party")
+    snapshot_file = Under("snapshot.json", of="third_party")
+    build_dir = Under("build")
+    reports_dir = Under("reports", of="build_dir")  # what one stage hands the next
+    logs_dir = Under("logs", of="build_dir")  # full build logs, named in every error about them
+    models_dir = Under("models", of="build_dir")  # generated test models, cached by shape
+    dockerfiles_dir = Under("dockerfiles")  # templates, entrypoint, scripts (`support`)
+    rendered_dir = Under("rendered", of="dockerfiles_dir")  # committed: diffs show what is built
 
-    @property
-    def third_party(self) -> Path:
-        return self.root / "third_party" / "llama.cpp"
+    def rendered_dockerfile(self, backend: str) -> Path:
+        return self.rendered_dir / f"{backend}.Dockerfile"
 
-    @property
-    def vendor_dir(self) -> Path:
-        return self.third_party / "vendor"
-
-    @property
-    def snapshot_file(self) -> Path:
-        return self.third_party / "snapshot.json"
-
-    @property
-    def build_dir(self) -> Path:
-        return self.root / "build"
-
-    @property
-    def reports_dir(self) -> Path:
-        """Build and smoke reports: what one stage hands the next."""
-        return self.build_dir / "reports"
-
-    @property
-    def dockerfiles_dir(self) -> Path:
-        return self.root / "dockerfiles"
+    def shown(self, path: Path) -> str:
+        """`path` relative to the root when it is inside it, for messages."""
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
 
 
 @dataclass(frozen=True)
@@ -157,17 +165,35 @@ def parse_version(data: Any, where: str = "version.json") -> VersionInfo:
     return VersionInfo(version, LlamaCppPin(repository, commit, ref), image, extra)
 
 
-def load_version(path: Path) -> VersionInfo:
+def read_data_file(path: Path, missing_hint: str) -> str:
+    """The text of a data file the pipeline needs (version.json, the YAML data), or one
+    ConfigError saying why it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(
-            f"{path} not found", "create it or run from the project checkout"
-        ) from None
+        raise ConfigError(f"{path} not found", missing_hint) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path.name} is not UTF-8 text") from None
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where} is not valid YAML{at}") from None
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML data file of the pipeline's (matrix, tag rules, presets, smoke settings)."""
+    return parse_yaml(read_data_file(path, "restore it from the repository"), path.name)
+
+
+def load_version(path: Path) -> VersionInfo:
+    text = read_data_file(path, "create it or run from the project checkout")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -61,6 +61,10 @@ class BuildError(PipelineError):
     exit_code = 7
 
 
+class BuildTimedOut(BuildError):
+    """A build ran past the time limit it was given and was stopped."""
+
+
 class SmokeError(PipelineError):
     """The image under test failed a check, or could not be started."""
 
@@ -95,6 +99,24 @@ class DockerUnavailableError(PipelineError):
     """No Docker engine answers, or buildx is missing."""
 
     exit_code = 13
+
+
+class VerifyError(PipelineError):
+    """A published image's signature, smoke attestation or SBOM is missing or does not hold."""
+
+    exit_code = 16
+
+
+class RecordMissingError(PipelineError):
+    """A stage's input record (a build or smoke report, the snapshot) does not exist yet."""
+
+    exit_code = 14
+
+
+class RecordInvalidError(PipelineError):
+    """A record exists but is not one this pipeline wrote (bad JSON, schema, types)."""
+
+    exit_code = 15
 
 
 class Interrupted(PipelineError):

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from pipeline.config import Project
+from pipeline.config import Project, load_yaml
 from pipeline.errors import ConfigError, ModelError
 
 GGUF_MAGIC = b"GGUF"
@@ -144,19 +143,9 @@ class ModelSpec:
         block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
         return n // int(block) * int(type_size)
 
-    def n_params(self) -> int:
-        return sum(int(np.prod(shape)) for _, shape in self.tensor_shapes())
-
-    def tensor_bytes(self) -> int:
-        """Bytes of tensor data alone (the file adds its header, vocab and alignment padding)."""
-        return sum(self.tensor_nbytes(shape) for _, shape in self.tensor_shapes())
-
 
 def load_presets(path: Path = PRESETS_FILE) -> dict[str, ModelSpec]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read model presets {path}: {exc}") from None
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: expected a mapping of preset name to model shape")
     known = {f.name for f in fields(ModelSpec)}
@@ -285,14 +274,10 @@ def generate_model(spec: ModelSpec, path: Path) -> Path:
     return path
 
 
-def models_dir(project: Project) -> Path:
-    return project.build_dir / "models"
-
-
 def ensure_model(project: Project, spec: ModelSpec | None = None) -> Path:
     """The generated model for `spec` (default: the tiny preset), generated on first use."""
     spec = spec or preset("tiny")
-    path = models_dir(project) / spec.filename
+    path = project.models_dir / spec.filename
     if not path.is_file():
         generate_model(spec, path)
     return path
@@ -379,6 +364,7 @@ class HubModel:
     filename: str
     revision: str
     commit: str | None
+    info: GGUFInfo  # validated once, on download
 
 
 def download_hf_model(
@@ -456,5 +442,5 @@ def download_hf_model(
         None,
     )
     path = snapshot.resolve()
-    validate_gguf(path)
-    return HubModel(path=path, repo=repo, filename=filename, revision=rev, commit=commit)
+    info = validate_gguf(path)
+    return HubModel(path, repo, filename, rev, commit, info)

@@ -11,45 +11,41 @@ missing credentials become one CredentialsError naming the registry and the vari
 from __future__ import annotations
 
 import base64
-import hashlib
 import ipaddress
 import json
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from types import TracebackType
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from pipeline import console
 from pipeline.errors import CredentialsError, RegistryError
-
-MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-INDEX_TYPES = frozenset({MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST})
-# Without an Accept listing them, registries may down-convert or answer 404 for lists.
-MANIFEST_ACCEPT = ", ".join(
-    [MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST]
+from pipeline.oci import (
+    DIGEST_RE,
+    DOCKER_HUB,
+    LABEL_VERSION,
+    MANIFEST_ACCEPT,
+    Descriptor,
+    Manifest,
+    OciLayout,
+    config_labels,
+    config_platform,
+    sha256_digest,
 )
 
-DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 # The key `docker login` writes for Docker Hub in config.json; tools look it up by this name.
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 
-LABEL_VERSION = "org.opencontainers.image.version"
-LABEL_REVISION = "org.opencontainers.image.revision"
-ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
-
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
+# httpx's event hooks, passed through: how a caller (a test) watches each response.
+EventHooks = Mapping[str, Sequence[Callable[..., object]]]
 
 
 def is_loopback(host: str) -> bool:
@@ -64,52 +60,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
-
-
-@dataclass(frozen=True)
-class ImageName:
-    """A repository in a registry: `docker.io/acme/llama-server`, `127.0.0.1:5000/x/y`."""
-
-    registry: str
-    repository: str
-
-    @classmethod
-    def parse(cls, name: str) -> ImageName:
-        """Docker's normalisation: no registry part means Docker Hub, one path part `library/`."""
-        if "@" in name or not name or name != name.strip():
-            raise RegistryError(f"image name {name!r} is not a repository name")
-        first, sep, rest = name.partition("/")
-        if sep and ("." in first or ":" in first or first == "localhost"):
-            registry, repository = first, rest
-        else:
-            registry, repository = DOCKER_HUB, name
-        if registry in {"index.docker.io", "registry-1.docker.io"}:
-            registry = DOCKER_HUB
-        if registry == DOCKER_HUB and "/" not in repository:
-            repository = f"library/{repository}"
-        if ":" in repository or not repository:
-            raise RegistryError(f"image name {name!r} has a tag; give the repository name only")
-        return cls(registry, repository)
-
-    def __str__(self) -> str:
-        return f"{self.registry}/{self.repository}"
-
-    def tagged(self, tag: str) -> str:
-        return f"{self}:{tag}"
-
-
-def split_reference(ref: str) -> tuple[ImageName, str]:
-    """`name@sha256:…` or `name:tag` → (ImageName, digest-or-tag)."""
-    if "@" in ref:
-        name, _, reference = ref.partition("@")
-        if not DIGEST_RE.match(reference):
-            raise RegistryError(f"image reference {ref!r} has a malformed digest")
-        return ImageName.parse(name), reference
-    head, _, last = ref.rpartition("/")
-    if ":" in last:
-        repo_last, _, tag = last.partition(":")
-        return ImageName.parse(f"{head}/{repo_last}" if head else repo_last), tag
-    return ImageName.parse(ref), "latest"
 
 
 @dataclass(frozen=True, repr=False)
@@ -155,91 +105,40 @@ def credentials_from_env(registry: str, env: Mapping[str, str] | None = None) ->
     return None
 
 
+def credentials_from_docker_config(
+    registry: str, config_dir: Path | None = None
+) -> Credentials | None:
+    """What `docker login` (or docker/login-action) stored in config.json's `auths` for
+    `registry`; credential helpers are not asked. None when there is nothing."""
+    directory = config_dir or Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
+    path = directory / "config.json"
+    try:
+        auths = json.loads(path.read_text(encoding="utf-8")).get("auths") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    key = DOCKER_HUB_CONFIG_KEY if registry == DOCKER_HUB else registry
+    entry = auths.get(key) if isinstance(auths, dict) else None
+    token = entry.get("auth") if isinstance(entry, dict) else None
+    if not isinstance(token, str) or not token:
+        return None
+    try:
+        user, sep, secret = base64.b64decode(token).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return Credentials(user, secret, (str(path), "auths")) if sep and user and secret else None
+
+
+def registry_credentials(
+    registry: str, env: Mapping[str, str] | None = None, config_dir: Path | None = None
+) -> Credentials | None:
+    """Credentials for `registry`: the environment's first, else docker's config.json."""
+    return credentials_from_env(registry, env) or credentials_from_docker_config(
+        registry, config_dir
+    )
+
+
 def _wanted(registry: str) -> str:
     return " and ".join("/".join(pair) for pair in env_pairs(registry)[:1])
-
-
-@dataclass(frozen=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Platform:
-        return cls(str(data.get("os", "")), str(data.get("architecture", "")), data.get("variant"))
-
-    def __str__(self) -> str:
-        base = f"{self.os}/{self.architecture}"
-        return f"{base}/{self.variant}" if self.variant else base
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-    platform: Platform | None = None
-    annotations: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Descriptor:
-        platform = data.get("platform")
-        return cls(
-            media_type=str(data.get("mediaType", "")),
-            digest=str(data.get("digest", "")),
-            size=int(data.get("size", 0)),
-            platform=Platform.from_json(platform) if isinstance(platform, dict) else None,
-            annotations=dict(data.get("annotations") or {}),
-        )
-
-    @property
-    def is_attestation(self) -> bool:
-        """BuildKit stores SBOM/provenance as manifests of platform unknown/unknown in the index."""
-        if self.annotations.get(ATTESTATION_ANNOTATION) == "attestation-manifest":
-            return True
-        return self.platform is not None and self.platform.os == "unknown"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A manifest or an index exactly as the registry holds it (bytes define the digest)."""
-
-    media_type: str
-    digest: str
-    body: bytes
-    data: Mapping[str, Any]
-
-    @classmethod
-    def from_bytes(cls, body: bytes, media_type: str | None = None) -> Manifest:
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RegistryError(f"manifest is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise RegistryError("manifest is not a JSON object")
-        kind = str(data.get("mediaType") or media_type or "")
-        return cls(kind, sha256_digest(body), body, data)
-
-    @property
-    def is_index(self) -> bool:
-        return self.media_type in INDEX_TYPES or "manifests" in self.data
-
-    @property
-    def descriptors(self) -> list[Descriptor]:
-        return [Descriptor.from_json(item) for item in self.data.get("manifests") or []]
-
-    @property
-    def platform_descriptors(self) -> list[Descriptor]:
-        """The runnable images of an index: its attestation manifests left out."""
-        return [d for d in self.descriptors if not d.is_attestation]
-
-    @property
-    def config(self) -> Descriptor:
-        config = self.data.get("config")
-        if not isinstance(config, dict):
-            raise RegistryError(f"manifest {self.digest} has no config descriptor")
-        return Descriptor.from_json(config)
 
 
 @dataclass(frozen=True)
@@ -261,10 +160,6 @@ class ImageSummary:
     @property
     def platforms(self) -> list[str]:
         return [image.platform for image in self.images]
-
-
-def sha256_digest(body: bytes) -> str:
-    return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -297,6 +192,7 @@ class RegistryClient:
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         plain_http: bool | None = None,
+        event_hooks: EventHooks | None = None,
     ) -> None:
         self.registry = registry
         self.credentials = credentials
@@ -308,21 +204,16 @@ class RegistryClient:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=True,
             headers={"User-Agent": "llama-server-images-publish"},
+            event_hooks={k: list(v) for k, v in (event_hooks or {}).items()},
         )
         # Per scope: the Authorization header value that worked (bearer tokens are scoped).
         self._auth: dict[str, str] = {}
         self._basic = False
-        self.requests: list[tuple[str, str, int]] = []
 
     def __enter__(self) -> RegistryClient:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -341,7 +232,6 @@ class RegistryClient:
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
-                self.requests.append((method, url, response.status_code))
                 if response.status_code not in RETRY_STATUS:
                     return response
                 last = f"HTTP {response.status_code}"
@@ -370,7 +260,8 @@ class RegistryClient:
         headers: Mapping[str, str] | None = None,
         content: bytes | None = None,
     ) -> httpx.Response:
-        url = f"{self.base_url}{path}"
+        # A path of this registry's, or a whole URL (an upload's Location).
+        url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         for attempt in (1, 2):
             sent = dict(headers or {})
             auth = self._auth.get("*" if self._basic else scope)
@@ -399,9 +290,12 @@ class RegistryClient:
             raise RegistryError(
                 f"registry {self.registry} asked for unsupported authentication {header!r}"
             )
-        query = {"scope": scope}
+        # One `scope` parameter per scope (a cross-repository mount asks for two).
+        query: list[tuple[str, str | int | float | bool | None]] = [
+            ("scope", one) for one in scope.split()
+        ]
         if "service" in params:
-            query["service"] = params["service"]
+            query.append(("service", params["service"]))
         token_headers = {"Authorization": self.credentials.basic()} if self.credentials else {}
         token_url = str(httpx.URL(params["realm"]).copy_merge_params(query))
         answer = self._send_retrying("GET", token_url, token_headers, None)
@@ -460,16 +354,22 @@ class RegistryClient:
         if response.status_code != 200:
             raise self._fail(response, "GET /v2/")
 
-    def manifest_digest(self, repository: str, reference: str) -> str | None:
-        """HEAD a tag or digest: its digest, or None when it does not exist."""
+    def _read_manifest(self, method: str, repository: str, reference: str) -> httpx.Response | None:
+        """HEAD or GET a manifest by tag or digest: the answer, or None for a 404."""
         path = f"/v2/{repository}/manifests/{reference}"
-        response = self._request(
-            "HEAD", path, _scope(repository), headers={"Accept": MANIFEST_ACCEPT}
-        )
+        headers = {"Accept": MANIFEST_ACCEPT}
+        response = self._request(method, path, _scope(repository), headers=headers)
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise self._fail(response, f"HEAD {path}")
+            raise self._fail(response, f"{method} {path}")
+        return response
+
+    def manifest_digest(self, repository: str, reference: str) -> str | None:
+        """HEAD a tag or digest: its digest, or None when it does not exist."""
+        response = self._read_manifest("HEAD", repository, reference)
+        if response is None:
+            return None
         digest = str(response.headers.get("Docker-Content-Digest", ""))
         if DIGEST_RE.match(digest):
             return digest
@@ -478,14 +378,9 @@ class RegistryClient:
 
     def manifest(self, repository: str, reference: str) -> Manifest | None:
         """GET a manifest or index by tag or digest; None when it does not exist."""
-        path = f"/v2/{repository}/manifests/{reference}"
-        response = self._request(
-            "GET", path, _scope(repository), headers={"Accept": MANIFEST_ACCEPT}
-        )
-        if response.status_code == 404:
+        response = self._read_manifest("GET", repository, reference)
+        if response is None:
             return None
-        if response.status_code != 200:
-            raise self._fail(response, f"GET {path}")
         manifest = Manifest.from_bytes(response.content, response.headers.get("Content-Type"))
         expected = reference if DIGEST_RE.match(reference) else None
         expected = expected or response.headers.get("Docker-Content-Digest")
@@ -525,18 +420,74 @@ class RegistryClient:
             raise RegistryError(f"registry {self.registry} returned corrupt blob {digest}")
         return response.content
 
-    def labels(self, repository: str, manifest: Manifest) -> dict[str, str]:
-        """The labels of an image manifest's config (empty when it has none)."""
+    def has_blob(self, repository: str, digest: str) -> bool:
+        path = f"/v2/{repository}/blobs/{digest}"
+        response = self._request("HEAD", path, _scope(repository, push=True))
+        if response.status_code not in (200, 404):
+            raise self._fail(response, f"HEAD {path}")
+        return response.status_code == 200
+
+    def push_blob(self, repository: str, digest: str, data: bytes) -> bool:
+        """Upload a blob unless the repository has it (monolithic: POST, then PUT with the
+        digest); whether anything was sent."""
+        if self.has_blob(repository, digest):
+            return False
+        scope = _scope(repository, push=True)
+        start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope)
+        location = start.headers.get("Location")
+        if start.status_code != 202 or not location:
+            raise self._fail(start, f"POST /v2/{repository}/blobs/uploads/")
+        url = httpx.URL(self.base_url).join(location).copy_merge_params({"digest": digest})
+        headers = {"Content-Type": "application/octet-stream"}
+        done = self._request("PUT", str(url), scope, headers=headers, content=data)
+        if done.status_code != 201:
+            raise self._fail(done, f"PUT /v2/{repository}/blobs/uploads/… ({digest[:19]}…)")
+        return True
+
+    def mount_blob(self, repository: str, digest: str, source_repository: str) -> bool:
+        """Ask the registry to mount a blob of another of its repositories (no data moves);
+        whether it did (a registry may decline and open an upload instead, left unused)."""
+        path = f"/v2/{repository}/blobs/uploads/?mount={digest}&from={source_repository}"
+        scopes = f"{_scope(repository, push=True)} {_scope(source_repository)}"
+        response = self._request("POST", path, scopes)
+        if response.status_code not in (201, 202):
+            raise self._fail(response, f"POST {path}")
+        return response.status_code == 201
+
+    def push_layout(self, repository: str, layout: OciLayout, tags: Sequence[str] = ()) -> Manifest:
+        """Push what an OCI layout holds (its image or index, children first, every blob the
+        repository lacks) by digest, then under each of `tags`; the top manifest."""
+        top = self._push_tree(repository, layout, layout.top)
+        for tag in tags:
+            self.put_manifest(repository, tag, top)
+        return top
+
+    def _push_tree(self, repository: str, layout: OciLayout, descriptor: Descriptor) -> Manifest:
+        manifest = layout.manifest(descriptor)
+        if manifest.is_index:
+            for child in manifest.descriptors:
+                self._push_tree(repository, layout, child)
+        else:
+            for blob in (manifest.config, *manifest.layers):
+                self.push_blob(repository, blob.digest, layout.blob(blob.digest))
+        if self.manifest_digest(repository, manifest.digest) != manifest.digest:
+            self.put_manifest(repository, manifest.digest, manifest)
+        return manifest
+
+    def image_config(self, repository: str, manifest: Manifest) -> dict[str, Any]:
+        """An image manifest's config blob, decoded (platform, labels, history)."""
         config = json.loads(self.blob(repository, manifest.config.digest))
-        labels = (config.get("config") or {}).get("Labels") or {}
-        return {str(k): str(v) for k, v in labels.items()}
+        if not isinstance(config, dict):
+            raise RegistryError(f"config of {manifest.digest} in {repository} is not an object")
+        return config
 
     def platform_images(self, repository: str, manifest: Manifest) -> Iterator[PlatformImage]:
         """Each runnable image of an index (or the one image of a manifest) with its labels."""
         if not manifest.is_index:
-            config = json.loads(self.blob(repository, manifest.config.digest))
-            platform = Platform(str(config.get("os", "")), str(config.get("architecture", "")))
-            yield PlatformImage(str(platform), manifest.digest, self.labels(repository, manifest))
+            config = self.image_config(repository, manifest)
+            yield PlatformImage(
+                str(config_platform(config)), manifest.digest, config_labels(config)
+            )
             return
         for descriptor in manifest.platform_descriptors:
             child = self.manifest(repository, descriptor.digest)
@@ -545,9 +496,8 @@ class RegistryClient:
                     f"index {manifest.digest} in {self.registry}/{repository} lists "
                     f"{descriptor.digest}, which the registry does not have"
                 )
-            yield PlatformImage(
-                str(descriptor.platform), descriptor.digest, self.labels(repository, child)
-            )
+            labels = config_labels(self.image_config(repository, child))
+            yield PlatformImage(str(descriptor.platform), descriptor.digest, labels)
 
     def summary(self, repository: str, reference: str) -> ImageSummary | None:
         manifest = self.manifest(repository, reference)
@@ -572,7 +522,8 @@ def _scope(repository: str, push: bool = False) -> str:
 
 
 def _describe_scope(scope: str) -> str:
-    _, repository, actions = [*scope.split(":"), "", ""][:3]
+    # Of several scopes (a mount), the first is the repository written to.
+    _, repository, actions = [*scope.split()[0].split(":"), "", ""][:3]
     verb = "push to" if "push" in actions else "read"
     return f"{verb} {repository}"
 

@@ -18,9 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import COMMIT_RE, Project, load_version
+from pipeline.config import COMMIT_RE, Project, load_version, parse_yaml, read_data_file
 from pipeline.errors import ConfigError, SnapshotError
 
 SCHEMA = 1
@@ -31,13 +29,12 @@ DIGEST_ALGORITHM = (
     "sha256 over '<kind> <sha256 of bytes> <path>\\n' per file, sorted by relative POSIX path; "
     "kind is file, exec (owner-executable) or link (sha256 of the link target)"
 )
-_BUFFER = 1 << 20
 
 
 # --------------------------------------------------------------------------- prune rules
 
 
-def _glob_to_regex(pattern: str) -> re.Pattern[str]:
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
     """`*` stays in one path segment, `**` spans segments, `?` is one character.
 
     A match also covers everything beneath the matched path; a trailing `/` restricts the
@@ -74,8 +71,6 @@ class PruneRules:
     remove: tuple[str, ...]
     keep: tuple[str, ...]
     digest: str  # sha256 of the YAML file's bytes: snapshot.json records which rules made it
-    _remove_re: tuple[re.Pattern[str], ...] = field(repr=False, compare=False, default=())
-    _keep_re: tuple[re.Pattern[str], ...] = field(repr=False, compare=False, default=())
     # All patterns of a list as one alternation: one regex call per path, not sixty.
     _remove_any: re.Pattern[str] | None = field(repr=False, compare=False, default=None)
     _keep_any: re.Pattern[str] | None = field(repr=False, compare=False, default=None)
@@ -83,37 +78,18 @@ class PruneRules:
     @classmethod
     def from_patterns(cls, remove: Iterable[str], keep: Iterable[str], digest: str) -> PruneRules:
         remove, keep = tuple(remove), tuple(keep)
-        remove_re = tuple(_glob_to_regex(p) for p in remove)
-        keep_re = tuple(_glob_to_regex(p) for p in keep)
 
-        def any_of(regexes: tuple[re.Pattern[str], ...]) -> re.Pattern[str] | None:
-            return re.compile("|".join(f"(?:{r.pattern})" for r in regexes)) if regexes else None
+        def any_of(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+            if not patterns:
+                return None
+            return re.compile("|".join(f"(?:{glob_to_regex(p).pattern})" for p in patterns))
 
-        return cls(
-            remove,
-            keep,
-            digest,
-            remove_re,
-            keep_re,
-            any_of(remove_re),
-            any_of(keep_re),
-        )
+        return cls(remove, keep, digest, any_of(remove), any_of(keep))
 
     def removes(self, relpath: str) -> bool:
         if self._remove_any is None or not self._remove_any.match(relpath):
             return False
         return self._keep_any is None or not self._keep_any.match(relpath)
-
-    def unused(self, relpaths: Iterable[str]) -> list[str]:
-        """Patterns that match none of `relpaths` (stale rules after an upstream move)."""
-        paths = list(relpaths)
-        return [
-            pattern
-            for pattern, regex in zip(
-                (*self.remove, *self.keep), (*self._remove_re, *self._keep_re), strict=True
-            )
-            if not any(regex.match(p) for p in paths)
-        ]
 
 
 def _check_pattern(pattern: Any, where: str) -> str:
@@ -142,15 +118,9 @@ def parse_prune_rules(data: Any, digest: str, where: str = "prune.yaml") -> Prun
 
 
 def load_prune_rules(path: Path = PRUNE_RULES_FILE) -> PruneRules:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read prune rules {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path.name} is not valid YAML: {exc}") from None
-    return parse_prune_rules(data, "sha256:" + hashlib.sha256(raw).hexdigest(), path.name)
+    text = read_data_file(path, "restore it from the repository")
+    digest = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return parse_prune_rules(parse_yaml(text, path.name), digest, path.name)
 
 
 # --------------------------------------------------------------------------- manifest

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.buildx import docker_cli, last_line
 from pipeline.errors import BuildError, ConfigError
 
 DOCKERFILE = ".devops/cpu.Dockerfile"
@@ -105,15 +105,10 @@ def alias_base(base_from: str, source: str = LAB_BASE) -> str:
     """Copy the lab base (an index, all its platforms) to the name upstream's FROM resolves to
     through the mirror; registry-side, no layers move."""
     target = mirror_name(base_from)
-    result = subprocess.run(
-        ["docker", "buildx", "imagetools", "create", "-t", target, source],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = docker_cli("buildx", "imagetools", "create", "-t", target, source)
     if result.returncode != 0:
         raise BuildError(
-            f"cannot alias {source} as {target}: {result.stderr.strip() or result.stdout.strip()}",
+            f"cannot alias {source} as {target}: {last_line(result)}",
             "is the lab registry up? run .ci/provision",
         )
     return target

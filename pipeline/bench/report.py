@@ -1,7 +1,7 @@
 """The benchmark's report: figures, goals, and their renderings (JSON, Markdown, chart, README).
 
 Pure functions over plain records, so the maths and formatting are tested without Docker. The
-measuring lives in pipeline/bench.py; it hands `Metric` rows here.
+measuring lives in the parts (pipeline/bench/parts/); they hand `Metric` rows here.
 """
 
 from __future__ import annotations

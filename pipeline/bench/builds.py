@@ -1,0 +1,144 @@
+"""How the build parts build: ours through the build stage's own function (on a copy of the
+rendered Dockerfile whose cache mounts are salted), upstream's with its own Dockerfile, both
+under the lab's build lock, each with its log under the report directory."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+from pipeline.bench.core import Bench
+from pipeline.buildx import run_buildx
+from pipeline.config import Project
+from pipeline.console import err
+from pipeline.options import BuildOptions
+from pipeline.records import BuildRecord
+from pipeline.snapshot import Snapshot
+
+_CACHE_MOUNT = re.compile(r"--mount=type=cache(?P<opts>[^\s]*)")
+
+
+def salt_cache_mounts(dockerfile: str, salt: str) -> str:
+    """Give every BuildKit cache mount an id of its own for this build.
+
+    `--no-cache` disables layer reuse but not cache mounts: ccache and apt caches survive it.
+    Fresh ids make a cold build really cold, without pruning the cache other builds rely on;
+    the warm rebuild reuses the same ids, so it sees what the cold build left."""
+
+    def salted(match: re.Match[str]) -> str:
+        opts = match.group("opts")
+        id_match = re.search(r",id=([^,\s]+)", opts)
+        if id_match:
+            return match.group(0).replace(
+                f",id={id_match.group(1)}", f",id={id_match.group(1)}-{salt}", 1
+            )
+        target = re.search(r",target=([^,\s]+)", opts)
+        name = target.group(1).strip("/").replace("/", "-") if target else "cache"
+        return f"--mount=type=cache,id={name}-{salt}{opts}"
+
+    return _CACHE_MOUNT.sub(salted, dockerfile)
+
+
+def force_emulated_builder(dockerfile: str) -> str:
+    """Our Dockerfile with its builder on the target platform (QEMU for arm64 on amd64):
+    `--platform=$BUILDPLATFORM` stages run as the target, and the scripts' host architecture
+    becomes the target's, so they take the native-compiler branch."""
+    text = dockerfile.replace("--platform=$BUILDPLATFORM", "--platform=$TARGETPLATFORM")
+    return re.sub(r"\$\{?BUILDARCH\}?", "$TARGETARCH", text)
+
+
+def salted_dockerfile(project: Project, salt: str, *, emulated: bool = False) -> Path:
+    """Our cpu Dockerfile as `nox -s render` wrote it (render's record in the work root), its
+    cache mounts salted (and, for the QEMU reference build, its builder on the target)."""
+    path = project.build_dir / "bench" / f"cpu-{salt}.Dockerfile"
+    if path.is_file():  # the very file an earlier part built: only the touched source differs
+        return path
+    text = salt_cache_mounts(project.rendered_dockerfile("cpu").read_text(encoding="utf-8"), salt)
+    if emulated:
+        text = force_emulated_builder(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def build_record(
+    bench: Bench,
+    name: str,
+    project: Project,
+    snapshot: Snapshot,
+    *,
+    platform: str,
+    tag: str,
+    dockerfile: Path,
+    no_cache: bool,
+    limit: float | None = None,
+    oci_path: Path | None = None,
+    ccache_from: Path | None = None,
+    ccache_to: Path | None = None,
+) -> BuildRecord:
+    """Our cpu image through the build stage (`nox -s build -- <arch> --load --tag <tag>`, in
+    its release configuration: every CPU variant) and its record (`.seconds`: buildx's);
+    BuildTimedOut past `limit`. With `oci_path`, written there as an OCI layout tarball
+    (`--oci PATH`: the release's exporter, timestamps rewritten) instead of loaded."""
+    options = BuildOptions(
+        project=project,
+        platforms=(platform,),
+        backends=("cpu",),
+        output="oci" if oci_path else "load",
+        oci_path=oci_path,
+        tags=(tag,),
+        no_cache=no_cache,
+        quiet=True,
+        dockerfile=dockerfile,
+        time_limit=limit,
+        ccache_from=ccache_from,
+        ccache_to=ccache_to,
+    )
+    with bench.locked(name):
+        err.print(f"bench: {name} (the build stage, {dockerfile.name}), log {project.logs_dir}")
+        (record,) = bench.stages.build(options, snapshot)
+    return record
+
+
+def build_other(bench: Bench, name: str, command: list[str], limit: float | None = None) -> float:
+    """Another Dockerfile's build (upstream's, the native reference); its seconds."""
+    with bench.locked(name):
+        err.print(f"bench: {name} ({' '.join(command[:3])} ...), log {bench.log(name)}")
+        return run_buildx(command, bench.log(name), name, quiet=True, time_limit=limit)
+
+
+def ninja_progress(log: Path) -> str:
+    """How far a stopped build got: ninja's last `[n/N]` (or make's `[ n%]`) in its log."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    # Logs appended to by several runs: only the last command's output counts.
+    starts = [m.start() for m in re.finditer(r"^### \S+ \$ ", text, re.MULTILINE)]
+    text = text[starts[-1] :] if starts else text
+    steps = re.findall(r"\[(\d+)/(\d+)\]", text)
+    if steps:
+        return f"{steps[-1][0]}/{steps[-1][1]} compile steps"
+    percent = re.findall(r"\[\s*(\d+)%\]", text)  # make's progress (upstream's generator)
+    return f"{percent[-1]}% of the compile" if percent else "before the compile"
+
+
+_NINJA_STEP = re.compile(
+    r"^#\d+ (?P<t>\d+(?:\.\d+)?) \[(?P<n>\d+)/(?P<total>\d+)\] (?P<what>.*)$", re.MULTILINE
+)
+_TARGET = re.compile(r"CMakeFiles/(?P<target>[^/\s]+)\.dir/|Linking \S+ (?:\S+/)?(?P<out>\S+)$")
+
+
+def compile_time_by_target(log_text: str) -> dict[str, float]:
+    """Where a build's compile went: seconds per CMake target, from the timestamps BuildKit
+    puts on ninja's `[n/N]` lines (each step is charged the time until the next one starts,
+    so with N jobs in parallel each figure is a share of wall time). Largest first."""
+    steps = list(_NINJA_STEP.finditer(log_text))
+    spent: dict[str, float] = {}
+    for step, following in itertools.pairwise(steps):
+        found = _TARGET.search(step["what"])
+        target = (found["target"] or found["out"]) if found else "other"
+        seconds = max(0.0, float(following["t"]) - float(step["t"]))
+        spent[target] = spent.get(target, 0.0) + seconds
+    return dict(sorted(spent.items(), key=lambda item: -item[1]))

@@ -1,0 +1,160 @@
+"""size: image sizes, and the floor: llama-server plus the shared libraries it has loaded once
+serving (read from /proc/<pid>/maps of the running container)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench.core import MB, Bench, Measured
+from pipeline.bench.report import Figure, Goal, Metric
+from pipeline.dockerfile import LABEL_PREFIX
+from pipeline.engine import image_sizes
+from pipeline.errors import BuildError
+from pipeline.model import ensure_model
+from pipeline.records import load_build_records
+
+GPU_LABEL = f"{LABEL_PREFIX}.gpu-architectures"
+
+GOAL_SIZE_MB = 60.0
+# Upstream's server-cuda image, compressed, as its registry lists it (cannot be pulled here:
+# no image registry is reachable); our CUDA image is held to a share of it.
+UPSTREAM_CUDA_COMPRESSED_MB = 2600.0
+GOAL_CUDA_RATIO = 0.35
+
+
+def loaded_files(pid: int, exclude: Sequence[str] = ("/models/",)) -> dict[str, int]:
+    """The files a running process has mapped (its executable and every shared library it
+    loaded, dlopened backends included), with their sizes, read from the host's /proc."""
+    files: dict[str, int] = {}
+    exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[5].startswith("/"):
+            continue
+        path = parts[5].strip()
+        if path.endswith(" (deleted)") or path.startswith(("/dev/", "/proc/", "/sys/")):
+            continue
+        if any(path.startswith(prefix) for prefix in exclude) or path in files:
+            continue
+        # The executable and shared objects only: not locale archives or other data files.
+        if path != exe and ".so" not in path.rsplit("/", 1)[-1]:
+            continue
+        with contextlib.suppress(OSError):
+            files[path] = os.stat(f"/proc/{pid}/root{path}").st_size
+    return files
+
+
+def measure(bench: Bench) -> Measured:
+    model = ensure_model(bench.project)
+    sizes: dict[str, dict[str, Figure]] = {}
+    details: dict[str, Any] = {}
+    for side in ("ours", "upstream"):
+        image, origin = bench.image_for(side)
+        if image is None:
+            missing = Figure.missing(origin)
+            sizes[side] = {"raw": missing, "packed": missing, "floor": missing}
+            continue
+        measured = image_sizes(bench.client, image, "linux/amd64")
+        if measured is None or measured.compressed is None:
+            raise BuildError(f"the engine cannot say how large {image} is")
+        # No lock: what a process maps does not depend on what else runs.
+        with bench.server(image, model) as server:
+            files = loaded_files(server.pid)
+        floor = sum(files.values())
+        sizes[side] = {
+            "raw": Figure.of(measured.uncompressed / MB),
+            "packed": Figure.of(measured.compressed / MB),
+            "floor": Figure.of(floor / MB),
+        }
+        details[side] = {
+            "image": image,
+            "origin": origin,
+            "uncompressed_bytes": measured.uncompressed,
+            "compressed_bytes": measured.compressed,
+            "floor_bytes": floor,
+            "floor_files": files,
+        }
+    o, u = sizes["ours"], sizes["upstream"]
+    metrics: tuple[Metric, ...] = (
+        Metric(
+            "size.uncompressed",
+            "image size, uncompressed",
+            "MB",
+            o["raw"],
+            u["raw"],
+            goal=Goal("<=", GOAL_SIZE_MB),
+        ),
+        Metric(
+            "size.compressed", "image size, compressed (pushed)", "MB", o["packed"], u["packed"]
+        ),
+        Metric(
+            "size.floor",
+            "floor: llama-server + the libraries it loads",
+            "MB",
+            o["floor"],
+            u["floor"],
+        ),
+        Metric("size.overhead", "our image ÷ its floor", "MB", o["raw"], o["floor"], "floor"),
+    )
+    cuda_metrics, cuda_notes, cuda_details = _cuda_size(bench)
+    metrics += cuda_metrics
+    details.update(cuda_details)
+    notes = (
+        *cuda_notes,
+        "uncompressed: the layers' sizes added up (docker history); compressed: the image's "
+        "size in the containerd image store; floor: files mapped by the serving llama-server "
+        "process (executable, shared libraries, the CPU variant it chose), model excluded",
+    )
+    return Measured(metrics, notes, details)
+
+
+def _cuda_size(bench: Bench) -> tuple[tuple[Metric, ...], tuple[str, ...], dict[str, Any]]:
+    """Our cuda13 amd64 image (the build report's, `nox -s build -- --backend cuda13`) against
+    upstream's published server-cuda size: no server runs (no GPU needed to weigh it)."""
+    record = next(
+        (
+            r
+            for r in load_build_records(bench.project.reports_dir)
+            if (r.backend, r.platform) == ("cuda13", "linux/amd64") and bench.has_image(r.ref)
+        ),
+        None,
+    )
+    reference = Figure.of(UPSTREAM_CUDA_COMPRESSED_MB, note="upstream's published server-cuda")
+    if record is None:
+        ours = Figure.missing("no cuda13 amd64 image: nox -s build -- --backend cuda13")
+        return (_cuda_metric(ours, reference),), (), {}
+    measured = image_sizes(bench.client, record.ref, "linux/amd64")
+    if measured is None or measured.compressed is None:
+        raise BuildError(f"the engine cannot say how large {record.ref} is")
+    architectures = bench.client.images.get(record.ref).labels.get(GPU_LABEL, "?")
+    note = f"GPU architectures {architectures}"
+    ours = Figure.of(measured.compressed / MB, note=note)
+    notes = (
+        f"cuda13: {record.ref} ({note}; uncompressed {measured.uncompressed / MB:.0f} MB) against "
+        f"upstream's server-cuda as published ({UPSTREAM_CUDA_COMPRESSED_MB:.0f} MB compressed; "
+        "not pullable here, so not re-measured)",
+    )
+    details = {
+        "cuda13": {
+            "image": record.ref,
+            "gpu_architectures": architectures,
+            "uncompressed_bytes": measured.uncompressed,
+            "compressed_bytes": measured.compressed,
+        }
+    }
+    return (_cuda_metric(ours, reference),), notes, details
+
+
+def _cuda_metric(ours: Figure, reference: Figure) -> Metric:
+    return Metric(
+        "size.cuda.compressed",
+        "CUDA image size, compressed (cuda13 amd64)",
+        "MB",
+        ours,
+        reference,
+        goal=Goal("<=", GOAL_CUDA_RATIO, on="ratio"),
+    )

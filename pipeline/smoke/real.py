@@ -1,0 +1,360 @@
+"""The `real` smoke tier: a trained model (pipeline/catalogue.yaml) asked what users ask, each
+answer checked (pipeline/smoke.yaml's `real:` says what is asked and what must come back).
+
+Where the structural tier proves every endpoint answers, this one proves the answers are right:
+a factual question, a JSON schema, a GBNF grammar, a tool call, a stream with usage, a stream
+cancelled mid-way, and a load held by concurrent clients (its figures go into the report).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import httpx
+
+from pipeline.errors import ConfigError
+from pipeline.records import REAL_TIER, Figure, SmokeRecord
+from pipeline.smoke.checks import CheckFailed, Live, Outcome, SmokeRun, require, short
+
+RealCheck = Callable[[SmokeRun, Live, dict[str, Any]], "str | Outcome"]
+REAL_CHECKS: list[tuple[str, RealCheck]] = []
+# Streams ask for a close: llama-server drops a kept-alive connection after a stream.
+CLOSE = {"Connection": "close"}
+
+
+def real_check(name: str) -> Callable[[RealCheck], RealCheck]:
+    def register(check: RealCheck) -> RealCheck:
+        REAL_CHECKS.append((name, check))
+        return check
+
+    return register
+
+
+def run_real(run: SmokeRun) -> SmokeRecord:
+    """The real tier's checks on one server container; the record (never raises on a failed
+    check)."""
+    real = run.settings.real
+    cport = int(run.settings.server["container_port"])
+    env = {
+        "LLAMA_MODEL": run.model.container_path,
+        "LLAMA_SERVER_PORT": str(cport),
+        "LLAMA_SERVER_EXTRA_ARGS": real["extra_args"],
+    }
+    known = dict(REAL_CHECKS)
+    unknown = [name for name in real["checks"] if name not in known]
+    if unknown:
+        raise ConfigError(
+            f"smoke.yaml: real.checks names unknown checks {unknown}",
+            f"known: {', '.join(known)}",
+        )
+    checks = [(name, known[name]) for name in real["checks"]]
+    with run.container(
+        env=env,
+        mounts={run.model.host_path: run.model.container_path},
+        container_port=cport,
+        host_port=run.host_port,
+    ) as box:
+        started = box.started_at
+        if run.check("health", lambda: run.check_health(box)):
+            with httpx.Client(base_url=box.base_url, timeout=run.timing.request) as http:
+                live = Live(box, http)
+                for name, check in checks:
+                    run.check(name, partial(check, run, live, real))
+        else:
+            run.skip([name for name, _ in checks], "the server never became healthy")
+            run.show_logs(box, "server never became healthy")
+    return run.record(started, REAL_TIER)
+
+
+def chat(live: Live, real: dict[str, Any], question: str, **extra: Any) -> dict[str, Any]:
+    """One chat completion at temperature 0 with the tier's seed; a 4xx or 5xx is a failed
+    check naming the server's own message."""
+    body = {
+        "model": real["alias"],
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "seed": real["seed"],
+        **extra,
+    }
+    resp = live.http.post("/v1/chat/completions", json=body)
+    if resp.is_error:
+        raise CheckFailed(f"the server answered HTTP {resp.status_code}: {server_message(resp)}")
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def server_message(resp: httpx.Response) -> str:
+    try:
+        return short(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return short(resp.text)
+
+
+def content_of(data: dict[str, Any]) -> str:
+    content = data["choices"][0]["message"]["content"]
+    require(isinstance(content, str), f"message content is {type(content).__name__}")
+    return str(content).strip()
+
+
+def schema_errors(value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
+    """Where `value` breaks `schema` (the JSON Schema keywords smoke.yaml's schemas use)."""
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "object": dict,
+        "array": list,
+        "string": str,
+        "integer": int,
+        "number": (int, float),
+        "boolean": bool,
+    }
+    kind = schema.get("type")
+    if kind is not None and not isinstance(value, kinds[kind]):
+        return [f"{where} is {type(value).__name__}, not {kind}"]
+    errors = []
+    if isinstance(value, str) and len(value) < schema.get("minLength", 0):
+        errors.append(f"{where} is shorter than {schema['minLength']}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where} is {value!r}, not one of {schema['enum']}")
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        errors += [f"{where}.{k} is missing" for k in schema.get("required", ()) if k not in value]
+        if schema.get("additionalProperties") is False:
+            errors += [f"{where}.{k} is not in the schema" for k in value if k not in properties]
+        for key, sub in properties.items():
+            if key in value:
+                errors += schema_errors(value[key], sub, f"{where}.{key}")
+    return errors
+
+
+@real_check("factual-answer")
+def check_factual(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
+    spec = real["factual"]
+    answer = content_of(chat(live, real, spec["question"], max_tokens=spec["max_tokens"]))
+    require(
+        re.search(spec["expect"], answer) is not None,
+        f"{spec['question']!r} answered {short(answer)!r}, expected /{spec['expect']}/",
+    )
+    return f"{short(answer, 60)!r}"
+
+
+@real_check("json-schema")
+def check_json_schema(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
+    spec = real["json_schema"]
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": spec["schema"], "strict": True},
+    }
+    data = chat(
+        live,
+        real,
+        spec["question"],
+        max_tokens=spec["max_tokens"],
+        response_format=response_format,
+    )
+    answer = content_of(data)
+    try:
+        value = json.loads(answer)
+    except ValueError:
+        raise CheckFailed(f"the reply is not JSON: {short(answer)!r}") from None
+    errors = schema_errors(value, spec["schema"])
+    require(not errors, f"the reply breaks the schema: {'; '.join(errors)} ({short(answer)})")
+    return short(answer, 80)
+
+
+@real_check("json-schema-invalid")
+def check_invalid_schema(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
+    # A broken schema from a client is the client's error: a 4xx naming it, and the server
+    # goes on serving.
+    body = {
+        "model": real["alias"],
+        "messages": [{"role": "user", "content": real["json_schema"]["question"]}],
+        "max_tokens": 8,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "broken", "schema": real["invalid_schema"]},
+        },
+    }
+    resp = live.http.post("/v1/chat/completions", json=body)
+    require(
+        400 <= resp.status_code < 500,
+        f"an invalid schema got HTTP {resp.status_code}, expected 4xx: {server_message(resp)}",
+    )
+    live.http.get("/health").raise_for_status()
+    return f"HTTP {resp.status_code}: {server_message(resp)}"
+
+
+@real_check("grammar")
+def check_grammar(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
+    spec = real["grammar"]
+    data = chat(live, real, spec["question"], max_tokens=spec["max_tokens"], grammar=spec["gbnf"])
+    answer = content_of(data)
+    require(
+        re.fullmatch(spec["matches"], answer) is not None,
+        f"the reply {answer!r} does not match the grammar (/{spec['matches']}/)",
+    )
+    return repr(answer)
+
+
+@real_check("tool-call")
+def check_tool_call(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
+    spec = real["tool_call"]
+    tool = spec["tool"]
+    data = chat(
+        live,
+        real,
+        spec["question"],
+        max_tokens=spec["max_tokens"],
+        tools=[tool],
+        tool_choice="required",
+    )
+    choice = data["choices"][0]
+    calls = choice["message"].get("tool_calls") or []
+    require(len(calls) >= 1, f"no tool_calls (finish_reason {choice.get('finish_reason')!r})")
+    call = calls[0]
+    name = tool["function"]["name"]
+    require(call.get("type") == "function", f"tool_calls[0].type is {call.get('type')!r}")
+    require(bool(call.get("id")), "tool_calls[0] has no id")
+    require(call["function"]["name"] == name, f"called {call['function']['name']!r}, not {name}")
+    try:
+        arguments = json.loads(call["function"]["arguments"])
+    except ValueError:
+        raise CheckFailed(
+            f"arguments are not JSON: {short(call['function']['arguments'])}"
+        ) from None
+    errors = schema_errors(arguments, tool["function"]["parameters"])
+    require(not errors, f"arguments break the tool's schema: {'; '.join(errors)}")
+    require(choice.get("finish_reason") == "tool_calls", f"finish_reason {choice['finish_reason']}")
+    return f"{name}({json.dumps(arguments)})"
+
+
+def stream_events(
+    live: Live, real: dict[str, Any], question: str, max_tokens: int, **extra: Any
+) -> Any:
+    body = {
+        "model": real["alias"],
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "seed": real["seed"],
+        "max_tokens": max_tokens,
+        "stream": True,
+        **extra,
+    }
+    return live.http.stream("POST", "/v1/chat/completions", json=body, headers=CLOSE)
+
+
+@real_check("stream-usage")
+def check_stream_usage(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
+    spec = real["stream"]
+    text: list[str] = []
+    usage: dict[str, Any] | None = None
+    last = ""
+    options = {"stream_options": {"include_usage": True}}
+    with stream_events(live, real, spec["question"], spec["max_tokens"], **options) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            last = line.removeprefix("data:").strip()
+            if last == "[DONE]":
+                continue
+            chunk = json.loads(last)
+            for choice in chunk.get("choices") or ():
+                text.append(choice.get("delta", {}).get("content") or "")
+            if chunk.get("usage"):
+                require(not chunk.get("choices"), "the usage chunk also carries choices")
+                usage = chunk["usage"]
+    require(last == "[DONE]", f"the stream ended with {short(last)!r}, not [DONE]")
+    require(usage is not None, "no usage chunk although stream_options.include_usage")
+    assert usage is not None
+    streamed = "".join(text).strip()
+    require(bool(streamed), "no content was streamed")
+    completion = usage["completion_tokens"]
+    require(0 < completion <= spec["max_tokens"], f"usage.completion_tokens is {completion}")
+    require(usage["total_tokens"] == usage["prompt_tokens"] + completion, f"usage {usage}")
+    return f"{len(streamed)} characters streamed, usage {usage['prompt_tokens']}+{completion}"
+
+
+@real_check("stream-cancel")
+def check_stream_cancel(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
+    spec = real["cancel"]
+    chunks = 0
+    with stream_events(live, real, spec["question"], spec["max_tokens"]) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("data:") and line.strip() != "data: [DONE]":
+                chunks += 1
+            if chunks >= spec["after_chunks"]:
+                break  # leaving the block closes the connection mid-stream
+    require(chunks >= spec["after_chunks"], f"the stream ended after {chunks} chunks")
+    started = time.perf_counter()
+    answer = content_of(chat(live, real, real["factual"]["question"], max_tokens=8))
+    took = time.perf_counter() - started
+    return f"hung up after {chunks} chunks; the next request answered in {took:.2f} s ({answer!r})"
+
+
+@real_check("load")
+def check_load(run: SmokeRun, live: Live, real: dict[str, Any]) -> Outcome:
+    spec = real["load"]
+    within = float(spec["within"]) * (run.timing.request / run.settings.timing["native"].request)
+    deadline = time.monotonic() + within
+    latencies: list[float] = []
+    tokens: list[int] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    body = {
+        "model": real["alias"],
+        "messages": [{"role": "user", "content": spec["question"]}],
+        "max_tokens": spec["max_tokens"],
+        "temperature": 0.7,
+    }
+
+    def client(index: int) -> None:
+        with httpx.Client(base_url=live.box.base_url, timeout=run.timing.request) as http:
+            for request in range(spec["requests"]):
+                if time.monotonic() > deadline:
+                    with lock:
+                        errors.append(f"client {index}: out of time at request {request}")
+                    return
+                started = time.perf_counter()
+                try:
+                    resp = http.post("/v1/chat/completions", json={**body, "seed": request})
+                    resp.raise_for_status()
+                    completion = int(resp.json()["usage"]["completion_tokens"])
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    with lock:
+                        errors.append(f"client {index}: {type(exc).__name__}: {short(exc, 80)}")
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+                    tokens.append(completion)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=spec["clients"]) as pool:
+        list(pool.map(client, range(spec["clients"])))
+    wall = time.perf_counter() - started
+    total = spec["clients"] * spec["requests"]
+    require(not errors, f"{len(errors)} of {total} requests failed: {short(errors[:3])}")
+    require(len(latencies) == total, f"{len(latencies)} of {total} requests answered")
+    cuts = statistics.quantiles(latencies, n=20)
+    p50, p95 = statistics.median(latencies), cuts[18]
+    rate = sum(tokens) / wall
+    figures = (
+        Figure("requests", total, "requests"),
+        Figure("errors", 0, "requests"),
+        Figure("p50", round(p50, 3), "s"),
+        Figure("p95", round(p95, 3), "s"),
+        Figure("generation", round(rate, 1), "tokens/s"),
+        Figure("wall", round(wall, 3), "s"),
+    )
+    detail = (
+        f"{spec['clients']} clients x {spec['requests']} requests in {wall:.1f} s, 0 errors, "
+        f"p50 {p50:.2f} s, p95 {p95:.2f} s, {rate:.0f} tokens/s generated"
+    )
+    return Outcome(detail, figures)

@@ -1,0 +1,52 @@
+"""The checks a smoke tier runs besides everyone's (matrix.yaml: a tier's `checks`), registered
+by name. CUDA images: the entrypoint's refusals, each in a short-lived container of its own.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pipeline.elf import TRIPLETS
+from pipeline.records import arch_of
+from pipeline.smoke.checks import SmokeRun, require, short, tier_check
+
+
+def refusal(run: SmokeRun, env: dict[str, str], mounts: dict[Path, str] | None = None) -> list[str]:
+    """The entrypoint's output, with a model, in a container that must refuse to start."""
+    env = {"LLAMA_MODEL": run.model.container_path, "LLAMA_ALLOW_CPU": "", **env}
+    mounts = {run.model.host_path: run.model.container_path, **(mounts or {})}
+    with run.container(env=env, mounts=mounts) as box:
+        code = box.wait_exit(run.timing.exit)
+        lines = [line for line in box.logs().splitlines() if line.strip()]
+    require(code != 0, f"exit code {code}, expected a refusal (non-zero)")
+    require(len(lines) == 1, f"{len(lines)} lines of output, expected one: {short(lines)}")
+    return lines
+
+
+@tier_check("gpu-refusal")
+def check_gpu_refusal(run: SmokeRun) -> str:
+    # Without a GPU a CUDA image would serve from its CPU kernels at a fraction of the
+    # speed: unless LLAMA_ALLOW_CPU=1, it refuses, naming how to give it the GPU.
+    (line,) = refusal(run, {})
+    for needed in ("--gpus all", "NVIDIA Container Toolkit", "LLAMA_ALLOW_CPU=1"):
+        require(needed in line, f"the refusal does not name {needed!r}: {line!r}")
+    return line
+
+
+@tier_check("old-driver-refusal")
+def check_old_driver_refusal(run: SmokeRun) -> str:
+    # The container toolkit mounts libcuda.so.<driver version>: an old one, mounted here.
+    cuda = run.backend.cuda
+    require(cuda is not None, f"{run.backend.name} is not a CUDA backend")
+    assert cuda is not None
+    old = "535.104.05"
+    triplet = TRIPLETS[arch_of(run.target.platform)]
+    with tempfile.TemporaryDirectory(prefix="old-driver-") as tmp:
+        fake = Path(tmp) / f"libcuda.so.{old}"
+        fake.write_bytes(b"")
+        fake.chmod(0o644)
+        (line,) = refusal(run, {}, {fake: f"/usr/lib/{triplet}/libcuda.so.{old}"})
+    for needed in (old, cuda.min_driver, *([f"-{cuda.instead}"] if cuda.instead else [])):
+        require(needed in line, f"the refusal does not name {needed!r}: {line!r}")
+    return line
