@@ -5,24 +5,32 @@
 # (static, unpacked from the target's .deb) provides /bin/sh and wget for the entrypoint and
 # the healthcheck. Runs in the builder stage of cpu.Dockerfile.
 #
-#   assemble-rootfs.sh TRIPLET APP_DIR BUSYBOX ENTRYPOINT USER UID ROOTFS
+#   assemble-rootfs.sh TRIPLET APP_DIR BUSYBOX ENTRYPOINT USER UID ROOTFS ORIGINS
 #
 # Result under ROOTFS: /app (llama-server, its libraries, entrypoint.sh), /lib/TRIPLET (the
 # closure of their NEEDED entries), the ELF interpreter at its own path, /bin/{busybox,sh,wget},
 # /etc/{passwd,group,nsswitch.conf}, /etc/ssl/certs/ca-certificates.crt, /tmp, /home/USER.
+# ORIGINS gets a line "<path in the image><TAB><file it was copied from>" for every file taken
+# from the build machine's packages: inventory.sh turns that into the image's SBOM inventory.
+#
+# Environment: ASSEMBLE_LIBRARY_DIRS, more directories to take libraries from (searched first:
+# a CUDA toolkit's); ASSEMBLE_HOST_LIBRARIES, NEEDED names the host provides at run time (the
+# NVIDIA driver's libcuda.so.1), left out.
 set -eu
 
-if [ "$#" -ne 7 ]; then
-    echo "usage: $0 TRIPLET APP_DIR BUSYBOX ENTRYPOINT USER UID ROOTFS" >&2
+if [ "$#" -ne 8 ]; then
+    echo "usage: $0 TRIPLET APP_DIR BUSYBOX ENTRYPOINT USER UID ROOTFS ORIGINS" >&2
     exit 2
 fi
-triplet=$1 app=$2 busybox=$3 entrypoint=$4 user=$5 uid=$6 rootfs=$7
+triplet=$1 app=$2 busybox=$3 entrypoint=$4 user=$5 uid=$6 rootfs=$7 origins=$8
+: >"$origins"
 
 readelf="$triplet-readelf"
 libdir="$rootfs/lib/$triplet"
 # Multiarch packages (libssl-dev:arm64 pulls libc6:arm64) first, then the cross toolchain's
 # own copies (libstdc++, libgcc_s, libgomp); same Debian release, same versions.
-search="/usr/lib/$triplet /lib/$triplet /usr/$triplet/lib"
+search="${ASSEMBLE_LIBRARY_DIRS:-} /usr/lib/$triplet /lib/$triplet /usr/$triplet/lib"
+host_libraries=" ${ASSEMBLE_HOST_LIBRARIES:-} "
 
 find_lib() {
     for dir in $search; do
@@ -55,11 +63,15 @@ while [ -n "$queue" ]; do
             if [ -e "$rootfs/app/$lib" ] || [ -e "$libdir/$lib" ]; then
                 continue
             fi
+            case $host_libraries in
+                *" $lib "*) continue ;;
+            esac
             if ! source=$(find_lib "$lib"); then
                 echo "error: $file needs $lib, which is in none of: $search" >&2
                 exit 1
             fi
             cp -L "$source" "$libdir/$lib"
+            printf '%s\t%s\n' "/lib/$triplet/$lib" "$source" >>"$origins"
             next="$next $libdir/$lib"
         done
     done
@@ -78,12 +90,14 @@ if ! source=$(find_lib "${interp##*/}"); then
 fi
 mkdir -p "$rootfs${interp%/*}"
 cp -L "$source" "$rootfs$interp"
+printf '%s\t%s\n' "$interp" "$source" >>"$origins"
 
 cp "$busybox" "$rootfs/bin/busybox"
 ln -s busybox "$rootfs/bin/sh"
 ln -s busybox "$rootfs/bin/wget"
 
 cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+printf '%s\t%s\n' /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt >>"$origins"
 cat >"$rootfs/etc/passwd" <<EOF
 root:x:0:0:root:/root:/sbin/nologin
 $user:x:$uid:$uid:llama-server:/home/$user:/sbin/nologin

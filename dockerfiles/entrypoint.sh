@@ -4,21 +4,115 @@
 #
 #   LLAMA_MODEL               path of a mounted GGUF                       -> --model
 #   LLAMA_HF_REPO             <user>/<repo>[:quant] on the Hugging Face Hub -> --hf-repo
+#   LLAMA_MODELS_DIR          a mounted directory of GGUFs: router mode     -> --models-dir
+#                             (every model listed, each loaded on its first request)
 #   LLAMA_HF_FILE             a file in that repo                           -> --hf-file
-#   LLAMA_HF_REVISION         only "main": llama-server always downloads the repo's main branch
+#   LLAMA_HF_REVISION         a commit, tag or branch of LLAMA_HF_REPO (needs LLAMA_HF_FILE):
+#                             -> --model-url <endpoint>/<repo>/resolve/<revision>/<file>
+#                                --model <llama.cpp's cache>/<repo>_<revision>_<file>
 #   LLAMA_HF_TOKEN            exported as HF_TOKEN, which llama-server reads (never an argument)
 #   LLAMA_SERVER_HOST         --host, default 0.0.0.0
 #   LLAMA_SERVER_PORT         --port, default 8080
 #   LLAMA_SERVER_EXTRA_ARGS   more options, split on whitespace
+#   LLAMA_ALLOW_CPU           1: a CUDA image without a visible GPU (or with a driver too old)
+#                             runs on its CPU kernels, with a warning, instead of refusing
 #   `docker run IMAGE ARGS`   appended last, so they win over everything above
+#
+# CUDA images set LLAMA_GPU_BACKEND=cuda, LLAMA_CUDA_VERSION, LLAMA_CUDA_MIN_DRIVER and
+# LLAMA_CUDA_INSTEAD (the tag suffix for older drivers): without them nothing is checked.
 set -eu
 
-server=${LLAMA_SERVER_BIN:-/app/llama-server}
+# llama-server sits beside this script (/app in every image).
+case $0 in
+    */*) server=${0%/*}/llama-server ;;
+    *) server=./llama-server ;;
+esac
 
 die() {
     printf 'llama-server image: %s\n' "$*" >&2
     exit 64
 }
+
+warn() {
+    printf 'llama-server image: warning: %s\n' "$*" >&2
+}
+
+# The host's NVIDIA driver version: the kernel module's (with --gpus), else the version in the
+# name of the libcuda.so.<version> the NVIDIA Container Toolkit mounted; empty when neither.
+nvidia_driver() {
+    if [ -r /proc/driver/nvidia/version ]; then
+        sed -n 's/.*Kernel Module[^0-9]*\([0-9][0-9.]*\).*/\1/p' /proc/driver/nvidia/version | head -n 1
+        return
+    fi
+    for lib in /usr/lib/*/libcuda.so.*.* /usr/lib64/libcuda.so.*.* /usr/lib/libcuda.so.*.* \
+        /lib/*/libcuda.so.*.*; do
+        if [ -e "$lib" ]; then
+            printf '%s\n' "${lib##*/libcuda.so.}"
+            return
+        fi
+    done
+}
+
+# Whether dotted version $1 is older than $2.
+older() {
+    [ "$(printf '%s\n%s\n' "$1" "$2" | awk -F. '
+        NR == 1 { for (i = 1; i <= NF; i++) a[i] = $i; na = NF }
+        NR == 2 { for (i = 1; i <= (NF > na ? NF : na); i++) {
+            x = (i <= na ? a[i] : 0) + 0; y = (i <= NF ? $i : 0) + 0
+            if (x < y) { print "older"; exit } if (x > y) { print "newer"; exit } }
+            print "same" }')" = older ]
+}
+
+# A CUDA image on a host without a visible GPU would quietly serve from its CPU kernels, and
+# on a driver too old for its CUDA it would fail deep in the server: say so first, in a line.
+check_cuda_host() {
+    [ "${LLAMA_GPU_BACKEND:-}" = cuda ] || return 0
+    driver=$(nvidia_driver)
+    wanted=${LLAMA_CUDA_MIN_DRIVER:-0}
+    if [ -n "$driver" ] && older "$driver" "$wanted"; then
+        instead=
+        if [ -n "${LLAMA_CUDA_INSTEAD:-}" ]; then
+            instead=", or use the image's -${LLAMA_CUDA_INSTEAD} tags, which run on older drivers"
+        fi
+        message="the host's NVIDIA driver is $driver, but CUDA ${LLAMA_CUDA_VERSION:-} needs $wanted or newer: update the driver$instead"
+        if [ "${LLAMA_ALLOW_CPU:-}" = 1 ]; then
+            warn "$message; LLAMA_ALLOW_CPU=1: running on the CPU"
+            return 0
+        fi
+        die "$message (or set LLAMA_ALLOW_CPU=1 to run on the CPU)"
+    fi
+    if [ -e /dev/nvidiactl ] || [ -n "$driver" ]; then
+        return 0
+    fi
+    if [ "${LLAMA_ALLOW_CPU:-}" = 1 ]; then
+        warn "no NVIDIA GPU is visible; LLAMA_ALLOW_CPU=1: running on the CPU (slow)"
+        return 0
+    fi
+    die "no NVIDIA GPU is visible in this container: run it with --gpus all on a host with the NVIDIA driver and the NVIDIA Container Toolkit, or set LLAMA_ALLOW_CPU=1 to run on the CPU (slow)"
+}
+
+# A LLAMA_* variable nobody reads is most often a typo (LLAMA_MODLE): name it, then go on.
+# Known: this script's knobs, the image's own, llama.cpp's (LLAMA_ARG_* and the few it reads
+# by name; tests/test_build.py checks them against the snapshot's sources), and compose.yaml's,
+# which reach the container too when it reads the stack's .env.
+known_knobs=" LLAMA_MODEL LLAMA_HF_REPO LLAMA_HF_FILE LLAMA_HF_REVISION LLAMA_HF_TOKEN
+    LLAMA_MODELS_DIR LLAMA_SERVER_HOST LLAMA_SERVER_PORT LLAMA_SERVER_EXTRA_ARGS LLAMA_ALLOW_CPU
+    LLAMA_GPU_BACKEND LLAMA_CUDA_VERSION LLAMA_CUDA_MIN_DRIVER LLAMA_CUDA_INSTEAD
+    LLAMA_API_KEY LLAMA_CACHE LLAMA_TRACE LLAMA_MEDIA_MARKER LLAMA_APP_CMD
+    LLAMA_SERVER_CHILD_MODE LLAMA_SERVER_ROUTER_PORT LLAMA_SERVER_SLOTS_N_DIFF
+    LLAMA_IMAGE LLAMA_TAG LLAMA_CUDA_TAG LLAMA_PORT LLAMA_HOST_ADDRESS LLAMA_MODELS_HOST_DIR "
+for name in $(export -p | sed -n 's/^export \(LLAMA_[A-Za-z0-9_]*\)=.*/\1/p'); do
+    case $name in
+        # llama-server's options; compose.yaml's embeddings service; llama.cpp's debug switches
+        LLAMA_ARG_* | LLAMA_EMBEDDINGS_* | LLAMA_SERVER_*_DEBUG* | LLAMA_*_DEBUG | LLAMA_*_DISABLE) ;;
+        *)
+            case $known_knobs in
+                *[[:space:]]"${name}"[[:space:]]*) ;;
+                *) warn "$name is not a knob of this image and is ignored (see the README's run table)" ;;
+            esac
+            ;;
+    esac
+done
 
 # Informational options need no model and no knobs: hand them straight to the server.
 for arg in "$@"; do
@@ -58,20 +152,61 @@ model=${LLAMA_MODEL:-}
 repo=${LLAMA_HF_REPO:-}
 file=${LLAMA_HF_FILE:-}
 revision=${LLAMA_HF_REVISION:-}
+models_dir=${LLAMA_MODELS_DIR:-}
 
 if [ -n "$model" ] && [ -n "$repo" ]; then
     die "LLAMA_MODEL and LLAMA_HF_REPO are both set; set one of them"
 fi
+if [ -n "$models_dir" ] && { [ -n "$model" ] || [ -n "$repo" ]; }; then
+    die "LLAMA_MODELS_DIR serves every model in a directory; unset LLAMA_MODEL and LLAMA_HF_REPO, or LLAMA_MODELS_DIR"
+fi
+if [ -n "$models_dir" ] && [ ! -d "$models_dir" ]; then
+    die "LLAMA_MODELS_DIR=$models_dir: no such directory in the container; mount it, e.g. -v \"\$PWD/models:/models:ro\""
+fi
+if [ -n "$models_dir" ]; then
+    # The router would start and list nothing: say so instead (a file, or a model's directory).
+    found=false
+    for gguf in "$models_dir"/*.gguf "$models_dir"/*/*.gguf; do
+        if [ -f "$gguf" ]; then
+            found=true
+            break
+        fi
+    done
+    if [ "$found" = false ]; then
+        die "LLAMA_MODELS_DIR=$models_dir has no .gguf files; put models there (one file each, or a directory per model)"
+    fi
+fi
 if [ -n "$file" ] && [ -z "$repo" ]; then
     die "LLAMA_HF_FILE is set without LLAMA_HF_REPO; set LLAMA_HF_REPO=<user>/<repo> too"
-fi
-if [ -n "$revision" ] && [ "$revision" != main ]; then
-    die "LLAMA_HF_REVISION=$revision is not supported: llama-server downloads the repo's main branch only; unset it, or download that revision on the host and mount it with LLAMA_MODEL"
 fi
 if [ -n "$revision" ] && [ -z "$repo" ]; then
     die "LLAMA_HF_REVISION is set without LLAMA_HF_REPO"
 fi
-if [ -z "$model" ] && [ -z "$repo" ] && [ "$model_in_args" = false ]; then
+model_url=
+if [ -n "$revision" ] && [ "$revision" != main ]; then
+    # llama-server's -hf follows the main branch only; a pinned revision is downloaded through
+    # its model URL option, from the same endpoint (MODEL_ENDPOINT, else HF_ENDPOINT), to a
+    # path named for the revision (--model: without it llama-server would start as a router).
+    case $repo in
+        *:*) die "LLAMA_HF_REPO=$repo: a :quant tag does not go with LLAMA_HF_REVISION; name the file with LLAMA_HF_FILE" ;;
+    esac
+    if [ -z "$file" ]; then
+        die "LLAMA_HF_REVISION=$revision needs LLAMA_HF_FILE: the file to take from that revision"
+    fi
+    endpoint=${MODEL_ENDPOINT:-${HF_ENDPOINT:-https://huggingface.co}}
+    model_url="${endpoint%/}/$repo/resolve/$revision/$file"
+    # One line for a revision or file that does not exist (llama-server would log a page). A
+    # private repository answers 401 without the token, which is never put on a command line:
+    # then llama-server, which sends it, decides.
+    status=$(wget -S --spider -T 30 "$model_url" 2>&1 | sed -n 's/^ *HTTP\/[0-9.]* \([0-9]*\).*/\1/p' | tail -n 1)
+    case $status in
+        404) die "LLAMA_HF_REVISION=$revision: $repo has no $file at that revision ($model_url answered 404)" ;;
+        '') die "LLAMA_HF_REVISION=$revision: $model_url cannot be reached" ;;
+    esac
+    cache=${LLAMA_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/llama.cpp}
+    model_path="$cache/$(printf '%s' "$repo" | sed 's|/|_|g')_${revision}_$(printf '%s' "$file" | sed 's|/|_|g')"
+fi
+if [ -z "$model" ] && [ -z "$repo" ] && [ -z "$models_dir" ] && [ "$model_in_args" = false ]; then
     die "no model: set LLAMA_MODEL=/models/<file>.gguf (mount it: -v \"\$PWD/models:/models:ro\") or LLAMA_HF_REPO=<user>/<repo>[:quant]"
 fi
 if [ -n "$model" ] && [ ! -f "$model" ]; then
@@ -85,6 +220,8 @@ if [ -n "${LLAMA_HF_TOKEN:-}" ]; then
     unset LLAMA_HF_TOKEN
 fi
 
+check_cuda_host
+
 port=${LLAMA_SERVER_PORT:-8080}
 case $port in
     '' | *[!0-9]*) die "LLAMA_SERVER_PORT=$port is not a port number" ;;
@@ -93,14 +230,21 @@ host=${LLAMA_SERVER_HOST:-0.0.0.0}
 
 # Prepended in reverse: host/port, then the model, then the extra and docker-run arguments
 # already in "$@" (llama-server takes the last value of a repeated option).
-if [ -n "$file" ]; then
-    set -- --hf-file "$file" "$@"
-fi
-if [ -n "$repo" ]; then
-    set -- --hf-repo "$repo" "$@"
+if [ -n "$model_url" ]; then
+    set -- --model-url "$model_url" --model "$model_path" "$@"
+else
+    if [ -n "$file" ]; then
+        set -- --hf-file "$file" "$@"
+    fi
+    if [ -n "$repo" ]; then
+        set -- --hf-repo "$repo" "$@"
+    fi
 fi
 if [ -n "$model" ]; then
     set -- --model "$model" "$@"
+fi
+if [ -n "$models_dir" ]; then
+    set -- --models-dir "$models_dir" "$@"
 fi
 set -- --host "$host" --port "$port" "$@"
 
