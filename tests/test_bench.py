@@ -12,10 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SmokeImage
+from fixtures.images import SmokeImage
+from fixtures.lab import REPO_ROOT, copy_project
 
-from pipeline import bench, bench_upstream
-from pipeline.bench_report import (
+from pipeline.bench import upstream as bench_upstream
+from pipeline.bench.builds import (
+    force_emulated_builder,
+    ninja_progress,
+    salt_cache_mounts,
+    salted_dockerfile,
+)
+from pipeline.bench.core import machine_info
+from pipeline.bench.parts.rebuild import touched
+from pipeline.bench.parts.size import loaded_files
+from pipeline.bench.report import (
     README_END,
     README_START,
     Figure,
@@ -36,8 +46,11 @@ from pipeline.bench_report import (
     table_rows,
     write_chart,
 )
-from pipeline.config import Project, load_version
-from pipeline.errors import ConfigError
+from pipeline.benchoptions import BENCH_PARTS, parse_parts
+from pipeline.buildx import run_buildx
+from pipeline.config import Project
+from pipeline.errors import BuildError, BuildTimedOut, ConfigError
+from pipeline.process import lab_lock
 
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 MACHINE = {"cpus": 2, "cpu_model": "Test CPU", "memory_gib": 8, "docker": "28.5.2"}
@@ -217,7 +230,7 @@ def test_report_json_round_trip_and_merge() -> None:
     old_sync = part("sync", ())
     old_other_commit = part("size", (), commit="f" * 40)
     new_build = part("build", ())
-    merged = merge_parts([old_sync, old_other_commit], [new_build], COMMIT, bench.PARTS)
+    merged = merge_parts([old_sync, old_other_commit], [new_build], COMMIT, BENCH_PARTS)
     # Kept: earlier sync (same commit); dropped: a part measured on another commit.
     assert [p.name for p in merged] == ["sync", "build"]
 
@@ -235,10 +248,10 @@ def test_chart_is_a_png(tmp_path: Path) -> None:
 
 
 def test_only_parses_and_orders_parts() -> None:
-    assert bench._parse_only("size,sync") == ["sync", "size"]
-    assert bench._parse_only(None) == list(bench.PARTS)
+    assert parse_parts("size,sync") == ("sync", "size")
+    assert parse_parts(None) == BENCH_PARTS
     with pytest.raises(Exception, match="unknown part"):
-        bench._parse_only("sync,nope")
+        parse_parts("sync,nope")
 
 
 # ------------------------------------------------------------- build preparation
@@ -250,27 +263,25 @@ def test_cache_mounts_get_salted_ids() -> None:
         "    --mount=type=cache,target=/var/cache/apt,sharing=locked make\n"
         "RUN --mount=type=bind,from=support,target=/support true\n"
     )
-    salted = bench.salt_cache_mounts(text, "bench-1")
+    salted = salt_cache_mounts(text, "bench-1")
     assert "id=ccache-cpu-$TARGETARCH-bench-1,target=/root/.cache/ccache" in salted
     assert "--mount=type=cache,id=var-cache-apt-bench-1,target=/var/cache/apt" in salted
     assert "--mount=type=bind,from=support,target=/support" in salted  # bind mounts untouched
 
 
-def test_rendered_dockerfile_salted_and_emulated(repo_root: Path) -> None:
-    from pipeline.matrix import load_matrix
-    from pipeline.render import render_backend
-
-    project = Project(repo_root)
-    matrix = load_matrix()
-    text = render_backend(
-        project, matrix, matrix.backend("cpu"), load_version(project.version_file)
-    )
-    salted = bench.salt_cache_mounts(text, "bench-x")
+def test_rendered_dockerfile_salted_and_emulated(tmp_path: Path) -> None:
+    project = Project(copy_project(tmp_path / "project"))
+    text = project.rendered_dockerfile("cpu").read_text()
+    salted = salted_dockerfile(project, "bench-x").read_text()
     mounts = re.findall(r"--mount=type=cache\S*", salted)
     assert mounts and all(re.search(r",id=[^,]*-bench-x[,\s]", m + " ") for m in mounts)
     # Everything but the cache ids is the Dockerfile `nox -s build` builds.
     assert re.sub(r"-bench-x", "", salted) == text
-    emulated = bench.force_emulated_builder(salted)
+    assert salt_cache_mounts(text, "bench-x") == salted
+    emulated = force_emulated_builder(salted)
+    assert salted_dockerfile(project, "bench-y", emulated=True).read_text() == (
+        force_emulated_builder(salt_cache_mounts(text, "bench-y"))
+    )
     froms = [line for line in emulated.splitlines() if line.startswith("FROM ")]
     assert any("--platform=$TARGETPLATFORM" in line for line in froms)
     assert not any("$BUILDPLATFORM" in line for line in froms)
@@ -318,31 +329,34 @@ def test_upstream_real_dockerfile_and_web_context(upstream_mirror: Path, tmp_pat
 def test_touched_file_is_restored(tmp_path: Path) -> None:
     source = tmp_path / "server.cpp"
     source.write_bytes(b"int main() { return 0; }\n")
-    with bench.touched(source, "run-1"):
+    with touched(source, "run-1"):
         changed = source.read_text()
         assert changed.startswith("int main()") and "llama_bench_touch_run_1" in changed
     assert source.read_bytes() == b"int main() { return 0; }\n"
-    with pytest.raises(ConfigError), bench.touched(tmp_path / "missing.cpp", "x"):
+    with pytest.raises(ConfigError), touched(tmp_path / "missing.cpp", "x"):
         pass
 
 
 # ------------------------------------------------------------ measuring primitives
 
 
-def test_run_timed_records_exit_and_stops_at_the_limit(tmp_path: Path) -> None:
+def test_run_buildx_records_exit_and_stops_at_the_limit(tmp_path: Path) -> None:
+    """The runner every build uses (the build stage, bench's other Dockerfiles): the whole log,
+    the seconds, a one-line failure naming the log, and a stop at its time limit."""
     log = tmp_path / "log"
-    done = bench.run_timed([sys.executable, "-c", "print('hi')"], log)
-    assert done.ok and "hi" in log.read_text()
+    seconds = run_buildx([sys.executable, "-c", "print('hi')"], log, "t", quiet=True)
+    assert seconds >= 0 and "hi" in log.read_text()
     started = time.monotonic()
-    stopped = bench.run_timed(["sleep", "30"], log, limit=0.5)
-    assert stopped.returncode is None and not stopped.ok
+    with pytest.raises(BuildTimedOut, match="stopped at its time limit"):
+        run_buildx(["sleep", "30"], log, "t", quiet=True, time_limit=0.5)
     assert time.monotonic() - started < 20
-    failed = bench.run_timed([sys.executable, "-c", "raise SystemExit(3)"], log)
-    assert failed.returncode == 3
+    with pytest.raises(BuildError) as failure:
+        run_buildx([sys.executable, "-c", "raise SystemExit(3)"], log, "t", quiet=True)
+    assert "buildx exited with 3" in failure.value.line() and str(log) in failure.value.line()
 
 
 def test_loaded_files_of_a_live_process() -> None:
-    files = bench.loaded_files(os.getpid())
+    files = loaded_files(os.getpid())
     exe = os.path.realpath(sys.executable)
     assert exe in files and files[exe] == os.stat(exe).st_size
     assert any(re.search(r"/libc\.so", path) for path in files)
@@ -351,14 +365,14 @@ def test_loaded_files_of_a_live_process() -> None:
 
 def test_lab_lock_excludes_a_second_holder(tmp_path: Path) -> None:
     lock = tmp_path / "lock"
-    with bench.lab_lock(lock, "test"):
+    with lab_lock(lock, "test"):
         probe = subprocess.run(["flock", "-n", str(lock), "true"], check=False)
         assert probe.returncode != 0  # held: `flock -n` in another process is refused
     assert subprocess.run(["flock", "-n", str(lock), "true"], check=False).returncode == 0
 
 
 def test_machine_info_reads_this_machine() -> None:
-    info = bench.machine_info()
+    info = machine_info()
     assert info["cpus"] == os.cpu_count()
     assert info["cpu_model"] and info["cpu_model"] != "unknown CPU"
 
@@ -368,13 +382,18 @@ def test_machine_info_reads_this_machine() -> None:
 
 @pytest.mark.docker
 def test_bench_sync_and_size_for_real(
-    cpu_amd64: SmokeImage, upstream_mirror: Path, repo_root: Path, tmp_path: Path
+    cpu_amd64: SmokeImage,
+    lab_project: Project,
+    upstream_mirror: Path,
+    repo_root: Path,
+    tmp_path: Path,
 ) -> None:
     """`python -m pipeline bench --only sync,size` in the lab: the report files exist and hold
-    sane figures. The size part measures the cpu image `nox -s build` left (build/reports)."""
+    sane figures. The size part measures the cpu image `nox -s build` left (build/reports of
+    the project it runs in: the session's, where the build fixture built it)."""
     report = tmp_path / "bench"
     env = {**os.environ, "LLAMA_CPP_REMOTE": f"file://{upstream_mirror}"}
-    env.pop("PIPELINE_ROOT", None)
+    env["PIPELINE_ROOT"] = str(lab_project.root)
     result = subprocess.run(
         [
             *(sys.executable, "-m", "pipeline", "bench", "--only", "sync,size"),
@@ -420,8 +439,115 @@ def test_progress_of_a_stopped_build_reads_the_last_run(tmp_path: Path) -> None:
         "### 2026-11-22T04:10:00Z $ docker buildx build b\n#13 2.0 [12/459] Building\n"
         "#13 3.0 [37/459] Building\n### exit None after 300.0 s\n"
     )
-    assert bench._ninja_progress(log) == "37/459 compile steps"
+    assert ninja_progress(log) == "37/459 compile steps"
     log.write_text("### 2026-11-22T04:10:00Z $ docker buildx build\n#13 [ 42%] Building CXX\n")
-    assert bench._ninja_progress(log) == "42% of the compile"
+    assert ninja_progress(log) == "42% of the compile"
     log.write_text("### 2026-11-22T04:10:00Z $ docker buildx build\n#10 apt-get update\n")
-    assert bench._ninja_progress(log) == "before the compile"
+    assert ninja_progress(log) == "before the compile"
+
+
+@pytest.mark.docker
+def test_reproducible_compares_two_cold_builds_down_to_the_first_differing_file(
+    docker_engine: None, tmp_path: Path
+) -> None:
+    """Real BuildKit builds through the OCI exporter the release uses (rewrite-timestamp):
+    a deterministic step twice gives one digest; a step writing the time names its file."""
+    from fixtures.lab import build_lock, lab_env
+
+    from pipeline.bench.parts.reproducible import compare_layouts
+
+    base = lab_env().get("LAB_BASE_IMAGE", "debian:trixie")
+
+    def cold_build(name: str, step: str, n: int) -> Path:
+        context = tmp_path / name
+        context.mkdir(exist_ok=True)
+        (context / "Dockerfile").write_text(
+            f"FROM {base}\nRUN mkdir -p /data && {step} && echo same > /data/fixed\n"
+        )
+        layout = tmp_path / f"{name}-{n}.tar"
+        command = [
+            "docker",
+            "buildx",
+            "build",
+            "--no-cache",
+            "--platform",
+            "linux/amd64",
+            "--build-arg",
+            "SOURCE_DATE_EPOCH=1700000000",
+            "--output",
+            f"type=oci,dest={layout},rewrite-timestamp=true",
+            str(context),
+        ]
+        with build_lock():
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return layout
+
+    same = compare_layouts(
+        cold_build("same", "echo fixed > /data/stamp", 1),
+        cold_build("same", "echo fixed > /data/stamp", 2),
+    )
+    assert same.identical, same.describe()
+    assert same.describe().startswith("identical: sha256:")
+    stamped = compare_layouts(
+        cold_build("stamped", "date +%s%N > /data/stamp", 1),
+        cold_build("stamped", "date +%s%N > /data/stamp", 2),
+    )
+    assert not stamped.identical
+    assert stamped.files == (("data/stamp", "content"),), stamped.files
+    assert stamped.describe() == "first differing file: /data/stamp (content)"
+
+
+def test_the_synthetic_pin_bump_is_a_real_commit_the_sync_stage_takes(
+    upstream_mirror: Path, pinned_snapshot: Path, tmp_path: Path
+) -> None:
+    """fresh-runner's bump: about 5 % of the snapshot's C/C++ files, spread over ggml-cpu,
+    src/ and tools/server, changed in a commit on a clone of the mirror; synced by the sync
+    stage like any pin."""
+    from dataclasses import replace
+
+    from pipeline.bench.parts.freshrunner import AREAS, bump_choice, sources, synthetic_bump
+    from pipeline.config import load_version, save_version
+    from pipeline.options import SyncOptions
+    from pipeline.sync import sync
+
+    files = sources(pinned_snapshot / "vendor")
+    chosen = bump_choice(files)
+    assert 0.05 * len(files) <= len(chosen) <= 0.05 * len(files) + len(AREAS)
+    assert {next(a for a in AREAS if f.startswith(a + "/")) for f in chosen} == set(AREAS)
+    pinned = load_version(REPO_ROOT / "version.json").llama_cpp.commit
+    mirror = synthetic_bump(f"file://{upstream_mirror}", pinned, chosen, tmp_path, "t1")
+    head = subprocess.run(
+        ["git", "-C", str(mirror), "rev-parse", "HEAD", "HEAD^"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert head[1] == pinned and head[0] != pinned
+    root = Path(copy_project(tmp_path / "bumped"))
+    info = load_version(root / "version.json")
+    save_version(
+        root / "version.json",
+        replace(info, llama_cpp=replace(info.llama_cpp, commit=head[0], ref=None)),
+    )
+    snapshot = sync(SyncOptions(Project(root), f"file://{mirror}"))
+    assert snapshot.commit == head[0]
+    vendor = Project(root).vendor_dir
+    for name in chosen:
+        assert "llama_bench_bump_t1" in (vendor / name).read_text(errors="replace"), name
+    print(f"\nFIGURE synthetic bump: {len(chosen)} of {len(files)} C/C++ files")
+
+
+def test_compile_time_is_charged_to_cmake_targets() -> None:
+    from pipeline.bench.builds import compile_time_by_target
+
+    log = "\n".join(
+        [
+            "#18 10.00 [1/4] Building C object ggml/src/CMakeFiles/ggml-base.dir/ggml.c.o",
+            "#18 12.50 [2/4] Building CXX object ggml/src/CMakeFiles/ggml-cpu-haswell.dir/x.cpp.o",
+            "#18 20.50 [3/4] Building CXX object ggml/src/CMakeFiles/ggml-cpu-haswell.dir/y.cpp.o",
+            "#18 21.00 [4/4] Linking CXX executable bin/llama-server",
+            "#18 30.00 done",
+        ]
+    )
+    assert compile_time_by_target(log) == {"ggml-cpu-haswell": 8.5, "ggml-base": 2.5}

@@ -4,6 +4,7 @@ images built from the pinned snapshot (amd64 natively, arm64 cross-compiled with
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -12,28 +13,42 @@ import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
-from conftest import PINNED_COMMIT, REPO_ROOT, TEST_CPU_VARIANTS, build_lock, require_lab
-
-from pipeline.build import (
-    BuilderInfo,
-    BuildRequest,
-    BuildResult,
-    _cache_spec,
-    build,
-    build_arguments,
-    check_builder_platforms,
-    host_platform,
-    load_build_result,
-    load_build_results,
-    plan_jobs,
-    write_build_result,
+from fixtures.lab import (
+    PINNED_COMMIT,
+    REPO_ROOT,
+    TEST_CPU_VARIANTS,
+    build_lock,
+    copy_project,
+    require_lab,
 )
-from pipeline.cli import main
+
+from pipeline.build import build
+from pipeline.build.command import Source, buildx_arguments, cache_spec
+from pipeline.build.plan import check_builder_platforms, plan_jobs
+from pipeline.buildx import BuilderInfo
+from pipeline.cli import build_parser, main
 from pipeline.config import Project, load_version
-from pipeline.errors import BuildError, UsageError
-from pipeline.matrix import configure_flags, load_matrix
+from pipeline.errors import (
+    BuildError,
+    PipelineError,
+    RecordInvalidError,
+    RecordMissingError,
+    UsageError,
+)
+from pipeline.matrix import configure_flags, host_platform, load_matrix
+from pipeline.oci import MANIFEST_ACCEPT
+from pipeline.options import BuildOptions, resolve_build
+from pipeline.records import (
+    BuildRecord,
+    find_build_record,
+    load_build_records,
+    write_record,
+)
+from pipeline.snapshot import check_snapshot
 
 MATRIX = load_matrix()
 VERSION = load_version(REPO_ROOT / "version.json")
@@ -41,11 +56,11 @@ ENTRYPOINT = REPO_ROOT / "dockerfiles" / "entrypoint.sh"
 QEMU_AARCH64 = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 
 
-def request(*platforms: str, **kwargs: object) -> BuildRequest:
+def request(*platforms: str, project: Project | None = None, **kwargs: object) -> BuildOptions:
     names = tuple(MATRIX.platform(p).name for p in platforms)
     defaults: dict[str, object] = {"backends": ("cpu",)}
     defaults.update(kwargs)
-    return BuildRequest(platforms=names, **defaults)  # type: ignore[arg-type]
+    return BuildOptions(project or Project(REPO_ROOT), names, **defaults)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------ planning
@@ -94,11 +109,38 @@ def test_usage_errors_come_before_any_work(tmp_path: Path) -> None:
         assert message in err.value.line()
 
 
+def test_a_host_only_build_is_tagged_as_such_and_stays_on_this_machine() -> None:
+    host = MATRIX.platform(host_platform()).arch
+    (job,) = plan_jobs(request(host, cpu_variants="host"), MATRIX, VERSION)
+    assert job.host_only and job.tags == (f"{VERSION.image}:{VERSION.version}-cpu-{host}-host",)
+    other = "arm64" if host == "amd64" else "amd64"
+    refused = [
+        (request(other, cpu_variants="host"), "compiles for this machine's CPU, which cannot run"),
+        (request(host, cpu_variants="host", output="push-by-digest"), "not a release build"),
+    ]
+    for req, message in refused:
+        with pytest.raises(UsageError, match=message):
+            plan_jobs(req, MATRIX, VERSION)
+
+
+def test_a_local_load_defaults_to_this_machines_kernels_and_a_push_to_every_variant() -> None:
+    def resolved(*argv: str) -> BuildOptions:
+        return resolve_build(build_parser(["build"]).parse_args(["build", *argv]))
+
+    assert MATRIX.local_cpu_variants == "host"
+    assert resolved().cpu_variants == "host"
+    assert resolved("--cpu-variants", "all").cpu_variants == "all"
+    pushed = resolved("--push-by-digest", "--tag", "127.0.0.1:5000/t/llama")
+    assert pushed.cpu_variants is None  # the backend's own: all
+    (job,) = plan_jobs(pushed, MATRIX, VERSION)
+    assert job.cpu_variants == "all" and not job.host_only
+
+
 def test_cli_rejects_unknown_names_with_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["build", "mips64"]) == 2
     assert "valid platforms: linux/amd64 (amd64), linux/arm64 (arm64)" in capsys.readouterr().err
     assert main(["build", "--backend", "cpu,metal"]) == 2
-    assert "valid backends: cpu, vulkan, cuda, rocm" in capsys.readouterr().err
+    assert "valid backends: cpu, vulkan, cuda, cuda13, rocm" in capsys.readouterr().err
     assert main(["build", "--load", "--push"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
 
@@ -107,12 +149,12 @@ def test_buildx_command_line() -> None:
     project = Project(REPO_ROOT)
     req = request("arm64", cache_from=("ghcr.io/acme/cache:cpu",), cache_to=("/tmp/cache",))
     (job,) = plan_jobs(req, MATRIX, VERSION)
-    args = build_arguments(
-        project, job, VERSION, 1790820708, PINNED_COMMIT, 6500, req, Path("/tmp/meta.json")
-    )
+    source = Source(PINNED_COMMIT, 1790820708, 6500)
+    dockerfile = project.rendered_dockerfile("cpu")
+    args = buildx_arguments(project, job, VERSION, source, req, dockerfile, Path("/tmp/meta.json"))
     assert args[:3] == ["docker", "buildx", "build"]
     joined = " ".join(args)
-    assert f"--file {REPO_ROOT}/build/dockerfiles/cpu.Dockerfile" in joined
+    assert f"--file {REPO_ROOT}/dockerfiles/rendered/cpu.Dockerfile" in joined
     assert f"--build-context support={REPO_ROOT}/dockerfiles" in joined
     assert "--platform linux/arm64" in joined
     for arg in (
@@ -131,11 +173,11 @@ def test_buildx_command_line() -> None:
 
 
 def test_cache_specs() -> None:
-    assert _cache_spec("./cache", export=False) == "type=local,src=cache"
+    assert cache_spec("./cache", export=False) == "type=local,src=cache"
     assert (
-        _cache_spec("reg.example/c:1", export=True) == "type=registry,ref=reg.example/c:1,mode=max"
+        cache_spec("reg.example/c:1", export=True) == "type=registry,ref=reg.example/c:1,mode=max"
     )
-    assert _cache_spec("type=gha,scope=cpu", export=True) == "type=gha,scope=cpu"
+    assert cache_spec("type=gha,scope=cpu", export=True) == "type=gha,scope=cpu"
 
 
 def test_only_backends_that_run_target_code_need_an_emulator() -> None:
@@ -157,7 +199,7 @@ def test_only_backends_that_run_target_code_need_an_emulator() -> None:
 # ------------------------------------------------------------------------ reports
 
 
-def result(**changes: object) -> BuildResult:
+def result(**changes: object) -> BuildRecord:
     fields: dict[str, object] = {
         "backend": "cpu",
         "platform": "linux/arm64",
@@ -172,28 +214,50 @@ def result(**changes: object) -> BuildResult:
         "cpu_variants": "baseline",
     }
     fields.update(changes)
-    return BuildResult(**fields)  # type: ignore[arg-type]
+    return BuildRecord(**fields)  # type: ignore[arg-type]
 
 
 def test_reports_round_trip_in_the_agreed_schema(tmp_path: Path) -> None:
-    project = Project(tmp_path)
-    path = write_build_result(project, result())
+    reports = Project(tmp_path).reports_dir
+    path = write_record(reports, result())
     assert path == tmp_path / "build" / "reports" / "build-cpu-arm64.json"
     data = json.loads(path.read_text())
-    assert list(data)[:11] == ["schema", "backend", "platform", "image", "ref", "digest",
-                               "output", "commit", "version", "size_bytes", "seconds"]  # fmt: skip
+    assert list(data)[:11] == [
+        "schema",
+        "backend",
+        "platform",
+        "image",
+        "ref",
+        "digest",
+        "output",
+        "commit",
+        "version",
+        "size_bytes",
+        "seconds",
+    ]
     assert data["schema"] == 1
-    write_build_result(project, result(platform="linux/amd64", size_bytes=None))
-    assert load_build_results(project) == [result(platform="linux/amd64", size_bytes=None),
-                                           result()]  # fmt: skip
-    assert load_build_result(project, "cpu", "linux/arm64") == result()
-    with pytest.raises(BuildError) as err:
-        load_build_result(project, "vulkan", "linux/arm64")
+    write_record(reports, result(platform="linux/amd64", size_bytes=None))
+    records = load_build_records(reports)
+    assert records == [result(platform="linux/amd64", size_bytes=None), result()]
+    assert find_build_record(records, "cpu", "linux/arm64", reports) == result()
+    with pytest.raises(RecordMissingError) as err:
+        find_build_record(records, "vulkan", "linux/arm64", reports)
     assert "run: nox -s build -- arm64 --backend vulkan" in err.value.line()
     path.write_text(json.dumps({**data, "digest": 42}))
-    with pytest.raises(BuildError) as err:
-        load_build_results(project)
+    with pytest.raises(RecordInvalidError) as err:
+        load_build_records(reports)
     assert "build-cpu-arm64.json: key 'digest'" in err.value.line()
+
+
+def test_a_record_written_before_the_refactor_still_loads() -> None:
+    """tests/data/records-0.1.0: reports as the pipeline wrote them before stages shared one
+    records module; the loaders read them unchanged."""
+    data = REPO_ROOT / "tests" / "data" / "records-0.1.0"
+    (record,) = load_build_records(data)
+    assert (record.backend, record.platform, record.output) == ("cpu", "linux/amd64", "load")
+    assert record.digest.startswith("sha256:") and record.commit == PINNED_COMMIT
+    # Read whole; written back, it only gains the keys added since, at their defaults.
+    assert record.to_json() == json.loads((data / record.filename).read_text()) | {"sbom": None}
 
 
 # ------------------------------------------------------------------------ failure paths
@@ -214,15 +278,34 @@ def test_missing_snapshot_fails_before_docker(
     assert main(["build", "amd64"]) == 6
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "snapshot.json is missing" in err and "nox -s sync" in err
-    # The Dockerfile was rendered first, so it can be read even when the build cannot run.
-    assert (bare_project / "build" / "dockerfiles" / "cpu.Dockerfile").is_file()
+    # The rendered Dockerfile is committed, so it can be read even when the build cannot run.
+    assert (bare_project / "dockerfiles" / "rendered" / "cpu.Dockerfile").is_file()
+
+
+def test_a_stale_rendered_dockerfile_is_refused_before_docker(
+    lab_project: Project,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A template edited without `nox -s render`: build says so, and builds nothing."""
+    root = copy_project(tmp_path / "project")
+    (root / "third_party").symlink_to(lab_project.third_party.parent)
+    template = root / "dockerfiles" / "base.Dockerfile.j2"
+    template.write_text(template.read_text() + "# an edit nobody rendered\n")
+    monkeypatch.setenv("PIPELINE_ROOT", str(root))
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")  # never reached
+    assert main(["build", "amd64"]) == 3
+    err = capsys.readouterr().err
+    assert "dockerfiles/rendered/cpu.Dockerfile is not what the templates render now" in err
+    assert "nox -s render" in err and err.count("\n") == 1
 
 
 def test_no_engine_is_one_clear_line(
-    pinned_snapshot: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    lab_project: Project, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-    monkeypatch.setenv("PIPELINE_ROOT", str(REPO_ROOT))
+    monkeypatch.setenv("PIPELINE_ROOT", str(lab_project.root))
     assert main(["build", "amd64"]) == 13
     err = capsys.readouterr().err
     assert err.startswith("error: no Docker engine answers at unix:///nonexistent/docker.sock")
@@ -231,11 +314,13 @@ def test_no_engine_is_one_clear_line(
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_commit_mismatch_stops_the_build(docker_engine: None, pinned_snapshot: Path) -> None:
+def test_commit_mismatch_stops_the_build(docker_engine: None, lab_project: Project) -> None:
     other = "1" * 40
-    req = request("amd64", build_args=(("LLAMA_CPP_COMMIT", other),))
+    req = request(
+        "amd64", project=lab_project, build_args=(("LLAMA_CPP_COMMIT", other),), quiet=True
+    )
     with build_lock(), pytest.raises(BuildError) as err:
-        build(Project(REPO_ROOT), req, quiet=True)
+        build(req, check_snapshot(lab_project))
     line = err.value.line()
     assert f"snapshot.json is llama.cpp {PINNED_COMMIT} but LLAMA_CPP_COMMIT is {other}" in line
     assert "full log:" in line
@@ -246,7 +331,9 @@ def test_commit_mismatch_stops_the_build(docker_engine: None, pinned_snapshot: P
 
 @pytest.fixture
 def fake_server(tmp_path: Path) -> Path:
-    """A stand-in executable for llama-server that records its argv and HF_TOKEN's presence."""
+    """A stand-in executable for llama-server that records its argv and HF_TOKEN's presence,
+    with the real entrypoint copied beside it (where it looks for llama-server)."""
+    shutil.copy(ENTRYPOINT, tmp_path / "entrypoint.sh")
     script = tmp_path / "llama-server"
     script.write_text(
         '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$0.args"\n'
@@ -256,11 +343,12 @@ def fake_server(tmp_path: Path) -> Path:
     return script
 
 
-def run_entrypoint(server: Path, env: dict[str, str], *args: str,
-                   shell: str = "/bin/sh") -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_entrypoint(
+    server: Path, env: dict[str, str], *args: str, shell: str = "/bin/sh"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [shell, str(ENTRYPOINT), *args],
-        env={"PATH": os.environ["PATH"], "LLAMA_SERVER_BIN": str(server), **env},
+        [shell, str(server.parent / "entrypoint.sh"), *args],
+        env={"PATH": os.environ["PATH"], **env},
         capture_output=True,
         text=True,
         check=False,
@@ -275,8 +363,9 @@ def shells() -> list[str]:
 
 
 @pytest.mark.parametrize("shell", shells())
-def test_entrypoint_assembles_the_command_line(fake_server: Path, shell: str,
-                                               tmp_path: Path) -> None:  # fmt: skip
+def test_entrypoint_assembles_the_command_line(
+    fake_server: Path, shell: str, tmp_path: Path
+) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     env = {
@@ -287,18 +376,58 @@ def test_entrypoint_assembles_the_command_line(fake_server: Path, shell: str,
     done = run_entrypoint(fake_server, env, "--threads", "2", shell=shell.split()[0])
     assert done.returncode == 0, done.stderr
     argv = Path(f"{fake_server}.args").read_text().splitlines()
-    assert argv == ["--host", "0.0.0.0", "--port", "9090", "--model", str(model),
-                    "--ctx-size", "512", "--alias", "'x*'", "--threads", "2"]  # fmt: skip
+    assert argv == [
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9090",
+        "--model",
+        str(model),
+        "--ctx-size",
+        "512",
+        "--alias",
+        "'x*'",
+        "--threads",
+        "2",
+    ]
+
+
+def test_entrypoint_runs_the_router_on_a_models_dir(fake_server: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "split-model").mkdir(parents=True)
+    empty = run_entrypoint(fake_server, {"LLAMA_MODELS_DIR": str(models)})
+    assert empty.returncode == 64
+    assert empty.stderr.strip() == (
+        f"llama-server image: LLAMA_MODELS_DIR={models} has no .gguf files; put models there "
+        "(one file each, or a directory per model)"
+    )
+    (models / "split-model" / "m-00001-of-00002.gguf").write_bytes(b"GGUF")
+    done = run_entrypoint(fake_server, {"LLAMA_MODELS_DIR": str(models)})
+    assert done.returncode == 0, done.stderr
+    argv = Path(f"{fake_server}.args").read_text().split()
+    assert argv == ["--host", "0.0.0.0", "--port", "8080", "--models-dir", str(models)]
 
 
 def test_entrypoint_passes_the_token_by_environment_only(fake_server: Path) -> None:
-    env = {"LLAMA_HF_REPO": "acme/tiny-GGUF", "LLAMA_HF_FILE": "tiny.gguf",
-           "LLAMA_HF_TOKEN": "hf_s3cret", "LLAMA_HF_REVISION": "main"}  # fmt: skip
+    env = {
+        "LLAMA_HF_REPO": "acme/tiny-GGUF",
+        "LLAMA_HF_FILE": "tiny.gguf",
+        "LLAMA_HF_TOKEN": "hf_s3cret",
+        "LLAMA_HF_REVISION": "main",
+    }
     done = run_entrypoint(fake_server, env)
     assert done.returncode == 0, done.stderr
     argv = Path(f"{fake_server}.args").read_text()
-    assert argv.split() == ["--host", "0.0.0.0", "--port", "8080", "--hf-repo", "acme/tiny-GGUF",
-                            "--hf-file", "tiny.gguf"]  # fmt: skip
+    assert argv.split() == [
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+        "--hf-repo",
+        "acme/tiny-GGUF",
+        "--hf-file",
+        "tiny.gguf",
+    ]
     assert "hf_s3cret" not in argv
     assert Path(f"{fake_server}.token").read_text() == "hf_s3cret"
     assert "LLAMA_HF_TOKEN" not in Path(f"{fake_server}.env").read_text()
@@ -307,12 +436,15 @@ def test_entrypoint_passes_the_token_by_environment_only(fake_server: Path) -> N
 def test_entrypoint_refuses_what_llama_server_cannot_do(fake_server: Path, tmp_path: Path) -> None:
     cases = [
         ({}, "no model: set LLAMA_MODEL=/models/<file>.gguf"),
-        ({"LLAMA_HF_REPO": "a/b", "LLAMA_HF_REVISION": "v1"}, "LLAMA_HF_REVISION=v1 is not"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_HF_REVISION": "v1"}, "v1 needs LLAMA_HF_FILE"),
+        ({"LLAMA_HF_REPO": "a/b:Q4", "LLAMA_HF_REVISION": "v1"}, "a :quant tag does not go"),
         ({"LLAMA_HF_FILE": "x.gguf"}, "LLAMA_HF_FILE is set without LLAMA_HF_REPO"),
         ({"LLAMA_MODEL": "/nope.gguf", "LLAMA_HF_REPO": "a/b"}, "both set"),
         ({"LLAMA_MODEL": str(tmp_path / "absent.gguf")}, "no such file in the container"),
         ({"LLAMA_HF_REPO": "a/b", "LLAMA_SERVER_PORT": "80a"}, "is not a port number"),
-    ]  # fmt: skip
+        ({"LLAMA_MODELS_DIR": str(tmp_path), "LLAMA_HF_REPO": "a/b"}, "serves every model"),
+        ({"LLAMA_MODELS_DIR": str(tmp_path / "absent")}, "no such directory in the container"),
+    ]
     for env, message in cases:
         done = run_entrypoint(fake_server, env)
         assert done.returncode == 64, (env, done.stderr)
@@ -330,27 +462,105 @@ def test_entrypoint_lets_informational_and_explicit_model_options_through(
     assert run_entrypoint(fake_server, {}, "--models-dir", "/models").returncode == 0
 
 
+CUDA13_ENV = {
+    "LLAMA_GPU_BACKEND": "cuda",
+    "LLAMA_CUDA_VERSION": "13.0",
+    "LLAMA_CUDA_MIN_DRIVER": "580.65.06",
+    "LLAMA_CUDA_INSTEAD": "cuda",
+    "LLAMA_HF_REPO": "a/b",
+}
+
+
+@pytest.mark.skipif(
+    Path("/dev/nvidiactl").exists(), reason="this machine shows an NVIDIA GPU: nothing to refuse"
+)
+@pytest.mark.parametrize("shell", shells())
+def test_a_cuda_entrypoint_without_a_gpu_refuses_unless_cpu_is_allowed(
+    fake_server: Path, shell: str
+) -> None:
+    """The image's env (matrix.yaml's cuda facts) on a machine without an NVIDIA GPU: one line
+    naming --gpus all and the toolkit, or, with LLAMA_ALLOW_CPU=1, a warning and the server."""
+    refused = run_entrypoint(fake_server, CUDA13_ENV, shell=shell)
+    assert refused.returncode == 64, refused.stderr
+    assert refused.stderr.count("\n") == 1
+    for needed in ("no NVIDIA GPU is visible", "--gpus all", "NVIDIA Container Toolkit"):
+        assert needed in refused.stderr
+    assert not Path(f"{fake_server}.args").exists()
+    allowed = run_entrypoint(fake_server, {**CUDA13_ENV, "LLAMA_ALLOW_CPU": "1"}, shell=shell)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "warning: no NVIDIA GPU is visible; LLAMA_ALLOW_CPU=1" in allowed.stderr
+    assert "--hf-repo" in Path(f"{fake_server}.args").read_text()
+    # Without the CUDA facts (the cpu image) nothing is checked.
+    assert run_entrypoint(fake_server, {"LLAMA_HF_REPO": "a/b"}, shell=shell).returncode == 0
+
+
+def test_entrypoint_names_an_unknown_knob_and_goes_on(fake_server: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    env = {"LLAMA_MODEL": str(model), "LLAMA_MODLE": "typo", "LLAMA_ARG_CTX_SIZE": "512"}
+    done = run_entrypoint(fake_server, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "llama-server image: warning: LLAMA_MODLE is not a knob of this image and is ignored "
+        "(see the README's run table)"
+    ]
+
+
+def llama_cpp_environment(vendor: Path) -> set[str]:
+    """The LLAMA_* variables llama.cpp reads by name (getenv), from the snapshot's sources."""
+    pattern = re.compile(r'getenv\(\s*"(LLAMA_[A-Z0-9_]+)"')
+    names: set[str] = set()
+    for directory in ("common", "src", "tools/server"):
+        for source in (vendor / directory).rglob("*.cpp"):
+            names.update(pattern.findall(source.read_text(errors="replace")))
+    return names
+
+
+def test_entrypoint_knows_every_variable_llama_cpp_reads(
+    pinned_snapshot: Path, fake_server: Path, tmp_path: Path
+) -> None:
+    """No warning for what llama.cpp itself reads, so a pin bump that adds one shows here."""
+    names = llama_cpp_environment(pinned_snapshot / "vendor")
+    assert "LLAMA_CACHE" in names or "LLAMA_TRACE" in names, sorted(names)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    done = run_entrypoint(fake_server, {"LLAMA_MODEL": str(model), **dict.fromkeys(names, "1")})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 # ------------------------------------------------------------------------ CUDA flags, configured
 
 
-def test_cuda_flags_configure_against_the_machine_toolkit(pinned_snapshot: Path,
-                                                          tmp_path: Path) -> None:  # fmt: skip
-    """cmake configure only (no compile) with the cuda image's flags and the host's nvcc."""
+def test_cuda_flags_configure_against_the_machine_toolkit(
+    pinned_snapshot: Path, tmp_path: Path
+) -> None:
+    """cmake configure only (no compile) with the cuda13 image's flags and the host's nvcc (a
+    CUDA 13 toolkit here)."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not Path(nvcc).is_file():
         pytest.skip("no CUDA toolkit (nvcc) on this machine: the cuda flags are not configured")
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed on this machine")
-    cuda = MATRIX.backend("cuda")
+    cuda = MATRIX.backend("cuda13")
     flags = [f"-D{k}={v}" for k, v in configure_flags(MATRIX, cuda)]
     variants = MATRIX.cpu_variant_set(cuda.cpu_variants).cmake_flags["amd64"]
     flags += [f"-D{k}={v}" for k, v in variants]
     done = subprocess.run(
-        [cmake, "-S", str(pinned_snapshot / "vendor"), "-B", str(tmp_path / "build"),
-         *flags, f"-DCMAKE_CUDA_COMPILER={nvcc}"],
-        capture_output=True, text=True, check=False, timeout=600,
-    )  # fmt: skip
+        [
+            cmake,
+            "-S",
+            str(pinned_snapshot / "vendor"),
+            "-B",
+            str(tmp_path / "build"),
+            *flags,
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     output = done.stdout + done.stderr
     # nvcc identified and tested for every architecture of the list: the configure step.
     assert "-- Configuring done" in output, output[-4000:]
@@ -361,10 +571,12 @@ def test_cuda_flags_configure_against_the_machine_toolkit(pinned_snapshot: Path,
         errors = re.findall(r"CMake Error.*?(?=\nCMake |\Z)", output, re.S)
         unexpected = [e for e in errors if not re.search(r"links to:\s+CUDA::\w+", e)]
         assert not unexpected, unexpected
-        print("cuda: generate skipped: this CUDA toolkit lacks", sorted(set(
-            re.findall(r"CUDA::\w+", output))))  # fmt: skip
+        print(
+            "cuda: generate skipped: this CUDA toolkit lacks",
+            sorted(set(re.findall(r"CUDA::\w+", output))),
+        )
     cache = (tmp_path / "build" / "CMakeCache.txt").read_text()
-    assert re.search(r"^CMAKE_CUDA_ARCHITECTURES:\w+=75;80;86;89;90;120$", cache, re.M)
+    assert re.search(r"^CMAKE_CUDA_ARCHITECTURES:\w+=75;80;86;89;90;100;120$", cache, re.M)
     assert re.search(r"CMAKE_CUDA_COMPILER:\w+=.*nvcc", cache)
 
 
@@ -372,8 +584,9 @@ def test_cuda_flags_configure_against_the_machine_toolkit(pinned_snapshot: Path,
 
 
 def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(
+        ["docker", *args], capture_output=True, text=True, check=check, timeout=600
+    )
 
 
 @contextlib.contextmanager
@@ -424,13 +637,19 @@ def check_needed_closure(root: Path) -> list[str]:
     assert elves, "no ELF files in the image"
     system_dirs = [d for d in root.glob("lib/*-linux-gnu*")] + [root / "lib", root / "usr/lib"]
     for elf in elves:
-        out = subprocess.run([readelf, "-d", "-l", str(elf)], capture_output=True, text=True,
-                             check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [readelf, "-d", "-l", str(elf)], capture_output=True, text=True, check=True
+        ).stdout
         runpaths = re.findall(r"\((?:RUNPATH|RPATH)\).*\[(.*)\]", out)
         if any(rp != "$ORIGIN" for rp in runpaths):
             missing.append(f"{elf.relative_to(root)}: RUNPATH {runpaths}, expected $ORIGIN")
-        dirs = [Path(str(elf.parent) + p.removeprefix("$ORIGIN")) if p.startswith("$ORIGIN")
-                else root / p.lstrip("/") for rp in runpaths for p in rp.split(":")]  # fmt: skip
+        dirs = [
+            Path(str(elf.parent) + p.removeprefix("$ORIGIN"))
+            if p.startswith("$ORIGIN")
+            else root / p.lstrip("/")
+            for rp in runpaths
+            for p in rp.split(":")
+        ]
         for lib in re.findall(r"\(NEEDED\).*\[(.*)\]", out):
             if not any((d / lib).exists() for d in [*dirs, *system_dirs]):
                 missing.append(f"{elf.relative_to(root)} needs {lib}")
@@ -445,11 +664,11 @@ def image_size(ref: str) -> int:
     return sum(int(s) for s in sizes)
 
 
-def check_image(built: BuildResult, platform: str, tmp_path: Path) -> None:
+def check_image(built: BuildRecord, reports: Path, platform: str, tmp_path: Path) -> None:
     assert built.platform == platform and built.output == "load"
     assert built.commit == PINNED_COMMIT and built.cpu_variants == TEST_CPU_VARIANTS
     assert built.digest.startswith("sha256:")
-    report = REPO_ROOT / "build" / "reports" / f"build-cpu-{platform.split('/')[1]}.json"
+    report = reports / f"build-cpu-{platform.split('/')[1]}.json"
     assert json.loads(report.read_text())["digest"] == built.digest
     info = json.loads(docker("image", "inspect", built.ref).stdout)[0]
     config = info["Config"]
@@ -472,8 +691,9 @@ def check_runs(ref: str, platform: str) -> None:
     """--version reports the pinned commit; the process is not root; no model: one line."""
     version = docker("run", "--rm", "--platform", platform, ref, "--version")
     assert f"commit {PINNED_COMMIT[:7]})" in version.stdout + version.stderr
-    uid = docker("run", "--rm", "--platform", platform, "--entrypoint", "/bin/busybox", ref, "id",
-                 "-u")  # fmt: skip
+    uid = docker(
+        "run", "--rm", "--platform", platform, "--entrypoint", "/bin/busybox", ref, "id", "-u"
+    )
     assert uid.stdout.strip() == "10001"
     no_model = docker("run", "--rm", "--platform", platform, ref, check=False)
     assert no_model.returncode == 64
@@ -482,26 +702,34 @@ def check_runs(ref: str, platform: str) -> None:
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_cpu_amd64_image(cpu_image: Callable[[str], BuildResult], tmp_path: Path) -> None:
+def test_cpu_amd64_image(
+    cpu_image: Callable[[str], BuildRecord], lab_project: Project, tmp_path: Path
+) -> None:
     built = cpu_image("amd64")
-    check_image(built, "linux/amd64", tmp_path)
+    check_image(built, lab_project.reports_dir, "linux/amd64", tmp_path)
     check_runs(built.ref, "linux/amd64")
 
 
 @pytest.mark.docker
 @pytest.mark.slow
 def test_cpu_arm64_image_builds_with_qemu_off(
-    cpu_image: Callable[[str], BuildResult], tmp_path: Path
+    cpu_image: Callable[[str], BuildRecord], lab_project: Project, tmp_path: Path
 ) -> None:
     """The first arm64 build of a session runs here, with no way to execute arm64 code; the
     rootfs stage is rebuilt uncached too, so something really ran without it."""
     with qemu_aarch64_disabled():
         built = cpu_image("arm64")
-        req = request("arm64", cpu_variants=TEST_CPU_VARIANTS, no_cache_filter=("rootfs",))
+        req = request(
+            "arm64",
+            project=lab_project,
+            cpu_variants=TEST_CPU_VARIANTS,
+            no_cache_filter=("rootfs",),
+            quiet=True,
+        )
         with build_lock():
-            (again,) = build(Project(REPO_ROOT), req, quiet=True).results
+            (again,) = build(req, check_snapshot(lab_project))
         assert again.ref == built.ref and again.commit == PINNED_COMMIT
-    check_image(built, "linux/arm64", tmp_path)
+    check_image(built, lab_project.reports_dir, "linux/arm64", tmp_path)
     check_runs(built.ref, "linux/arm64")
 
 
@@ -511,30 +739,151 @@ def test_host_platform_is_a_matrix_platform() -> None:
 
 @pytest.mark.docker
 def test_unknown_builder_is_a_usage_error(
-    docker_engine: None, pinned_snapshot: Path, monkeypatch: pytest.MonkeyPatch,
+    docker_engine: None,
+    lab_project: Project,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    monkeypatch.setenv("PIPELINE_ROOT", str(REPO_ROOT))
+) -> None:
+    monkeypatch.setenv("PIPELINE_ROOT", str(lab_project.root))
     assert main(["build", "amd64", "--builder", "no-such-builder"]) == 2
     err = capsys.readouterr().err
     assert "buildx builder 'no-such-builder' is not usable" in err and "docker buildx ls" in err
 
 
 def test_attested_push_report_carries_the_index_publish_joins(tmp_path: Path) -> None:
-    """build writes index_digest for an attested single-platform push; publish reads it back."""
-    from pipeline.publish import load_build_records
-
+    """build writes index_digest for an attested single-platform push; publish reads it back
+    (through the one loader every stage uses)."""
     manifest, index = "sha256:" + "1" * 64, "sha256:" + "2" * 64
     built = result(
-        image="127.0.0.1:5000/t/llama", ref=f"127.0.0.1:5000/t/llama@{manifest}",
-        digest=manifest, output="push-by-digest", size_bytes=None, index_digest=index,
-    )  # fmt: skip
-    (tmp_path / built.filename).write_text(json.dumps(built.to_json()))
-    assert BuildResult.from_json(built.to_json(), built.filename) == built
+        image="127.0.0.1:5000/t/llama",
+        ref=f"127.0.0.1:5000/t/llama@{manifest}",
+        digest=manifest,
+        output="push-by-digest",
+        size_bytes=None,
+        index_digest=index,
+    )
+    write_record(tmp_path, built)
+    assert BuildRecord.from_json(built.to_json(), built.filename) == built
     (record,) = load_build_records(tmp_path)
     assert (record.digest, record.index_digest) == (manifest, index)
     assert record.source.endswith(f"@{index}")  # the index, attestations and all, is joined
 
-    with pytest.raises(BuildError) as failure:
-        BuildResult.from_json(built.to_json() | {"index_digest": "latest"}, "build-x.json")
+    with pytest.raises(RecordInvalidError) as failure:
+        BuildRecord.from_json(built.to_json() | {"index_digest": "latest"}, "build-x.json")
     assert "malformed index_digest" in failure.value.line()
+
+
+# ------------------------------------------------------------------------ pushes
+
+
+def registry_json(host: str, repository: str, reference: str) -> dict[str, Any]:
+    response = httpx.get(
+        f"http://{host}/v2/{repository}/manifests/{reference}",
+        headers={"Accept": MANIFEST_ACCEPT},
+    )
+    response.raise_for_status()
+    data: dict[str, Any] = response.json()
+    return data
+
+
+def layer_mtimes(host: str, repository: str, manifest: dict[str, Any]) -> set[int]:
+    """The modification times of every file in the image's layers, read from the registry."""
+    times: set[int] = set()
+    for layer in manifest["layers"]:
+        blob = httpx.get(f"http://{host}/v2/{repository}/blobs/{layer['digest']}").content
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            times |= {int(member.mtime) for member in tar.getmembers()}
+    return times
+
+
+def pushed_project(lab_project: Project, tmp_path: Path) -> Project:
+    """A project of the test's own that builds from the session's snapshot."""
+    root = copy_project(tmp_path / "project")
+    (root / "third_party").symlink_to(lab_project.third_party.parent)
+    return Project(root)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_multi_platform_push_keeps_rewrite_timestamp(
+    cpu_image: Callable[[str], BuildRecord],
+    lab_project: Project,
+    lab_registry: Any,
+    tmp_path: Path,
+) -> None:
+    """`--push` on the lab's `docker` driver (which refuses BuildKit's own push with
+    rewrite-timestamp): one index under the tag, each platform's digest read back, every file
+    dated SOURCE_DATE_EPOCH; pushed again, no blob is uploaded twice."""
+    cpu_image("amd64"), cpu_image("arm64")  # the session's builds: the cache this one reuses
+    project = pushed_project(lab_project, tmp_path)
+    host, repo = lab_registry.host, "push/llama-server"
+    req = request(
+        "amd64",
+        "arm64",
+        project=project,
+        output="push",
+        quiet=True,
+        tags=(f"{host}/{repo}:test",),
+        cpu_variants=TEST_CPU_VARIANTS,
+    )
+    snapshot = check_snapshot(project)
+    with build_lock():
+        records = build(req, snapshot)
+    index = registry_json(host, repo, "test")
+    listed = {
+        f"{m['platform']['os']}/{m['platform']['architecture']}": m["digest"]
+        for m in index["manifests"]
+    }
+    assert listed == {r.platform: r.digest for r in records}
+    assert all(r.ref == f"{host}/{repo}@{r.digest}" for r in records)
+    manifest = registry_json(host, repo, records[0].digest)
+    assert layer_mtimes(host, repo, manifest) == {snapshot.source_date_epoch}
+    mark = len(lab_registry.requests())
+    with build_lock():
+        again = build(req, snapshot)
+    assert [r.digest for r in again] == [r.digest for r in records]  # reproducible
+    assert lab_registry.blob_uploads_since(mark) == []
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_push_rides_out_a_failing_registry_and_a_dead_one_tags_nothing(
+    cpu_image: Callable[[str], BuildRecord],
+    lab_project: Project,
+    fault_proxy: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cpu_image("amd64")
+    project = pushed_project(lab_project, tmp_path)
+    host, repo = fault_proxy.host, "flaky/llama-server"
+    snapshot = check_snapshot(project)
+    by_digest = request(
+        "amd64",
+        project=project,
+        output="push-by-digest",
+        quiet=True,
+        tags=(f"{host}/{repo}",),
+        cpu_variants=TEST_CPU_VARIANTS,
+    )
+    fault_proxy.fail_next(3)  # three answers 500-class, then the registry is fine
+    with build_lock():
+        (record,) = build(by_digest, snapshot)
+    assert "retrying" in capsys.readouterr().err
+    assert registry_json(host, repo, record.digest)["layers"]
+    # Stopped for good at the tag: the error is one line, and no tag points anywhere.
+    tagged = request(
+        "amd64",
+        project=project,
+        output="push",
+        quiet=True,
+        tags=(f"{host}/{repo}:broken",),
+        cpu_variants=TEST_CPU_VARIANTS,
+    )
+    fault_proxy.stop_on(rf"^PUT /v2/{repo}/manifests/broken ", restart_after=None)
+    with build_lock(), pytest.raises(PipelineError) as failure:
+        build(tagged, snapshot)
+    assert "pushing to" in failure.value.line() and "\n" not in failure.value.line()
+    fault_proxy.registry.start()
+    listed = httpx.get(f"http://{host}/v2/{repo}/tags/list").json()
+    assert "broken" not in (listed.get("tags") or [])

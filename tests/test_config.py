@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PINNED_COMMIT, REPO_ROOT
+from fixtures.lab import PINNED_COMMIT, REPO_ROOT
 
 from pipeline.config import (
     DEFAULT_REPOSITORY,

@@ -32,7 +32,7 @@ def raw() -> dict[str, Any]:
 
 
 def test_shipped_matrix_has_every_backend_on_its_platforms(matrix: Matrix) -> None:
-    assert list(matrix.backends) == ["cpu", "vulkan", "cuda", "rocm"]
+    assert list(matrix.backends) == ["cpu", "vulkan", "cuda", "cuda13", "rocm"]
     assert matrix.default_backend == "cpu"
     both = ("linux/amd64", "linux/arm64")
     assert matrix.backend("cpu").platform_names == both
@@ -52,28 +52,66 @@ def test_cpu_is_portable_cross_compiled_and_needs_no_target_code(matrix: Matrix)
     assert dict(matrix.cpu_variant_set("all").cmake_flags["arm64"]) == {
         "GGML_CPU_ALL_VARIANTS": "ON"
     }
-    assert cpu.cross_compile and cpu.runtime_image == "scratch"
+    assert cpu.cross_compile and cpu.runtime.kind == "scratch"
     assert not cpu.runs_target_code
-    assert cpu.smoke_without_gpu
+    assert not cpu.smoke.needs_gpu
 
 
 def test_gpu_backends_carry_their_architecture_lists(matrix: Matrix) -> None:
     cuda = dict(configure_flags(matrix, matrix.backend("cuda")))
-    assert cuda["CMAKE_CUDA_ARCHITECTURES"] == "75;80;86;89;90;120"
+    # CUDA 12.9: Pascal to Blackwell; CUDA 13 dropped Pascal and Volta.
+    assert cuda["CMAKE_CUDA_ARCHITECTURES"] == "61;70;75;80;86;89;90;100;120"
     assert cuda["GGML_CUDA"] == "ON"
+    cuda13 = dict(configure_flags(matrix, matrix.backend("cuda13")))
+    assert cuda13["CMAKE_CUDA_ARCHITECTURES"] == "75;80;86;89;90;100;120"
     rocm = dict(configure_flags(matrix, matrix.backend("rocm")))
     assert rocm["GPU_TARGETS"].split(";")[:3] == ["gfx908", "gfx90a", "gfx942"]
     # Native builders for CUDA/ROCm (no cross nvcc/hipcc): they run target code.
     assert matrix.backend("cuda").runs_target_code
-    assert not matrix.backend("cuda").smoke_without_gpu
+    assert matrix.backend("cuda").smoke.needs_gpu
     # vulkan is cross-compiled but its Debian runtime runs apt-get for the target.
     assert matrix.backend("vulkan").runs_target_code
+
+
+def test_cuda_backends_share_one_template_and_say_what_they_need(matrix: Matrix) -> None:
+    cuda, cuda13 = matrix.backend("cuda"), matrix.backend("cuda13")
+    assert cuda.template == cuda13.template == "cuda.Dockerfile.j2"
+    assert (cuda.tag_suffix, cuda13.tag_suffix) == ("cuda", "cuda13")
+    assert cuda.cuda and cuda13.cuda
+    assert float(cuda.cuda.version) >= 12.8  # Blackwell's sm_120
+    assert cuda13.cuda.version.startswith("13.") and cuda13.cuda.instead == "cuda"
+    assert cuda13.cuda.require == "cuda>=13.0" and cuda13.cuda.toolkit == "wheels"
+    for backend in (cuda, cuda13):
+        assert backend.runtime.kind == "scratch"
+        assert backend.smoke.host_libraries == ("libcuda.so.1",)
+        assert set(backend.smoke.tiers) == {"no-gpu", "gpu"}
+        assert backend.smoke.tiers["gpu"].gpus and not backend.smoke.tiers["no-gpu"].gpus
+        assert backend.smoke.required(gpu_runner=True) == ("no-gpu", "gpu")
+        assert backend.smoke.required(gpu_runner=False) == ("no-gpu",)
+    assert matrix.backend("rocm").smoke.required(gpu_runner=False) is None
+    assert matrix.backend("cpu").smoke.required(gpu_runner=False) == ("no-gpu",)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["tiers"].pop("no-gpu"), "needs a `no-gpu` tier"),
+        (lambda s: s.update(publish_requires=["gpu"]), "not one of its tiers"),
+        (lambda s: s["tiers"]["no-gpu"].update(gpus="yes"), "expected true or false"),
+        (lambda s: s["tiers"]["no-gpu"].update(device_log=[]), "device_log is empty"),
+    ],
+)
+def test_smoke_tiers_are_checked(change: Any, message: str) -> None:
+    data = yaml.safe_load(MATRIX_FILE.read_text())
+    change(data["backends"]["cpu"]["smoke"])
+    with pytest.raises(ConfigError, match=message):
+        parse_matrix(data)
 
 
 def test_names_are_checked_with_the_valid_ones_listed(matrix: Matrix) -> None:
     with pytest.raises(UsageError) as err:
         matrix.backend("opencl")
-    assert "valid backends: cpu, vulkan, cuda, rocm" in err.value.line()
+    assert "valid backends: cpu, vulkan, cuda, cuda13, rocm" in err.value.line()
     with pytest.raises(UsageError) as err:
         matrix.platform("riscv64")
     assert "linux/amd64 (amd64), linux/arm64 (arm64)" in err.value.line()
@@ -125,8 +163,8 @@ def test_cross_field_rules(raw: dict[str, Any]) -> None:
     bad["default_backend"] = "metal"
     assert "default_backend 'metal' is not a backend" in _error(bad)
     bad = copy.deepcopy(raw)
-    bad["backends"]["cpu"]["runtime_packages"] = ["libgomp1"]
-    assert "a scratch runtime cannot install runtime_packages" in _error(bad)
+    bad["backends"]["cpu"]["runtime"]["packages"] = ["libgomp1"]
+    assert "backends.cpu.runtime: unknown key(s) packages" in _error(bad)
     bad = copy.deepcopy(raw)
     bad["backends"]["cuda"]["gpu_architectures"] = []
     assert "go together" in _error(bad)

@@ -10,20 +10,36 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
+import urllib.parse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import FaultProxy, LabRelease, LocalRegistry, TokenServer
+from fixtures.lab import TEST_CPU_VARIANTS, build_lock, copy_project
+from fixtures.registry import FaultProxy, LabRelease, LocalRegistry, TokenServer
+from fixtures.signing import KeyPair
 
 from pipeline import cli
 from pipeline.config import Project
-from pipeline.publish import PublishOptions, publish
-from pipeline.registry import MANIFEST_ACCEPT, Credentials, RegistryClient, RetryPolicy
+from pipeline.cosign import SMOKE_PREDICATE
+from pipeline.oci import MANIFEST_ACCEPT
+from pipeline.options import PublishOptions
+from pipeline.publish import PublishOutcome, publish
+from pipeline.records import (
+    BuildRecord,
+    CheckResult,
+    SmokeRecord,
+    load_build_records,
+    load_smoke_records,
+    write_record,
+)
+from pipeline.registry import Credentials, RegistryClient, RetryPolicy
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -41,7 +57,9 @@ def write_project(
     output: str = "push-by-digest",
     attested: bool = True,
 ) -> Path:
-    """A project dir: version.json for `release` and its build + smoke reports (replaced)."""
+    """A project dir: version.json for `release` and its build + smoke records (replaced),
+    written by the records module's own writer. `smoke` overrides fields of a smoke record
+    (`missing: True` leaves it out)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "version.json").write_text(
         json.dumps(
@@ -56,44 +74,48 @@ def write_project(
             }
         )
     )
-    reports = root / "build" / "reports"
+    reports = Project(root).reports_dir
     reports.mkdir(parents=True, exist_ok=True)
     for old in reports.glob("*.json"):
         old.unlink()
     for backend in backends:
         for platform, digest in release.manifests.items():
             arch = platform.split("/")[1]
-            build: dict[str, Any] = {
-                "schema": 1,
-                "backend": backend,
-                "platform": platform,
-                "image": release.repository,
-                "ref": f"{release.repository}@{digest}",
-                "digest": digest,
-                "output": output,
-                "commit": release.commit,
-                "version": release.version,
-                "size_bytes": None,
-                "seconds": 1.0,
-            }
-            if attested:  # what build.py's --attest adds: the pushed per-platform index
-                build["index_digest"] = release.digests[platform]
-            (reports / f"build-{backend}-{arch}.json").write_text(json.dumps(build))
-            report = {
-                "schema": 1,
-                "image": build["ref"],
+            build = BuildRecord(
+                backend=backend,
+                platform=platform,
+                image=release.repository,
+                ref=f"{release.repository}@{digest}",
+                digest=digest,
+                output=output,
+                commit=release.commit,
+                version=release.version,
+                size_bytes=None,
+                seconds=1.0,
+                # What build's --attest adds: the pushed per-platform index.
+                index_digest=release.digests[platform] if attested else None,
+            )
+            write_record(reports, build)
+            changes = dict((smoke or {}).get(f"{backend}-{arch}", {}))
+            if changes.pop("missing", False):
+                continue
+            fields: dict[str, Any] = {
+                "image": build.ref,
                 "digest": digest,
                 "backend": backend,
                 "platform": platform,
                 "passed": True,
                 "seconds": 2.0,
-                "checks": [{"name": "health", "passed": True, "seconds": 0.1}],
+                "checks": (CheckResult("health", True, 0.1),),
             }
-            report.update((smoke or {}).get(f"{backend}-{arch}", {}))
-            if report.get("missing"):
-                continue
-            (reports / f"smoke-{backend}-{arch}.json").write_text(json.dumps(report))
+            write_record(reports, SmokeRecord(**(fields | changes)))
     return root
+
+
+def publish_project(root: Path, options: PublishOptions) -> PublishOutcome:
+    """publish as its CLI runs it: the project's build and smoke records, loaded."""
+    reports = Project(root).reports_dir
+    return publish(options, load_build_records(reports), load_smoke_records(reports))
 
 
 def run_publish(
@@ -118,12 +140,55 @@ def tag_digest(host: str, repository: str, tag: str, auth: tuple[str, str] | Non
     return str(response.headers["Docker-Content-Digest"])
 
 
-def tags_of(host: str, repository: str) -> dict[str, str]:
+COSIGN_TAG_RE = re.compile(r"^sha256-[0-9a-f]{64}(\.sig|\.att)?$")
+
+
+def all_tags(host: str, repository: str) -> list[str]:
     response = httpx.get(f"http://{host}/v2/{repository}/tags/list")
     if response.status_code == 404:
-        return {}
+        return []
     response.raise_for_status()
-    return {tag: tag_digest(host, repository, tag) for tag in response.json()["tags"] or []}
+    return list(response.json()["tags"] or [])
+
+
+def tags_of(host: str, repository: str) -> dict[str, str]:
+    """The release's tags (cosign's signature and attestation tags left out)."""
+    tags = [tag for tag in all_tags(host, repository) if not COSIGN_TAG_RE.match(tag)]
+    return {tag: tag_digest(host, repository, tag) for tag in tags}
+
+
+def signed_digests(host: str, repository: str) -> set[str]:
+    """The digests cosign attached a signature or attestations to (registries without the
+    referrers API get a `sha256-<hex>` tag per subject)."""
+    return {
+        "sha256:" + tag.removeprefix("sha256-")[:64]
+        for tag in all_tags(host, repository)
+        if COSIGN_TAG_RE.match(tag)
+    }
+
+
+def uploaded_digests(writes: list[tuple[str, str, int]]) -> set[str]:
+    """The digests of the blobs whose data was sent (a finished upload names its digest)."""
+    found = set()
+    for method, path, _ in writes:
+        if method == "PUT" and "/blobs/uploads/" in path and "digest=" in path:
+            found.add(urllib.parse.unquote(path.split("digest=", 1)[1].split("&")[0]))
+    return found
+
+
+def image_blobs(host: str, repository: str, digests: Iterable[str]) -> set[str]:
+    """Config and layer digests of the image manifests `digests` (indexes followed)."""
+    blobs: set[str] = set()
+    for digest in digests:
+        manifest = index_of(host, repository, digest)
+        if "manifests" in manifest:
+            blobs |= image_blobs(host, repository, [m["digest"] for m in manifest["manifests"]])
+        else:
+            blobs |= {
+                manifest["config"]["digest"],
+                *(layer["digest"] for layer in manifest["layers"]),
+            }
+    return blobs
 
 
 def index_of(host: str, repository: str, tag: str) -> dict[str, Any]:
@@ -148,7 +213,8 @@ def actions(root: Path, backend: str = "cpu") -> dict[str, str]:
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch) -> None:
+def env(monkeypatch: pytest.MonkeyPatch, cosign_keys: KeyPair) -> None:
+    """No credentials of the developer's or the lab's; publishes sign with the session's key."""
     for name in (
         "DOCKERHUB_USERNAME",
         "DOCKERHUB_TOKEN",
@@ -156,8 +222,12 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
         "REGISTRY_PASSWORD",
         "GITHUB_REF_TYPE",
         "GITHUB_REF_NAME",
+        "ACTIONS_ID_TOKEN_REQUEST_URL",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
     ):
         monkeypatch.delenv(name, raising=False)
+    for name, value in cosign_keys.signing_env().items():
+        monkeypatch.setenv(name, value)
 
 
 def test_releases_prerelease_and_a_lower_version_keep_floating_tags_forward(
@@ -179,12 +249,17 @@ def test_releases_prerelease_and_a_lower_version_keep_floating_tags_forward(
     code, out, err = run_publish(monkeypatch, capsys, root, *target)
     seconds = time.monotonic() - started
     assert code == 0, err
-    # Same registry as the digests: blobs are mounted across repositories, never uploaded.
-    assert lab_registry.blob_uploads_since(mark) == []
+    # Same registry as the digests: the images' blobs are mounted across repositories, never
+    # uploaded (what is uploaded is cosign's: signatures and attestations).
     writes = lab_registry.writes_since(mark)
+    release_blobs = image_blobs(host, "src", test_releases["1.0.0"].digests.values())
+    assert release_blobs and not uploaded_digests(writes) & release_blobs
     # The access log is read at all (the `== []` checks here rest on it): mounts were logged.
     assert any("mount=" in path for _, path, _ in writes), writes
     first = report(root)["backends"][0]["index"]
+    # Signed before any tag moved: the index, and each platform image attested.
+    platforms = set(test_releases["1.0.0"].manifests.values())
+    assert {first, *platforms} <= signed_digests(host, repo)
     sha = test_releases["1.0.0"].commit[:7]
     assert tags_of(host, repo) == dict.fromkeys(
         ["1.0.0", "1.0", "1", "latest", "b4000", f"sha-{sha}"], first
@@ -369,7 +444,7 @@ def test_dry_run_prints_the_plan_and_pushes_nothing(
     [
         ({"cpu-arm64": {"missing": True}}, "cpu linux/arm64"),
         (
-            {"cpu-amd64": {"passed": False, "checks": [{"name": "completion", "passed": False}]}},
+            {"cpu-amd64": {"passed": False, "checks": (CheckResult("completion", False, 0.1),)}},
             "failed its smoke test (completion)",
         ),
         ({"cpu-arm64": {"digest": "sha256:" + "0" * 64}}, "tested another digest"),
@@ -431,6 +506,15 @@ def test_unpushed_or_stale_builds_and_a_wrong_release_tag_are_refused(
     (root / "build" / "reports" / "build-cpu-arm64.json").unlink()
     code, _, err = run_publish(monkeypatch, capsys, root, *image)
     assert code == 12 and "missing linux/arm64" in err
+
+    # A build for the building machine's CPU only (a local try-out) is never released.
+    root = write_project(tmp_path / "host", test_releases["1.0.0"])
+    report = root / "build" / "reports" / "build-cpu-amd64.json"
+    data = json.loads(report.read_text())
+    data["cpu_variants"] = "host"
+    report.write_text(json.dumps(data))
+    code, _, err = run_publish(monkeypatch, capsys, root, *image)
+    assert code == 12 and "--cpu-variants host, for the building machine's CPU only" in err
 
 
 def _config_dirs() -> set[str]:
@@ -494,8 +578,8 @@ def test_registry_stopped_mid_push_and_restarted_recovers(
     # imagetools pushes the first (immutable) tag; the floating ones go through our client.
     tag = "1.0.0" if stop_at == "imagetools" else "latest"
     fault_proxy.stop_on(rf"^PUT /v2/{repo}/manifests/{tag} ", restart_after=1.0)
-    options = PublishOptions(retry=FAST_RETRY)
-    outcome = publish(Project(root), options, env=dict(os.environ))
+    options = PublishOptions(Project(root), retry=FAST_RETRY, env=dict(os.environ))
+    outcome = publish_project(root, options)
     assert fault_proxy.stopped_on == [f"PUT /v2/{repo}/manifests/{tag} HTTP/1.1"]
     index = outcome.plan.backends[0].index.digest
     tags = tags_of(fault_proxy.host, repo)
@@ -519,7 +603,7 @@ def test_registry_stopped_for_good_fails_clearly_and_a_rerun_completes(
     from pipeline.errors import RegistryError
 
     with pytest.raises(RegistryError) as failure:
-        publish(Project(root), PublishOptions(retry=FAST_RETRY), env=dict(os.environ))
+        publish_project(root, PublishOptions(Project(root), retry=FAST_RETRY, env=dict(os.environ)))
     message = failure.value.line()
     assert f"registry {fault_proxy.host} failed PUT /v2/{repo}/manifests/1.0" in message
     # Immutable tags went first; the floating ones were not touched.
@@ -567,44 +651,54 @@ def test_publish_through_bearer_token_auth_like_docker_hub(
     assert code == 11 and f"registry {registry.host} refused the credentials" in err
 
 
-def test_publish_the_real_cpu_images(
+def test_the_release_chain_through_the_pipelines_own_commands(
     cpu_image: Any,
+    lab_project: Project,
     lab_registry: LocalRegistry,
-    repo_root: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     env: None,
 ) -> None:
-    """The checkout's real cpu images (amd64 + arm64): pushed per platform, smoke-tested for
-    real (`python -m pipeline smoke`), published, re-published unchanged."""
+    """The real cpu images, amd64 + arm64, through each stage's own command: pushed by digest
+    (`pipeline build --push-by-digest --attest`), smoke-tested from the registry (smoke pulls
+    the digests), published and signed, verified, re-published unchanged with no write."""
+    cpu_image("amd64"), cpu_image("arm64")  # the session's builds: the cache this one reuses
     host = lab_registry.host
-    info = json.loads((repo_root / "version.json").read_text())
-    root = tmp_path / "project"
-    reports = root / "build" / "reports"
-    reports.mkdir(parents=True)
+    root = copy_project(tmp_path / "project")
+    (root / "third_party").symlink_to(lab_project.third_party.parent)
+    info = json.loads((root / "version.json").read_text())
     info["image"] = f"{host}/real/llama-server"
     (root / "version.json").write_text(json.dumps(info))
-    pushed_tags = []
-    for arch in ("amd64", "arm64"):
-        result = cpu_image(arch)
-        local = f"{host}/real/src:cpu-{arch}"
-        subprocess.run(["docker", "tag", result.ref, local], check=True, capture_output=True)
-        pushed_tags.append(local)
-        subprocess.run(["docker", "push", "-q", local], check=True, capture_output=True)
-        digest = tag_digest(host, "real/src", f"cpu-{arch}")
-        build = result.to_json() | {
-            "image": f"{host}/real/src",
-            "ref": local,
-            "digest": digest,
-            "output": "push-by-digest",
-        }
-        (reports / f"build-cpu-{arch}.json").write_text(json.dumps(build))
+    monkeypatch.setenv("PIPELINE_ROOT", str(root))
+    build = [
+        "build",
+        "amd64",
+        "arm64",
+        "--push-by-digest",
+        "--attest",
+        "--tag",
+        f"{host}/real/src",
+        "--cpu-variants",
+        TEST_CPU_VARIANTS,
+    ]
+    started = time.monotonic()
+    with build_lock():
+        assert cli.main(build) == 0, capsys.readouterr().err[-2000:]
+    push_seconds = time.monotonic() - started
+    records = load_build_records(Project(root).reports_dir)
+    pulled = [r.ref for r in records]
     try:
-        monkeypatch.setenv("PIPELINE_ROOT", str(root))
-        for arch in ("amd64", "arm64"):
-            local = f"{host}/real/src:cpu-{arch}"
-            assert cli.main(["smoke", local, "--platform", f"linux/{arch}"]) == 0
+        for record in records:
+            # What the record says was pushed is what the registry holds, read independently.
+            index = index_of(host, "real/src", record.index_digest or "")
+            assert record.digest in [m["digest"] for m in index["manifests"]]
+            assert record.sbom and (Project(root).reports_dir / record.sbom).is_file()
+        started = time.monotonic()
+        assert cli.main(["smoke", "--platform", "amd64,arm64"]) == 0
+        smoke_seconds = time.monotonic() - started
+        smokes = load_smoke_records(Project(root).reports_dir)
+        assert {(s.platform, s.digest) for s in smokes} == {(r.platform, r.digest) for r in records}
         capsys.readouterr()
         started = time.monotonic()
         code, _out, err = run_publish(monkeypatch, capsys, root)
@@ -614,12 +708,166 @@ def test_publish_the_real_cpu_images(
         index = report(root)["backends"][0]["index"]
         assert tag_digest(host, "real/llama-server", "latest") == index
         assert tag_digest(host, "real/llama-server", info["version"]) == index
+        started = time.monotonic()
+        image = f"{host}/real/llama-server:{info['version']}"
+        assert cli.main(["verify", image]) == 0, capsys.readouterr().err
+        verify_seconds = time.monotonic() - started
+        verdict = json.loads((Project(root).reports_dir / "verify.json").read_text())
+        assert {p["digest"] for p in verdict["platforms"]} == {r.digest for r in records}
+        assert all(p["sbom"].startswith("CycloneDX 1.6") for p in verdict["platforms"])
         mark = len(lab_registry.requests())
         code, _out, err = run_publish(monkeypatch, capsys, root)
         assert code == 0, err
         assert set(actions(root).values()) == {"unchanged"}
         assert lab_registry.writes_since(mark) == []
         with capsys.disabled():
-            print(f"\nFIGURE real cpu amd64+arm64 publish: {seconds:.2f} s; re-publish: 0 writes")
+            print(
+                f"\nFIGURE release chain: push cpu amd64+arm64 {push_seconds:.1f} s (warm "
+                f"cache), smoke of the pulled digests {smoke_seconds:.1f} s, publish+sign "
+                f"{seconds:.1f} s, verify {verify_seconds:.1f} s; re-publish: 0 writes"
+            )
     finally:
-        subprocess.run(["docker", "image", "rm", *pushed_tags], capture_output=True, check=False)
+        subprocess.run(["docker", "image", "rm", *pulled], capture_output=True, check=False)
+
+
+def test_a_dry_run_before_any_push_plans_and_writes_nothing(
+    cpu_image: Any,
+    lab_project: Project,
+    lab_registry: LocalRegistry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: None,
+) -> None:
+    """Right after `nox -s build` (loaded, not pushed, not smoke-tested): the plan of every
+    tag, the sources marked unpushed, what a real publish would refuse; nothing written."""
+    built = cpu_image("amd64")
+    root = copy_project(tmp_path / "project")
+    write_record(Project(root).reports_dir, built)
+    mark = len(lab_registry.requests())
+    code, out, err = run_publish(
+        monkeypatch, capsys, root, "--dry-run", "--image", f"{lab_registry.host}/preview/x"
+    )
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "index unknown until every source is pushed" in flat
+    assert f"linux/amd64: {built.source} (unpushed: output load" in flat
+    assert "would refuse:" in flat and "missing linux/arm64" in flat
+    assert set(actions(root).values()) == {"create"}
+    assert report(root)["notes"] and report(root)["dry_run"] is True
+    assert lab_registry.writes_since(mark) == []
+
+
+def test_a_dry_run_without_credentials_still_plans(
+    test_releases: dict[str, LabRelease],
+    make_registry: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: None,
+) -> None:
+    private: LocalRegistry = make_registry(user=("publisher", "pass-word-1"))
+    root = write_project(tmp_path / "project", test_releases["1.0.0"])
+    code, _out, err = run_publish(
+        monkeypatch, capsys, root, "--dry-run", "--image", f"{private.host}/acme/x"
+    )
+    assert code == 0, err
+    assert set(actions(root).values()) == {"unknown"}
+    assert any("requires credentials" in note for note in report(root)["notes"])
+    assert private.writes_since(0) == []
+
+
+def test_no_signer_and_no_cosign_each_stop_publish_before_any_write(
+    test_releases: dict[str, LabRelease],
+    lab_registry: LocalRegistry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: None,
+) -> None:
+    host, repo = lab_registry.host, "unsigned/llama-server"
+    root = write_project(tmp_path / "project", test_releases["1.0.0"])
+    mark = len(lab_registry.requests())
+    monkeypatch.delenv("COSIGN_KEY")
+    code, _out, err = run_publish(monkeypatch, capsys, root, "--image", f"{host}/{repo}")
+    assert code == 12 and "no signing identity: set COSIGN_KEY" in err and err.count("\n") == 1
+    monkeypatch.setenv("COSIGN_KEY", os.environ["COSIGN_PUBLIC_KEY"].replace(".pub", ".key"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no cosign here
+    code, _out, err = run_publish(monkeypatch, capsys, root, "--image", f"{host}/{repo}")
+    assert code == 4 and "cosign is not installed" in err and err.count("\n") == 1
+    assert lab_registry.writes_since(mark) == []
+    assert tags_of(host, repo) == {}
+
+
+def test_verify_refuses_other_keys_unsigned_images_and_foreign_smoke(
+    test_releases: dict[str, LabRelease],
+    lab_registry: LocalRegistry,
+    cosign_keys: KeyPair,
+    other_keys: KeyPair,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: None,
+) -> None:
+    host = lab_registry.host
+    release = test_releases["1.0.1"]
+    root = write_project(tmp_path / "project", release)
+    assert run_publish(monkeypatch, capsys, root, "--image", f"{host}/signed/x")[0] == 0
+    assert cli.main(["verify", f"{host}/signed/x:1.0.1"]) == 0
+    capsys.readouterr()
+    # Signed by someone else's key.
+    code = cli.main(["verify", f"{host}/signed/x:1.0.1", "--key", str(other_keys.public)])
+    assert code == 16 and capsys.readouterr().err.count("\n") == 1
+    # Never signed: the source the release was joined from.
+    source = f"{release.repository}@{release.digests['linux/amd64']}"
+    assert cli.main(["verify", source]) == 16
+    assert "no signatures found" in capsys.readouterr().err
+    # Signed by our key, but its only smoke attestation is about another digest.
+    assert (
+        run_publish(monkeypatch, capsys, root, "--image", f"{host}/forged/x", "--no-sign")[0] == 0
+    )
+    index = report(root)["backends"][0]["index"]
+    platform_digest = release.manifests["linux/amd64"]
+    forged = tmp_path / "smoke.json"
+    forged.write_text(
+        json.dumps(
+            {
+                "digest": "sha256:" + "0" * 64,
+                "platform": "linux/amd64",
+                "passed": True,
+                "checks": [],
+            }
+        )
+    )
+    cosign = ["cosign", "--key", str(cosign_keys.key)]
+    config = tmp_path / "signing-config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "mediaType": "application/vnd.dev.sigstore.signingconfig.v0.2+json",
+                "rekorTlogConfig": {},
+                "tsaConfig": {},
+            }
+        )
+    )
+    for args in (
+        ["sign", f"{host}/forged/x@{index}"],
+        [
+            "attest",
+            "--type",
+            SMOKE_PREDICATE,
+            "--predicate",
+            str(forged),
+            f"{host}/forged/x@{platform_digest}",
+        ],
+    ):
+        subprocess.run(
+            [cosign[0], args[0], *cosign[1:], "--signing-config", str(config), "--yes", *args[1:]],
+            env={**os.environ, "COSIGN_PASSWORD": cosign_keys.password},
+            capture_output=True,
+            check=True,
+            timeout=120,
+        )
+    assert cli.main(["verify", f"{host}/forged/x:1.0.1"]) == 16
+    err = capsys.readouterr().err
+    assert "no smoke attestation is about this digest" in err and err.count("\n") == 1

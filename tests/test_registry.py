@@ -8,21 +8,23 @@ import time
 from typing import Any
 
 import pytest
-from conftest import FaultProxy, LabRelease, LocalRegistry, TokenServer
+from fixtures.registry import FaultProxy, LabRelease, LocalRegistry, TokenServer
 
 from pipeline.errors import CredentialsError, RegistryError
-from pipeline.registry import (
+from pipeline.oci import (
     DOCKER_HUB,
     MEDIA_DOCKER_LIST,
     MEDIA_OCI_INDEX,
-    Credentials,
     ImageName,
     Manifest,
+    split_reference,
+)
+from pipeline.registry import (
+    Credentials,
     RegistryClient,
     RetryPolicy,
     credentials_from_env,
     is_loopback,
-    split_reference,
 )
 
 FAST = RetryPolicy(attempts=4, base_delay=0.1, max_delay=0.5)
@@ -163,9 +165,10 @@ def test_5xx_answers_are_retried(
     fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fault_proxy.fail_next(2)
-    with RegistryClient(fault_proxy.host, retry=FAST) as client:
+    statuses: list[int] = []
+    hooks = {"response": [lambda response: statuses.append(response.status_code)]}
+    with RegistryClient(fault_proxy.host, retry=FAST, event_hooks=hooks) as client:
         assert client.manifest_digest("x/y", "latest") is None
-        statuses = [status for _, _, status in client.requests]
     assert statuses == [503, 503, 404]
     assert "HTTP 503; retrying" in capsys.readouterr().err
 

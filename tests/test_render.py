@@ -9,15 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PINNED_COMMIT, REPO_ROOT, require_lab
+from fixtures.lab import PINNED_COMMIT, REPO_ROOT, copy_project, require_lab
 
 from pipeline.cli import main
 from pipeline.config import Project, load_version
+from pipeline.dockerfile import current_dockerfile, render_dockerfile
 from pipeline.errors import ConfigError
 from pipeline.matrix import Matrix, load_matrix
-from pipeline.render import dockerfile_path, render_all, render_backend
+from pipeline.render import render
 
-BACKENDS = ["cpu", "vulkan", "cuda", "rocm"]
+BACKENDS = ["cpu", "vulkan", "cuda", "cuda13", "rocm"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def matrix() -> Matrix:
 def rendered(matrix: Matrix) -> dict[str, str]:
     project = Project(REPO_ROOT)
     version = load_version(project.version_file)
-    return {b: render_backend(project, matrix, matrix.backend(b), version) for b in BACKENDS}
+    return {b: render_dockerfile(project, matrix, matrix.backend(b), version) for b in BACKENDS}
 
 
 def stages(text: str) -> list[tuple[str, str]]:
@@ -39,29 +40,38 @@ def stages(text: str) -> list[tuple[str, str]]:
 
 
 def test_render_writes_every_backend_byte_identically(tmp_path: Path) -> None:
-    # A copy of the project's inputs, so the test does not race other tests' builds.
-    for name in ("version.json",):
-        shutil.copy(REPO_ROOT / name, tmp_path / name)
-    shutil.copytree(REPO_ROOT / "dockerfiles", tmp_path / "dockerfiles")
-    project = Project(tmp_path)
-    first = {p.name: p.read_bytes() for p in render_all(project)}
+    # A copy of the project's inputs (without its rendered files), so nothing races builds.
+    project = Project(copy_project(tmp_path / "project"))
+    shutil.rmtree(project.rendered_dir)
+    first = {p.name: p.read_bytes() for p in render(project, BACKENDS)}
     assert sorted(first) == sorted(f"{b}.Dockerfile" for b in BACKENDS)
-    mtimes = {b: dockerfile_path(project, b).stat().st_mtime_ns for b in BACKENDS}
-    second = {p.name: p.read_bytes() for p in render_all(project)}
+    mtimes = {b: project.rendered_dockerfile(b).stat().st_mtime_ns for b in BACKENDS}
+    second = {p.name: p.read_bytes() for p in render(project, BACKENDS)}
     assert first == second
     # Unchanged text is not rewritten: the file's mtime says when it last changed.
-    assert mtimes == {b: dockerfile_path(project, b).stat().st_mtime_ns for b in BACKENDS}
+    assert mtimes == {b: project.rendered_dockerfile(b).stat().st_mtime_ns for b in BACKENDS}
 
 
-def test_render_cli_lists_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    shutil.copy(REPO_ROOT / "version.json", tmp_path / "version.json")
-    shutil.copytree(REPO_ROOT / "dockerfiles", tmp_path / "dockerfiles")
-    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+def test_the_committed_rendered_dockerfiles_are_current(matrix: Matrix) -> None:
+    """dockerfiles/rendered/ is what `nox -s render` writes from the templates now (as Docker's
+    official-images repositories check their generated Dockerfiles)."""
+    project = Project(REPO_ROOT)
+    version = load_version(project.version_file)
+    assert sorted(p.name for p in project.rendered_dir.iterdir()) == sorted(
+        f"{b}.Dockerfile" for b in matrix.backends
+    )
+    for backend in matrix.backends.values():
+        current_dockerfile(project, matrix, backend, version)  # raises when stale
+
+
+def test_render_cli_lists_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PIPELINE_ROOT", str(copy_project(tmp_path / "project")))
     assert main(["render", "--backend", "cpu,cuda"]) == 0
     assert capsys.readouterr().out.split() == [
-        "build/dockerfiles/cpu.Dockerfile",
-        "build/dockerfiles/cuda.Dockerfile",
+        "dockerfiles/rendered/cpu.Dockerfile",
+        "dockerfiles/rendered/cuda.Dockerfile",
     ]
     assert main(["render", "--backend", "metal"]) == 2
     assert "unknown backend 'metal'" in capsys.readouterr().err
@@ -86,8 +96,7 @@ def test_runtime_is_non_root_with_port_healthcheck_labels(
     assert re.search(r"^EXPOSE 8080$", final, re.M)
     assert re.search(r"^HEALTHCHECK .*\n.*/health", final, re.M)
     assert 'ENTRYPOINT ["/app/entrypoint.sh"]' in final
-    for label in ("source", "revision", "version", "created", "title", "description",
-                  "licenses"):  # fmt: skip
+    for label in ("source", "revision", "version", "created", "title", "description", "licenses"):
         assert f"org.opencontainers.image.{label}=" in final, label
     assert 'org.opencontainers.image.revision="${LLAMA_CPP_COMMIT}"' in final
 
@@ -116,16 +125,36 @@ def test_cpu_runs_no_target_code(rendered: dict[str, str]) -> None:
 
 
 def test_gpu_flags_and_native_builders(rendered: dict[str, str]) -> None:
-    assert '"-DCMAKE_CUDA_ARCHITECTURES=75;80;86;89;90;120"' in rendered["cuda"]
+    # The GPU targets are a build arg, defaulting to the matrix's list.
+    assert "ARG GPU_ARCHITECTURES=61;70;75;80;86;89;90;100;120" in rendered["cuda"]
+    assert "ARG GPU_ARCHITECTURES=75;80;86;89;90;100;120" in rendered["cuda13"]
+    assert '-DCMAKE_CUDA_ARCHITECTURES="$GPU_ARCHITECTURES"' in rendered["cuda13"]
     assert "-DCMAKE_CUDA_HOST_COMPILER=g++-14" in rendered["cuda"]
-    assert "-DGPU_TARGETS=gfx908;" in rendered["rocm"]
+    assert '-DGPU_TARGETS="$GPU_ARCHITECTURES"' in rendered["rocm"]
+    assert "ARG GPU_ARCHITECTURES=gfx908;" in rendered["rocm"]
     assert "hipconfig -l" in rendered["rocm"]
-    for backend in ("cuda", "rocm"):
+    for backend in ("cuda", "cuda13", "rocm"):
         builder = next(f for f, _ in stages(rendered[backend]) if f.endswith(" AS builder"))
         assert "$BUILDPLATFORM" not in builder, backend
-    assert "ARG RUNTIME_IMAGE=docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04" in rendered["cuda"]
+    assert "ARG BUILDER_IMAGE=docker.io/nvidia/cuda:12.9.1-devel-ubuntu24.04" in rendered["cuda"]
     assert "mesa-vulkan-drivers" in rendered["vulkan"]
     assert "-DGGML_VULKAN=ON" in rendered["vulkan"]
+
+
+def test_cuda_images_are_assembled_from_files_with_nvidias_conventions(
+    rendered: dict[str, str],
+) -> None:
+    for backend in ("cuda", "cuda13"):
+        text = rendered[backend]
+        final_from, final = stages(text)[-1]
+        assert final_from == "FROM scratch AS runtime", backend
+        assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in final
+        assert 'ASSEMBLE_HOST_LIBRARIES="libcuda.so.1"' in text
+    assert 'NVIDIA_REQUIRE_CUDA="cuda>=13.0"' in rendered["cuda13"]
+    assert "LLAMA_CUDA_INSTEAD=cuda" in rendered["cuda13"]
+    # Only cuda13 takes its toolkit from the wheels context.
+    assert "from=cuda-toolkit" in rendered["cuda13"]
+    assert "from=cuda-toolkit" not in rendered["cuda"]
 
 
 def test_snapshot_commit_guard_is_in_every_dockerfile(rendered: dict[str, str]) -> None:
@@ -168,19 +197,17 @@ def test_shellcheck_is_clean(script: str) -> None:
 
 
 def test_undefined_template_values_are_errors(tmp_path: Path, matrix: Matrix) -> None:
-    shutil.copy(REPO_ROOT / "version.json", tmp_path / "version.json")
-    shutil.copytree(REPO_ROOT / "dockerfiles", tmp_path / "dockerfiles")
-    template = tmp_path / "dockerfiles" / "cpu.Dockerfile.j2"
+    project = Project(copy_project(tmp_path / "project"))
+    template = project.dockerfiles_dir / "cpu.Dockerfile.j2"
     # Inside a block: a child template renders nothing outside its blocks.
-    text = template.read_text().replace(
-        "{% block runtime %}", "{% block runtime %}\n# {{ backend.no_such_field }}"
+    template.write_text(
+        template.read_text()
+        + "{% block configure %}\n# {{ backend.no_such_field }}\n{% endblock %}\n"
     )
-    template.write_text(text)
-    project = Project(tmp_path)
     with pytest.raises(ConfigError) as err:
-        render_all(project, ["cpu"], matrix)
+        render(project, ["cpu"])
     assert "no_such_field" in err.value.line()
     template.unlink()
     with pytest.raises(ConfigError) as err:
-        render_all(project, ["cpu"], matrix)
+        render(project, ["cpu"])
     assert "template cpu.Dockerfile.j2 for backend 'cpu' not found" in err.value.line()

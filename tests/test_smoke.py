@@ -16,28 +16,23 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, SmokeImage
+from fixtures.images import SmokeImage
+from fixtures.lab import REPO_ROOT
 
 from pipeline.cli import main
 from pipeline.config import Project
-from pipeline.errors import ConfigError
+from pipeline.engine import RUN_PID_LABEL, ServerContainer, ServerExited
+from pipeline.errors import ConfigError, RecordInvalidError, UsageError
 from pipeline.hubserver import HubServer
-from pipeline.matrix import load_matrix
+from pipeline.matrix import MATRIX_FILE, load_matrix, parse_matrix
 from pipeline.model import generate_model, preset
-from pipeline.smoke import (
-    LABEL_PID,
-    SETTINGS_FILE,
-    CheckResult,
-    ServerContainer,
-    ServerExited,
-    SmokeReport,
-    junit_xml,
-    load_settings,
-    load_smoke_reports,
-    write_reports,
-)
+from pipeline.records import CheckResult, SmokeRecord, load_smoke_records
+from pipeline.smoke import write_smoke_record
+from pipeline.smoke.junit import junit_xml
+from pipeline.smoke.settings import load_settings
 
 ALL_CHECKS = {
+    "library-closure",
     "revision-label",
     "health",
     "backend-device",
@@ -48,32 +43,25 @@ ALL_CHECKS = {
     "embeddings",
     "tokenize-roundtrip",
     "metrics",
+    "web-ui",
     "entrypoint-model",
     "entrypoint-port",
     "entrypoint-extra-args",
+    "llama-arg-env",
     "non-root",
     "docker-healthcheck",
     "entrypoint-no-model",
     "entrypoint-version",
     "entrypoint-hf-repo",
+    "router-mode",
 }
-
-
-@pytest.fixture
-def project(tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch) -> Project:
-    """A scratch project with the real version.json: reports land here, not in the checkout."""
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copy(REPO_ROOT / "version.json", root / "version.json")
-    monkeypatch.setenv("PIPELINE_ROOT", str(root))
-    return Project(root)
 
 
 def leftovers(pid: int | None = None) -> list[Any]:
     import docker
 
     client = docker.from_env()
-    label = f"{LABEL_PID}={pid or os.getpid()}"
+    label = f"{RUN_PID_LABEL}={pid or os.getpid()}"
     return list(client.containers.list(all=True, filters={"label": label}))
 
 
@@ -90,15 +78,15 @@ def checks_of(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------- reports
 
 
-def sample_report(passed: bool = False) -> SmokeReport:
-    checks = [
+def sample_report(passed: bool = False) -> SmokeRecord:
+    checks = (
         CheckResult("health", True, 0.5, "healthy 0.50 s after start"),
         CheckResult(
             "completion", passed, 0.1, "" if passed else "tokens_predicted is 3, requested 8"
         ),
         CheckResult("docker-healthcheck", False, 0.0, "skipped: x", skipped=True),
-    ]
-    return SmokeReport(
+    )
+    return SmokeRecord(
         image="acme/llama-server:0.1.0-cpu-amd64",
         digest="sha256:" + "ab" * 32,
         backend="cpu",
@@ -113,7 +101,7 @@ def sample_report(passed: bool = False) -> SmokeReport:
 
 def test_report_files_round_trip(project: Project, tmp_path: Path) -> None:
     report = sample_report()
-    written = write_reports(report, project, tmp_path / "ci")
+    written = write_smoke_record(report, project, tmp_path / "ci")
     names = sorted(p.name for p in written)
     assert names == ["smoke-cpu-amd64.json", "smoke-cpu-amd64.json", "smoke-cpu-amd64.xml"]
     data = report_of(project)
@@ -133,11 +121,32 @@ def test_report_files_round_trip(project: Project, tmp_path: Path) -> None:
         "seconds": 0.5,
         "detail": "healthy 0.50 s after start",
         "skipped": False,
+        "figures": [],
     }
-    (loaded,) = load_smoke_reports(project)
+    (loaded,) = load_smoke_records(project.reports_dir)
     assert loaded == report
     assert loaded.failed == ["completion"]
     assert loaded.arch == "amd64"
+
+
+def test_a_record_written_before_the_refactor_still_loads() -> None:
+    """tests/data/records-0.1.0/smoke-cpu-amd64.json, as smoke wrote it before stages shared
+    one records module: the loader reads it whole, and writes it back the same."""
+    data = REPO_ROOT / "tests" / "data" / "records-0.1.0"
+    (record,) = load_smoke_records(data)
+    assert record.passed and record.platform == "linux/amd64" and record.digest
+    assert {c.name for c in record.checks} == ALL_CHECKS - {
+        "library-closure",
+        "web-ui",
+        "llama-arg-env",
+        "router-mode",
+    }
+    # The tier and figures came later: an old record is the no-gpu tier's (the only one there
+    # was), its checks measured nothing.
+    assert record.tier == "no-gpu" and record.filename == "smoke-cpu-amd64.json"
+    written = json.loads((data / record.filename).read_text()) | {"tier": "no-gpu"}
+    written["checks"] = [check | {"figures": []} for check in written["checks"]]
+    assert record.to_json() == written
 
 
 def test_junit_xml_counts_failures_and_skips() -> None:
@@ -153,15 +162,15 @@ def test_junit_xml_counts_failures_and_skips() -> None:
     assert props["digest"] == "sha256:" + "ab" * 32
 
 
-def test_malformed_report_is_a_config_error(project: Project) -> None:
+def test_malformed_report_is_a_record_error(project: Project) -> None:
     reports = project.build_dir / "reports"
     reports.mkdir(parents=True)
     (reports / "smoke-cpu-amd64.json").write_text('{"schema": 1, "image": "x"}')
-    with pytest.raises(ConfigError, match="not a smoke report"):
-        load_smoke_reports(project)
+    with pytest.raises(RecordInvalidError, match="not a smoke report"):
+        load_smoke_records(reports)
     (reports / "smoke-cpu-amd64.json").write_text("{")
-    with pytest.raises(ConfigError, match="cannot read smoke report"):
-        load_smoke_reports(project)
+    with pytest.raises(RecordInvalidError, match="cannot read smoke report"):
+        load_smoke_records(reports)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -244,7 +253,7 @@ def test_image_not_found_says_how_to_build(
 def test_no_build_report_says_run_build(
     project: Project, docker_engine: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["smoke"]) == 8
+    assert main(["smoke"]) == 14  # a missing record, whichever stage reads it
     assert "nox -s build" in capsys.readouterr().err
 
 
@@ -337,21 +346,33 @@ def test_cpu_image_smoked_as_vulkan_fails_on_its_device(
     assert leftovers() == []
 
 
-def test_backend_without_smoke_settings_is_a_config_error(tmp_path: Path) -> None:
+def test_every_backend_carries_its_smoke_settings_in_the_matrix(tmp_path: Path) -> None:
+    """Per-backend smoke facts live in matrix.yaml only: every backend has them, a broken one
+    is a config error naming the key, and smoke.yaml keeps only timing and requests."""
     settings = load_settings()
-    assert set(settings.backends) == set(load_matrix().backends)
+    matrix = load_matrix()
+    assert all(
+        tier.device_log
+        for backend in matrix.backends.values()
+        for tier in backend.smoke.tiers.values()
+    )
     # lavapipe's start-up shader compiles get a longer bound than the CPU kernels.
-    assert settings.backend("cpu").timing_scale == 1
-    vulkan = settings.timing["native"].scaled(settings.backend("vulkan").timing_scale)
+    assert matrix.backend("cpu").smoke.timing_scale == 1
+    vulkan = settings.timing["native"].scaled(matrix.backend("vulkan").smoke.timing_scale)
     assert vulkan.healthy > settings.timing["native"].healthy
     assert vulkan.health_interval == settings.timing["native"].health_interval
+    with pytest.raises(UsageError) as failure:
+        matrix.backend("opencl")
+    assert "unknown backend 'opencl'" in failure.value.line()
+    data = yaml.safe_load(MATRIX_FILE.read_text())
+    data["backends"]["cpu"]["smoke"]["tiers"]["no-gpu"]["device_log"] = ["unbalanced ("]
     with pytest.raises(ConfigError) as failure:
-        settings.backend("opencl")
-    assert "no settings for backend 'opencl'" in failure.value.line()
+        parse_matrix(data)
+    assert "backends.cpu.smoke.tiers.no-gpu: device_log /unbalanced (/ is not a regex" in (
+        failure.value.line()
+    )
     broken = tmp_path / "smoke.yaml"
-    data = yaml.safe_load(SETTINGS_FILE.read_text())
-    data["backends"]["cpu"]["device_log"] = ["unbalanced ("]
-    broken.write_text(yaml.safe_dump(data))
+    broken.write_text("timing: {native: {healthy: 1}}\n")
     with pytest.raises(ConfigError) as failure:
         load_settings(broken)
     assert "cannot load smoke settings" in failure.value.line()
@@ -371,6 +392,20 @@ def test_server_that_exits_at_once(
     assert not checks["health"]["passed"]
     assert "exited with code 3" in checks["health"]["detail"]
     assert checks["completion"]["skipped"]
+    assert leftovers() == []
+
+
+@pytest.mark.docker
+def test_an_image_that_lost_a_library_fails_its_closure_check(
+    project: Project, broken_images: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fixtures.images import LOST_LIBRARY
+
+    assert main(["smoke", broken_images["lost-library"]]) == 8
+    closure = checks_of(report_of(project))["library-closure"]
+    assert not closure["passed"]
+    assert f"needs {LOST_LIBRARY}" in closure["detail"] and "libggml-cpu" in closure["detail"]
+    assert "library-closure" in capsys.readouterr().err
     assert leftovers() == []
 
 
@@ -435,3 +470,13 @@ def test_cpu_arm64_image_passes_under_qemu(project: Project, cpu_arm64: SmokeIma
     print(
         f"\nFIGURE arm64 smoke {report['seconds']:.1f} s, healthy {report['time_to_healthy']:.2f} s"
     )
+
+
+@pytest.mark.docker
+def test_a_digest_the_registry_lacks_is_one_line(
+    project: Project, lab_registry: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = f"{lab_registry.host}/none/llama-server@sha256:{'1' * 64}"
+    assert main(["smoke", missing]) == 8
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot pull {missing} for linux/amd64") and "\n" not in err

@@ -1,4 +1,4 @@
-"""nox -s sync / bump against real git repositories (tests/conftest.py: fake_upstream) and,
+"""nox -s sync / bump against real git repositories (tests/fixtures/git.py: fake_upstream) and,
 when the lab provides it, the real upstream llama.cpp mirror."""
 
 from __future__ import annotations
@@ -17,31 +17,31 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import (
+from fixtures.git_repos import (
     FAKE_KEPT_FILES,
     FAKE_PRUNED_FILES,
     FAKE_SYMLINK,
-    PINNED_COMMIT,
-    REPO_ROOT,
     FakeUpstream,
     build_fake_upstream,
     git_run,
-    require_lab,
     write_version_json,
 )
+from fixtures.lab import PINNED_COMMIT, REPO_ROOT, require_lab
 
-from pipeline import sync as sync_module
+from pipeline import sync as sync_stage
 from pipeline.config import Project, load_version
 from pipeline.errors import ConfigError, RemoteError, SnapshotError, ToolMissingError
+from pipeline.options import BumpOptions, SyncOptions, resolve_remote
 from pipeline.snapshot import (
     PRUNE_RULES_FILE,
     PruneRules,
+    Snapshot,
     check_snapshot,
+    glob_to_regex,
     load_prune_rules,
     load_snapshot,
     parse_prune_rules,
 )
-from pipeline.sync import bump, sync
 
 # Every test here names its remote; the lab env's LLAMA_CPP_REMOTE must not leak in.
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("clean_env")]
@@ -50,6 +50,27 @@ UNREACHABLE = "http://127.0.0.1:9/llama.cpp.git"
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def unused_rules(rules: PruneRules, relpaths: list[str]) -> list[str]:
+    """Patterns that match none of `relpaths` (stale rules after an upstream move)."""
+    return [
+        pattern
+        for pattern in (*rules.remove, *rules.keep)
+        if not any(glob_to_regex(pattern).match(p) for p in relpaths)
+    ]
+
+
+def sync(project: Project, remote: str | None = None, prune: bool = True) -> Snapshot:
+    """The sync stage with its options resolved as the CLI resolves them (--remote, then
+    $LLAMA_CPP_REMOTE, then version.json's repository)."""
+    repository = load_version(project.version_file).llama_cpp.repository
+    return sync_stage.sync(SyncOptions(project, resolve_remote(remote, repository), prune))
+
+
+def bump(project: Project, ref: str | None = None, remote: str | None = None) -> tuple[str, str]:
+    repository = load_version(project.version_file).llama_cpp.repository
+    return sync_stage.bump(BumpOptions(project, resolve_remote(remote, repository), ref))
 
 
 def run_cli(
@@ -532,14 +553,17 @@ def synced_then_moved(fake_project: Path, fake_upstream: FakeUpstream) -> Iterat
     yield fake_project
 
 
-def start_paused(root: Path, phase: str, seconds: float = 30) -> subprocess.Popen[str]:
+PAUSED_SYNC = Path(__file__).parent / "fixtures" / "paused_sync.py"
+
+
+def start_paused(
+    root: Path, phase: str, seconds: float = 30, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`pipeline sync` in a process of its own, paused at `phase` by an injected callback."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "sync"],
+        [sys.executable, str(PAUSED_SYNC), phase, str(seconds)],
         cwd=root,
-        env=cli_env(
-            root,
-            {"PIPELINE_SYNC_PAUSE_AT": phase, "PIPELINE_SYNC_PAUSE_SECONDS": str(seconds)},
-        ),
+        env=cli_env(root, env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -727,7 +751,7 @@ def test_keep_wins_over_remove() -> None:
     rules = PruneRules.from_patterns(["models/", "scripts/"], ["models/keep-*.gguf"], "x")
     assert rules.removes("models/other.gguf")
     assert not rules.removes("models/keep-me.gguf")
-    assert rules.unused(["models/a", "models/keep-1.gguf"]) == ["scripts/"]
+    assert unused_rules(rules, ["models/a", "models/keep-1.gguf"]) == ["scripts/"]
     from_generator = PruneRules.from_patterns((p for p in ["docs/"]), iter([]), "x")
     assert from_generator.remove == ("docs/",) and from_generator.removes("docs/a")
 
@@ -768,7 +792,7 @@ def test_malformed_prune_yaml_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_commands_are_registered() -> None:
-    names = [name for name, *_ in sync_module.COMMANDS]
+    names = [command.name for command in sync_stage.COMMANDS]
     assert names == ["sync", "bump"]
 
 
@@ -844,7 +868,7 @@ def test_pruned_upstream_still_configures_llama_server(
 def test_every_prune_rule_matches_upstream(upstream_mirror: Path) -> None:
     """Rules that match nothing are stale (upstream moved something): review them."""
     paths = git_run(upstream_mirror, "ls-tree", "-r", "--name-only", PINNED_COMMIT).splitlines()
-    assert load_prune_rules().unused(paths) == []
+    assert unused_rules(load_prune_rules(), paths) == []
 
 
 def test_interrupting_a_real_fetch_kills_git_and_cleans_up(
@@ -853,22 +877,7 @@ def test_interrupting_a_real_fetch_kills_git_and_cleans_up(
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy(REPO_ROOT / "version.json", root / "version.json")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "sync"],
-        cwd=root,
-        env=cli_env(
-            root,
-            {
-                "LLAMA_CPP_REMOTE": f"file://{upstream_mirror}",
-                "PIPELINE_SYNC_PAUSE_AT": "fetch",
-                "PIPELINE_SYNC_PAUSE_SECONDS": "0",
-            },
-        ),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    assert proc.stderr.readline().strip() == "sync: paused at fetch"
+    proc = start_paused(root, "fetch", 0, {"LLAMA_CPP_REMOTE": f"file://{upstream_mirror}"})
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.errors import ConfigError
-from pipeline.publish import (
+from pipeline.tags import (
     TAG_RULES_FILE,
     Action,
     ExistingTag,

@@ -71,7 +71,10 @@ def test_least_privilege_and_concurrency(name: str) -> None:
     assert workflow["permissions"] == {}
     assert "group" in workflow["concurrency"]
     for job_name, job in workflow["jobs"].items():
-        assert job.get("permissions") == {"contents": "read"}, job_name
+        # Keyless signing needs the job's OIDC token: the release's publish job, and only it.
+        signs = (name, job_name) == ("release.yml", "publish")
+        wanted = {"contents": "read", "id-token": "write"} if signs else {"contents": "read"}
+        assert job.get("permissions") == wanted, job_name
         assert job.get("timeout-minutes"), job_name
         for step in job["steps"]:
             if str(step.get("uses", "")).startswith("actions/checkout@"):
@@ -100,13 +103,41 @@ def test_release_shape() -> None:
         for s in build["steps"]
     )
     publish = workflow["jobs"]["publish"]
-    assert publish["needs"] == "build"
+    assert publish["needs"] == ["build", "gpu-smoke"]
     publish_runs = "\n".join(str(step.get("run", "")) for step in publish["steps"])
-    assert "nox -s publish -- --dry-run" in publish_runs
+    assert 'nox -s publish -- "$@"' in publish_runs and "--dry-run" in publish_runs
+    assert "--no-gpu-runner" in publish_runs
     # Secrets reach publish through the environment only.
     step = next(s for s in publish["steps"] if "nox -s publish" in str(s.get("run", "")))
-    assert set(step["env"]) >= {"DOCKERHUB_USERNAME", "DOCKERHUB_TOKEN"}
+    assert set(step["env"]) >= {"REGISTRY_USERNAME", "REGISTRY_PASSWORD"}
     assert "secrets." not in str(step["run"])
+    assert "nox -s verify" in publish_runs
+    installer = next(s for s in publish["steps"] if "cosign-installer" in str(s.get("uses")))
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", installer["with"]["cosign-release"])
+
+
+def test_release_builds_the_backends_it_can_publish_and_gpu_smokes_the_gpu_ones() -> None:
+    """publish refuses digests without the smoke tiers matrix.yaml requires, so the release
+    builds exactly the backends publishable without a GPU runner (publish_requires, or
+    publish_without_gpu), on each of their platforms; the gpu-smoke job runs the gpu tier of
+    those that have one, on the runner vars.GPU_RUNNER names, and publish waits for it."""
+    from pipeline.matrix import load_matrix
+
+    matrix = load_matrix()
+    jobs = load("release.yml")["jobs"]
+    build = jobs["build"]["strategy"]["matrix"]
+    publishable = [n for n, b in matrix.backends.items() if b.smoke.required(False) is not None]
+    assert build["backend"] == publishable
+    with_gpu_tier = [n for n in publishable if matrix.backend(n).smoke.needs_gpu]
+    assert jobs["gpu-smoke"]["strategy"]["matrix"]["backend"] == with_gpu_tier
+    assert "vars.GPU_RUNNER" in jobs["gpu-smoke"]["if"]
+    assert jobs["gpu-smoke"]["runs-on"] == "${{ vars.GPU_RUNNER }}"
+    assert set(jobs["publish"]["needs"]) == {"build", "gpu-smoke"}
+    runs = "\n".join(str(step.get("run", "")) for step in jobs["gpu-smoke"]["steps"])
+    assert "--tier gpu" in runs
+    for name in publishable:
+        arches = [p.arch for p in matrix.backend(name).platforms]
+        assert sorted(build["arch"]) == sorted(arches), name
 
 
 def test_ci_runs_lint_and_tests_on_pull_requests() -> None:

@@ -1,0 +1,133 @@
+"""Compiler results carried between machines (--ccache-to / --ccache-from): the export is the
+cache mount as files, bounded; a build on an empty mount seeded from it compiles from cache;
+a corrupt seed and a missing one still build, only slower."""
+
+from __future__ import annotations
+
+import random
+import re
+import secrets
+from pathlib import Path
+
+import pytest
+from fixtures.lab import build_lock
+
+from pipeline.ccache import ccache_bytes, ccache_hits, replaced_directory
+from pipeline.config import Project
+from pipeline.options import BuildOptions
+from pipeline.records import BuildRecord
+from pipeline.snapshot import check_snapshot
+
+LOG = """#18 10.61 Cacheable calls:   193 / 200 (96.5%)
+#18 10.61   Hits:            150 / 193 (77.72%)
+#18 10.61     Direct:        140 / 150 (93.33%)
+#18 10.61   Misses:           43 / 193 (22.28%)
+"""
+
+
+def test_the_hit_rate_is_read_from_the_build_log() -> None:
+    assert ccache_hits(LOG) == (150, 193)
+    assert ccache_hits(LOG + LOG.replace("150", "193")) == (193, 193)  # the last one counts
+    assert ccache_hits("no stats here") is None
+
+
+def test_an_export_replaces_the_old_directory_only_when_complete(tmp_path: Path) -> None:
+    target = tmp_path / "ccache" / "cpu-amd64"
+    target.mkdir(parents=True)
+    (target / "old").write_text("old")
+    with pytest.raises(RuntimeError), replaced_directory(target) as staging:
+        (staging / "half").write_text("half")
+        raise RuntimeError("export failed")
+    assert [p.name for p in target.iterdir()] == ["old"]
+    assert [p.name for p in target.parent.iterdir()] == ["cpu-amd64"]
+    with replaced_directory(target) as staging:
+        (staging / "new").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new"]
+    assert ccache_bytes(target) == 3
+
+
+def own_ccache_mount(project: Project, salt: str) -> Path:
+    """The cpu Dockerfile with its ccache mount renamed: a mount nothing has filled, as on a
+    fresh runner (the other cache mounts stay warm). A mount's id is not part of BuildKit's
+    cache key: the builds below also rebuild the builder stage (--no-cache-filter)."""
+    text = project.rendered_dockerfile("cpu").read_text()
+    salted, count = re.subn(r"id=ccache-\$TARGETARCH\b", f"id=ccache-$TARGETARCH-{salt}", text)
+    assert count == 2  # the compile and the export
+    path = project.build_dir / f"cpu-{salt}.Dockerfile"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(salted)
+    return path
+
+
+def build_cpu(project: Project, **options: object) -> BuildRecord:
+    from pipeline.build import build
+
+    with build_lock():
+        (record,) = build(
+            BuildOptions(
+                project=project,
+                platforms=("linux/amd64",),
+                backends=("cpu",),
+                cpu_variants="baseline",
+                quiet=True,
+                **options,  # type: ignore[arg-type]
+            ),
+            check_snapshot(project),
+        )
+    return record
+
+
+def hits(project: Project) -> tuple[int, int]:
+    found = ccache_hits((project.logs_dir / "build-cpu-amd64.log").read_text())
+    assert found is not None
+    return found
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_seed_carries_the_compile_and_a_corrupt_one_only_slows_it(
+    lab_project: Project, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exported = tmp_path / "ccache"
+    # The compile itself runs (not its cached layer), so the mount holds what it compiled even
+    # where BuildKit's garbage collection took the mount and left the layers.
+    build_cpu(lab_project, ccache_to=exported, no_cache_filter=("builder",))
+    carried = exported / "cpu-amd64"
+    size = ccache_bytes(carried)
+    assert 1_000_000 < size < 2 * 1024**3, size  # entries, within CCACHE_MAXSIZE
+    # A fresh runner given the export: its empty mount is seeded, the compile is all hits.
+    seeded = build_cpu(
+        lab_project,
+        ccache_from=exported,
+        dockerfile=own_ccache_mount(lab_project, "seeded-" + secrets.token_hex(4)),
+        no_cache_filter=("builder",),
+    )
+    good, calls = hits(lab_project)
+    assert calls > 100 and good == calls, (good, calls)
+    # Corrupt a tenth of the entries: each is a miss, recompiled, never a wrong object.
+    files = sorted(p for p in carried.rglob("*") if p.is_file() and len(p.name) > 8)
+    random.Random(7).shuffle(files)
+    for entry in files[: len(files) // 10]:
+        data = bytearray(entry.read_bytes())
+        data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+        entry.write_bytes(bytes(data))
+    corrupt = build_cpu(
+        lab_project,
+        ccache_from=exported,
+        dockerfile=own_ccache_mount(lab_project, "corrupt-" + secrets.token_hex(4)),
+        no_cache_filter=("builder",),
+    )
+    partial, calls_again = hits(lab_project)
+    # (A corrupt manifest also costs a preprocessor lookup: more cacheable calls, not fewer.)
+    assert calls_again >= calls and 0 < partial < calls_again, (partial, calls_again)
+    # A seed that is not there: the build says so and goes on (the Dockerfile's own empty
+    # seed stands in, so this is the warm build the first one was, cache keys and all).
+    capsys.readouterr()
+    missing = build_cpu(lab_project, ccache_from=tmp_path / "nothing-here")
+    assert "ccache: no seed at" in capsys.readouterr().err
+    # Each of them produced an image (whether their digests agree is not checked here).
+    assert seeded.digest and corrupt.digest and missing.digest
+    print(
+        f"\nFIGURE ccache carried {size / 1e6:.1f} MB; seeded build {seeded.seconds:.0f} s "
+        f"({good}/{calls} hits), corrupt seed {corrupt.seconds:.0f} s ({partial}/{calls_again})"
+    )

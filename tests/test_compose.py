@@ -1,0 +1,150 @@
+"""compose.yaml with Docker Compose v2 (the lab's plugin): its images are the tags publish
+pushes, `config` validates it, and the llama profile comes up healthy, answers, and goes away
+without a trace."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from fixtures.images import SmokeImage
+from fixtures.lab import REPO_ROOT, require_lab
+
+from pipeline.catalogue import catalogue_model
+from pipeline.cli import main
+from pipeline.config import load_version
+from pipeline.engine import free_port
+from pipeline.matrix import load_matrix
+from pipeline.tags import SemVer, TagKind, load_tag_rules
+
+COMPOSE = REPO_ROOT / "compose.yaml"
+PRESET = "smollm2-135m"
+
+
+def compose_data() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def release_tag(backend: str) -> str:
+    """The first immutable tag publish gives `backend` for version.json's release."""
+    version = load_version(REPO_ROOT / "version.json")
+    suffix = load_matrix().backend(backend).tag_suffix
+    planned = load_tag_rules().tags_for(
+        SemVer.parse(version.version),
+        backend,
+        suffix,
+        version.llama_cpp.commit,
+        version.llama_cpp.ref,
+    )
+    name = next(t.name for t in planned if t.kind is TagKind.IMMUTABLE)
+    return f"{version.image}:{name}"
+
+
+@pytest.mark.parametrize(
+    ("service", "backend"),
+    [("llama-server", "cpu"), ("llama-embeddings", "cpu"), ("llama-cuda", "cuda")],
+)
+def test_compose_runs_the_tags_publish_pushes(service: str, backend: str) -> None:
+    services = compose_data()["services"]
+    defaults = {"${LLAMA_IMAGE:-": "", "${LLAMA_TAG:-": "", "${LLAMA_CUDA_TAG:-": ""}
+    image = services[service].get("image") or compose_data()["x-llama-server"]["image"]
+    for variable in defaults:
+        image = image.replace(variable, "")
+    assert image.replace("}", "") == release_tag(backend)
+
+
+def compose(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker", "compose", *args], capture_output=True, text=True, env=env, cwd=cwd, check=False
+    )
+
+
+def has_compose() -> bool:
+    return shutil.which("docker") is not None and (
+        subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    )
+
+
+@pytest.mark.docker
+def test_the_llama_profile_comes_up_healthy_answers_and_leaves_nothing(
+    cpu_amd64: SmokeImage, real_gguf: Path, tmp_path: Path
+) -> None:
+    require_lab(has_compose(), "Docker Compose v2 (.ci/provision installs the plugin)")
+
+    # The model by preset, as the README tells users: `nox -s models -- pull NAME --into DIR`.
+    models = tmp_path / "models"
+    assert main(["models", "pull", PRESET, "--into", str(models)]) == 0
+    model = models / catalogue_model(PRESET).file
+    project_dir = tmp_path / "stack"
+    project_dir.mkdir()
+    shutil.copy(COMPOSE, project_dir / "compose.yaml")
+    repository, _, tag = cpu_amd64.ref.rpartition(":")
+    port = free_port()
+    # Every knob from .env, as users set them.
+    (project_dir / ".env").write_text(
+        f"LLAMA_IMAGE={repository}\nLLAMA_TAG={tag}\nLLAMA_MODELS_HOST_DIR={models}\n"
+        f"LLAMA_MODEL=/models/{model.name}\nLLAMA_PORT={port}\n"
+        "LLAMA_SERVER_EXTRA_ARGS=--alias compose-model\n"
+        # llama-server's own option, and a typo the entrypoint names.
+        "LLAMA_ARG_CTX_SIZE=1024\nLLAMA_MODLE=typo.gguf\n"
+    )
+    name = f"compose-test-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": name}
+    config = compose("--profile", "llama", "config", "--format", "json", env=env, cwd=project_dir)
+    assert config.returncode == 0, config.stderr
+    service = json.loads(config.stdout)["services"]["llama-server"]
+    assert service["image"] == cpu_amd64.ref and service["restart"] == "unless-stopped"
+    assert service["volumes"][0]["read_only"] is True
+    started = time.perf_counter()
+    try:
+        up = compose(
+            "--profile",
+            "llama",
+            "up",
+            "--wait",
+            "--wait-timeout",
+            "120",
+            "llama-server",
+            env=env,
+            cwd=project_dir,
+        )
+        assert up.returncode == 0, up.stderr
+        print(f"\nFIGURE compose up --wait -> healthy: {time.perf_counter() - started:.1f} s")
+        models_seen = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+        assert [m["id"] for m in models_seen["data"]] == ["compose-model"]
+        ps = compose("ps", "--format", "json", env=env, cwd=project_dir).stdout
+        assert '"Health":"healthy"' in ps.replace(" ", "")
+        props = httpx.get(f"http://127.0.0.1:{port}/props", timeout=30).json()
+        assert props["default_generation_settings"]["n_ctx"] == 1024
+        logs = compose("logs", "llama-server", env=env, cwd=project_dir).stdout
+        assert "warning: LLAMA_MODLE is not a knob of this image" in logs, logs[-2000:]
+    finally:
+        down = compose("--profile", "llama", "down", "--volumes", env=env, cwd=project_dir)
+    assert down.returncode == 0, down.stderr
+    label = f"label=com.docker.compose.project={name}"
+    for kind in ("container", "network", "volume"):
+        left = subprocess.run(
+            [
+                "docker",
+                kind,
+                "ls",
+                *(["-a"] if kind == "container" else []),
+                "-q",
+                "--filter",
+                label,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert left == [], f"{kind}s left behind: {left}"
