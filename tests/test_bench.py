@@ -269,6 +269,24 @@ def test_cache_mounts_get_salted_ids() -> None:
     assert "--mount=type=bind,from=support,target=/support" in salted  # bind mounts untouched
 
 
+def test_fresh_runner_salts_only_the_compiler_cache(tmp_path: Path) -> None:
+    # A fresh runner has an empty compiler cache but imports every layer: only the ccache
+    # mounts may differ from the previous build's Dockerfile, or its stages would rebuild.
+    project = Project(copy_project(tmp_path / "project"))
+    previous = salted_dockerfile(project, "bench-x").read_text()
+    fresh = salted_dockerfile(project, "bench-x", fresh_ccache="fresh-1").read_text()
+    changed = [
+        (old, new)
+        for old, new in zip(previous.splitlines(), fresh.splitlines(), strict=True)
+        if old != new
+    ]
+    assert changed, "the compiler-cache mounts were not salted"
+    for old, new in changed:
+        assert "id=ccache-" in old
+        assert new == old.replace("-bench-x,", "-bench-x-fresh-1,")
+    assert "id=npm-$BUILDARCH-bench-x," in fresh  # the UI's layers stay the previous build's
+
+
 def test_rendered_dockerfile_salted_and_emulated(tmp_path: Path) -> None:
     project = Project(copy_project(tmp_path / "project"))
     text = project.rendered_dockerfile("cpu").read_text()

@@ -30,7 +30,7 @@ from pipeline.matrix import load_matrix
 from pipeline.records import REAL_TIER, SmokeRecord
 from pipeline.smoke import resolve_model
 from pipeline.smoke.checks import SmokeRun, SmokeTarget
-from pipeline.smoke.real import run_real, schema_errors
+from pipeline.smoke.real import real_server, run_real, schema_errors
 from pipeline.smoke.settings import load_settings
 
 REAL_CHECKS = {
@@ -39,6 +39,7 @@ REAL_CHECKS = {
     "json-schema",
     "json-schema-invalid",
     "grammar",
+    "tool-call",
     "stream-usage",
     "stream-cancel",
     "load",
@@ -59,6 +60,44 @@ def test_provision_fetches_the_model_the_catalogue_pins() -> None:
         "REAL_MODEL_MEMBER": model.pypi.member,
         "REAL_MODEL_SHA256": model.sha256,
     }
+
+
+def test_the_tool_template_renders_as_the_models_own_without_tools(real_gguf: Path) -> None:
+    """The real tier's template changes nothing but tools: every other check sees the prompt
+    the model's own template (read from its GGUF) gives; with tools, the tools and the call."""
+    import gguf
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    field = gguf.GGUFReader(real_gguf, "r").get_field("tokenizer.chat_template")
+    assert field is not None
+    env = ImmutableSandboxedEnvironment()
+    own = env.from_string(field.contents())
+    real = load_settings().real
+    _, mounts = real_server(real)
+    ours = env.from_string(next(iter(mounts)).read_text(encoding="utf-8"))
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "And then?"},
+        ],
+    ]
+    for messages in conversations:
+        for prompt in (True, False):
+            assert ours.render(messages=messages, add_generation_prompt=prompt) == own.render(
+                messages=messages, add_generation_prompt=prompt
+            )
+    tool = real["tool_call"]
+    with_tools = ours.render(
+        messages=[*tool["example"], {"role": "user", "content": tool["question"]}],
+        tools=[tool["tool"]],
+        add_generation_prompt=True,
+    )
+    assert '"name": "get_weather"' in with_tools.split("</tools>")[0]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "London"}}' in with_tools
+    assert with_tools.endswith("<|im_start|>assistant\n")
 
 
 def test_schema_errors_name_each_breach() -> None:
@@ -170,6 +209,7 @@ def test_the_real_tier_passes_on_the_cpu_image(
     assert set(checks) == REAL_CHECKS
     assert "Paris" in checks["factual-answer"]["detail"]
     assert checks["json-schema-invalid"]["detail"].startswith("HTTP 4")
+    assert checks["tool-call"]["detail"] == 'get_weather({"city": "Paris"})'
     figures = {f["name"]: f["value"] for f in checks["load"]["figures"]}
     assert figures["requests"] == 80 and figures["errors"] == 0
     assert 0 < figures["p50"] <= figures["p95"] and figures["generation"] > 0
@@ -189,7 +229,7 @@ def test_each_real_check_can_fail(project: Project, cpu_amd64: SmokeImage, real_
     real["factual"]["expect"] = r"\bLondon\b"
     real["grammar"]["matches"] = "^purple$"
     real["json_schema"]["max_tokens"] = 3  # cut short: not JSON
-    real["checks"] = [*real["checks"], "tool-call"]  # fails at this pin (smoke.yaml says why)
+    real["tool_call"]["example"] = []  # asked cold, the 135M model writes prose, no call
     real["cancel"]["after_chunks"] = 100000  # more than the stream can give
     real["invalid_schema"] = {"type": "object"}  # a valid schema: no 4xx
     real["load"]["within"] = 0.001
@@ -216,12 +256,13 @@ def test_the_official_openai_client_against_the_image(
 
     real = load_settings().real
     model = "/models/" + real_gguf.name
-    env = {"LLAMA_MODEL": model, "LLAMA_SERVER_EXTRA_ARGS": real["extra_args"]}
+    extra_args, template_mounts = real_server(real)
+    env = {"LLAMA_MODEL": model, "LLAMA_SERVER_EXTRA_ARGS": extra_args}
     with ServerContainer(
         docker_client(),
         cpu_amd64.ref,
         env=env,
-        mounts={real_gguf: model},
+        mounts={real_gguf: model, **template_mounts},
         container_port=8080,
     ) as box:
         box.wait_healthy(box.base_url, 60)
@@ -262,17 +303,22 @@ def test_the_official_openai_client_against_the_image(
             == []
         )
 
-        # Tools: the client sends them and parses the answer; at this pin the server answers
-        # SmolLM2 with content, not tool_calls (smoke.yaml's real.checks says why), so only
-        # the request's round trip is asserted here.
+        # Tools: the client sends them (after the tier's example turn) and parses the call.
         tool = real["tool_call"]
         called = client.chat.completions.create(
-            messages=[{"role": "user", "content": tool["question"]}],
-            max_tokens=8,
+            messages=[*tool["example"], {"role": "user", "content": tool["question"]}],
+            max_tokens=tool["max_tokens"],
             tools=[tool["tool"]],
+            tool_choice="required",
             **ask,
         )
-        assert called.choices[0].message.role == "assistant"
+        calls = called.choices[0].message.tool_calls or []
+        assert calls and calls[0].type == "function", called.choices[0]
+        function = calls[0].function
+        assert function.name == tool["tool"]["function"]["name"]
+        arguments = json.loads(function.arguments)
+        assert schema_errors(arguments, tool["tool"]["function"]["parameters"]) == []
+        assert called.choices[0].finish_reason == "tool_calls"
 
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(

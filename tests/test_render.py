@@ -124,6 +124,17 @@ def test_cpu_runs_no_target_code(rendered: dict[str, str]) -> None:
     assert "busybox-static:$TARGETARCH" in text
 
 
+def test_the_ui_stage_does_not_depend_on_the_pin(rendered: dict[str, str]) -> None:
+    """A pin bump that leaves tools/ui alone must reuse the UI's layers: nothing in the ui
+    stage may read the commit or build number (the builder writes build.json instead)."""
+    for backend, text in rendered.items():
+        ui = [body for from_line, body in stages(text) if from_line.endswith(" AS ui")]
+        if not ui:
+            continue
+        assert "LLAMA_CPP_" not in ui[0], f"{backend}: the ui stage reads the pin"
+        assert "build.json" in text.split(" AS builder", 1)[1], backend
+
+
 def test_gpu_flags_and_native_builders(rendered: dict[str, str]) -> None:
     # The GPU targets are a build arg, defaulting to the matrix's list.
     assert "ARG GPU_ARCHITECTURES=61;70;75;80;86;89;90;100;120" in rendered["cuda"]

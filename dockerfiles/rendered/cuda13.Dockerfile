@@ -47,9 +47,10 @@ EOF
 # output is HTML, JavaScript and CSS). `npm ci` installs exactly package-lock.json's versions;
 # npm's downloads live in a cache mount. The optional secret `host-ca` is the build machine's CA
 # bundle, for networks whose proxy re-signs TLS; as a secret it lands in no layer.
+# The build number is not given here: it only goes into dist/build.json, which the builder
+# writes, so a pin bump that leaves tools/ui alone reuses this stage's layers.
 FROM --platform=$BUILDPLATFORM ${WEB_UI_BUILDER_IMAGE} AS ui
 ARG BUILDARCH
-ARG LLAMA_CPP_BUILD_NUMBER
 # Node.js and npm at the base image's Debian release (pin the base by digest to pin them).
 # hadolint ignore=DL3008
 RUN --mount=type=cache,id=apt-cache-ui-$BUILDARCH,target=/var/cache/apt,sharing=locked \
@@ -75,7 +76,7 @@ if ! npm ci --no-audit --no-fund --loglevel=error >/tmp/npm-ci.log 2>&1; then
     cat /tmp/npm-ci.log >&2
     exit 1
 fi
-LLAMA_UI_OUT_DIR=/ui-dist LLAMA_BUILD_NUMBER="$LLAMA_CPP_BUILD_NUMBER" npm run build >/tmp/npm-build.log 2>&1 \
+LLAMA_UI_OUT_DIR=/ui-dist npm run build >/tmp/npm-build.log 2>&1 \
     || { echo "error: the web UI build failed (npm run build in tools/ui)" >&2; tail -n 40 /tmp/npm-build.log >&2; exit 1; }
 test -f /ui-dist/index.html || { echo "error: the web UI build left no index.html" >&2; exit 1; }
 EOF
@@ -154,6 +155,8 @@ set -eu
 if [ -n "$(ls -A /ccache-seed)" ]; then
     cp -a -n /ccache-seed/. "$CCACHE_DIR"/ || echo "warning: the ccache seed could not be copied in full; compiling without it" >&2
 fi
+# What tools/ui's build-info plugin writes, with this build's number (the UI shows it).
+printf '{"version":"%s"}' "$LLAMA_CPP_BUILD_NUMBER" >/src/tools/ui/dist/build.json
 case "$TARGETARCH" in
     amd64) triplet=x86_64-linux-gnu ;;
     arm64) triplet=aarch64-linux-gnu ;;

@@ -19,8 +19,9 @@ from pipeline.snapshot import Snapshot
 _CACHE_MOUNT = re.compile(r"--mount=type=cache(?P<opts>[^\s]*)")
 
 
-def salt_cache_mounts(dockerfile: str, salt: str) -> str:
-    """Give every BuildKit cache mount an id of its own for this build.
+def salt_cache_mounts(dockerfile: str, salt: str, *, only: str = "") -> str:
+    """Give every BuildKit cache mount (or only those whose id starts with `only`) an id of its
+    own for this build.
 
     `--no-cache` disables layer reuse but not cache mounts: ccache and apt caches survive it.
     Fresh ids make a cold build really cold, without pruning the cache other builds rely on;
@@ -29,6 +30,8 @@ def salt_cache_mounts(dockerfile: str, salt: str) -> str:
     def salted(match: re.Match[str]) -> str:
         opts = match.group("opts")
         id_match = re.search(r",id=([^,\s]+)", opts)
+        if only and not (id_match and id_match.group(1).startswith(only)):
+            return match.group(0)
         if id_match:
             return match.group(0).replace(
                 f",id={id_match.group(1)}", f",id={id_match.group(1)}-{salt}", 1
@@ -48,13 +51,20 @@ def force_emulated_builder(dockerfile: str) -> str:
     return re.sub(r"\$\{?BUILDARCH\}?", "$TARGETARCH", text)
 
 
-def salted_dockerfile(project: Project, salt: str, *, emulated: bool = False) -> Path:
+def salted_dockerfile(
+    project: Project, salt: str, *, emulated: bool = False, fresh_ccache: str = ""
+) -> Path:
     """Our cpu Dockerfile as `nox -s render` wrote it (render's record in the work root), its
-    cache mounts salted (and, for the QEMU reference build, its builder on the target)."""
-    path = project.build_dir / "bench" / f"cpu-{salt}.Dockerfile"
+    cache mounts salted (and, for the QEMU reference build, its builder on the target). With
+    `fresh_ccache`, the compiler-cache mounts alone are salted once more: a fresh runner's empty
+    cache mount, every other instruction as the salted build had it (so its layers match)."""
+    name = f"cpu-{salt}-{fresh_ccache}" if fresh_ccache else f"cpu-{salt}"
+    path = project.build_dir / "bench" / f"{name}.Dockerfile"
     if path.is_file():  # the very file an earlier part built: only the touched source differs
         return path
     text = salt_cache_mounts(project.rendered_dockerfile("cpu").read_text(encoding="utf-8"), salt)
+    if fresh_ccache:
+        text = salt_cache_mounts(text, fresh_ccache, only="ccache-")
     if emulated:
         text = force_emulated_builder(text)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -476,7 +476,20 @@ class SmokeRun:
         require(bool(assets), f"the page names no script or stylesheet: {short(resp.text)}")
         missing = [a for a in assets if live.http.get(a).status_code != 200]
         require(not missing, f"the page's assets are not served: {missing}")
-        return f"/ serves the web UI: {len(resp.text)} bytes of HTML, {len(assets)} assets"
+        # build.json is written by the builder, not the UI stage: it must carry this build's
+        # number, the one llama-server reports (/props build_info is b<number>-<commit>).
+        build_info = str(live.http.get("/props").raise_for_status().json().get("build_info", ""))
+        shown = live.http.get("/build.json")
+        require(shown.status_code == 200, f"GET /build.json answered HTTP {shown.status_code}")
+        version = shown.json().get("version")
+        require(
+            build_info.startswith(f"b{version}-"),
+            f"/build.json says version {version!r}, the server is {build_info!r}",
+        )
+        return (
+            f"/ serves the web UI: {len(resp.text)} bytes of HTML, {len(assets)} assets, "
+            f"build.json version {version} ({build_info})"
+        )
 
     @server_check("non-root")
     def check_non_root(self, live: Live) -> str:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,6 +29,25 @@ RealCheck = Callable[[SmokeRun, Live, dict[str, Any]], "str | Outcome"]
 REAL_CHECKS: list[tuple[str, RealCheck]] = []
 # Streams ask for a close: llama-server drops a kept-alive connection after a stream.
 CLOSE = {"Connection": "close"}
+# Chat templates the tier may give the server (smoke.yaml's real.chat_template), and where.
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+CONTAINER_TEMPLATES = "/templates"
+
+
+def real_server(real: dict[str, Any]) -> tuple[str, dict[Path, str]]:
+    """The real tier's llama-server arguments and the chat template's mount (host -> container),
+    as smoke.yaml's `real:` asks for them."""
+    name = real.get("chat_template")
+    if not name:
+        return real["extra_args"], {}
+    host = TEMPLATES_DIR / name
+    if not host.is_file():
+        raise ConfigError(
+            f"smoke.yaml: real.chat_template {name!r} is not a file in {TEMPLATES_DIR}",
+            f"known: {', '.join(sorted(p.name for p in TEMPLATES_DIR.glob('*.jinja')))}",
+        )
+    container = f"{CONTAINER_TEMPLATES}/{name}"
+    return f"{real['extra_args']} --chat-template-file {container}", {host: container}
 
 
 def real_check(name: str) -> Callable[[RealCheck], RealCheck]:
@@ -43,10 +63,11 @@ def run_real(run: SmokeRun) -> SmokeRecord:
     check)."""
     real = run.settings.real
     cport = int(run.settings.server["container_port"])
+    extra_args, template_mounts = real_server(real)
     env = {
         "LLAMA_MODEL": run.model.container_path,
         "LLAMA_SERVER_PORT": str(cport),
-        "LLAMA_SERVER_EXTRA_ARGS": real["extra_args"],
+        "LLAMA_SERVER_EXTRA_ARGS": extra_args,
     }
     known = dict(REAL_CHECKS)
     unknown = [name for name in real["checks"] if name not in known]
@@ -58,7 +79,7 @@ def run_real(run: SmokeRun) -> SmokeRecord:
     checks = [(name, known[name]) for name in real["checks"]]
     with run.container(
         env=env,
-        mounts={run.model.host_path: run.model.container_path},
+        mounts={run.model.host_path: run.model.container_path, **template_mounts},
         container_port=cport,
         host_port=run.host_port,
     ) as box:
@@ -74,12 +95,18 @@ def run_real(run: SmokeRun) -> SmokeRecord:
     return run.record(started, REAL_TIER)
 
 
-def chat(live: Live, real: dict[str, Any], question: str, **extra: Any) -> dict[str, Any]:
-    """One chat completion at temperature 0 with the tier's seed; a 4xx or 5xx is a failed
-    check naming the server's own message."""
+def chat(
+    live: Live,
+    real: dict[str, Any],
+    question: str,
+    history: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One chat completion at temperature 0 with the tier's seed (after `history`, earlier turns
+    of the conversation); a 4xx or 5xx is a failed check naming the server's own message."""
     body = {
         "model": real["alias"],
-        "messages": [{"role": "user", "content": question}],
+        "messages": [*(history or []), {"role": "user", "content": question}],
         "temperature": 0,
         "seed": real["seed"],
         **extra,
@@ -210,6 +237,7 @@ def check_tool_call(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
         live,
         real,
         spec["question"],
+        history=spec.get("example", []),
         max_tokens=spec["max_tokens"],
         tools=[tool],
         tool_choice="required",

@@ -2,7 +2,7 @@
 cpu amd64 build (the build part's cold build) exports its compiler cache (`--ccache-to`, what
 release.yml saves); a synthetic pin bump, a second commit on a local mirror changing about 5 %
 of the C/C++ sources where upstream's weekly changes fall (ggml-cpu, src/, tools/server), is
-then built on a builder with nothing of its own (fresh cache-mount ids), given only what the
+then built on a builder with nothing of its own (a fresh compiler-cache mount), given only what the
 previous build exported: its layers (the registry cache, `--cache-to ...,mode=max` in
 release.yml; here the local layer cache of that build stands in for importing it) and its
 compiler cache (`--ccache-from`, what release.yml restores). ÷ upstream's cold build."""
@@ -137,7 +137,9 @@ def measure(bench: Bench) -> Measured:
         bumped_snapshot = bench.stages.sync(SyncOptions(bumped, f"file://{mirror}"))
     # The next release's runner: nothing of its own, but what the previous one exported: the
     # layers its registry cache holds (mode=max: every stage; the lab's local layer cache of
-    # that build stands in for importing them) and the compiler cache. Fresh cache mounts.
+    # that build stands in for importing them) and the compiler cache. A fresh compiler-cache
+    # mount; every other instruction as the previous build had it, so its layers are the ones
+    # a registry cache would give (salting them all would rebuild stages a runner imports).
     record = build_record(
         bench,
         "fresh-runner-bump",
@@ -145,7 +147,7 @@ def measure(bench: Bench) -> Measured:
         bumped_snapshot,
         platform="linux/amd64",
         tag=bench.tag("ours", "cpu-amd64-bumped"),
-        dockerfile=salted_dockerfile(bumped, f"fresh-{salt}"),
+        dockerfile=salted_dockerfile(bumped, ours_cold.salt, fresh_ccache=f"fresh-{salt}"),
         no_cache=False,
         ccache_from=carried,
     )
@@ -173,7 +175,7 @@ def measure(bench: Bench) -> Measured:
         "the previous release: the build part's cold build (every CPU variant), its cache "
         "mount exported with --ccache-to; the bump: a commit on a clone of the mirror appending "
         f"a definition to {len(chosen)} files spread over {', '.join(AREAS)}; the bumped build: "
-        "fresh cache-mount ids, the previous build's layers (what its registry cache holds; "
+        "a fresh compiler-cache mount, the previous build's layers (what its registry cache holds; "
         "the local layer cache stands in for the import), --ccache-from the export; upstream: "
         "its cold build "
         "(its Dockerfile has no compiler cache, so a bump recompiles everything)",
