@@ -234,6 +234,7 @@ def runner_env(
         "GITHUB_REF_NAME": str(github["ref_name"]),
         "GITHUB_REF_TYPE": str(github["ref_type"]),
         "GITHUB_REPOSITORY": str(github["repository"]),
+        "GITHUB_SHA": str(github["sha"]),
         "GITHUB_WORKFLOW_REF": str(github["workflow_ref"]),
         "RUNNER_OS": "Linux",
         "RUNNER_TEMP": str(job_home / "temp"),

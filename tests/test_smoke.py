@@ -62,7 +62,8 @@ def leftovers(pid: int | None = None) -> list[Any]:
 
     client = docker.from_env()
     label = f"{RUN_PID_LABEL}={pid or os.getpid()}"
-    return list(client.containers.list(all=True, filters={"label": label}))
+    # ignore_removed: a container removed between the list and its inspect is not a leftover.
+    return list(client.containers.list(all=True, filters={"label": label}, ignore_removed=True))
 
 
 def report_of(project: Project, arch: str = "amd64", backend: str = "cpu") -> dict[str, Any]:

@@ -63,8 +63,10 @@ def github_context(event: str, ref: str, workflow: str) -> dict[str, Any]:
     return {
         "event_name": event,
         "ref": ref,
-        # The commit the run is of: this checkout's.
-        "sha": subprocess.run(
+        # The commit the run is of: this checkout's (on a replayed runner, whose workspace is
+        # a copy of the files without .git, the one its GITHUB_SHA names).
+        "sha": os.environ.get("GITHUB_SHA")
+        or subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
