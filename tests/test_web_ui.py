@@ -46,7 +46,10 @@ def test_the_web_ui_answers_in_a_real_browser(
 
     real = load_settings().real
     model = f"/models/{real_gguf.name}"
-    env = {"LLAMA_MODEL": model, "LLAMA_SERVER_EXTRA_ARGS": f"--jinja --alias {real['alias']}"}
+    # The page sends no temperature or seed: the server's defaults decide, so greedy and seeded
+    # here, or the 135M model's answer is a draw (it once left Paris out).
+    args = f"--jinja --alias {real['alias']} --temp 0 --seed {real['seed']}"
+    env = {"LLAMA_MODEL": model, "LLAMA_SERVER_EXTRA_ARGS": args}
     console: list[tuple[str, str]] = []
     refused: set[tuple[str, str, int]] = set()
     chats: list[Any] = []
