@@ -18,9 +18,13 @@ def ccache_bytes(directory: Path) -> int:
 
 
 def ccache_hits(log_text: str) -> tuple[int, int] | None:
-    """(hits, cacheable calls) of the last `ccache --show-stats` in a build log."""
+    """(hits, cacheable calls) of a build log: the sum of its `ccache --show-stats` reports
+    (one per compile step: the libraries, then the server; per platform in a multi-platform
+    log). Each step zeroes the counters first, so none counts another's calls."""
     found = _HITS.findall(log_text)
-    return (int(found[-1][0]), int(found[-1][1])) if found else None
+    if not found:
+        return None
+    return sum(int(h) for h, _ in found), sum(int(c) for _, c in found)
 
 
 @contextmanager

@@ -127,12 +127,29 @@ def test_cpu_runs_no_target_code(rendered: dict[str, str]) -> None:
 def test_the_ui_stage_does_not_depend_on_the_pin(rendered: dict[str, str]) -> None:
     """A pin bump that leaves tools/ui alone must reuse the UI's layers: nothing in the ui
     stage may read the commit or build number (the builder writes build.json instead)."""
+    with_ui = []
     for backend, text in rendered.items():
         ui = [body for from_line, body in stages(text) if from_line.endswith(" AS ui")]
         if not ui:
             continue
+        with_ui.append(backend)
         assert "LLAMA_CPP_" not in ui[0], f"{backend}: the ui stage reads the pin"
         assert "build.json" in text.split(" AS builder", 1)[1], backend
+    assert sorted(with_ui) == sorted(b.name for b in load_matrix().backends.values() if b.web_ui)
+    assert "cpu" in with_ui
+
+
+def test_the_libraries_compile_while_the_ui_builds(rendered: dict[str, str]) -> None:
+    """The ui stage is off the compile's critical path: everything but the server's last
+    pieces compiles before the builder copies the UI in, so BuildKit runs the two side by side."""
+    for backend, text in rendered.items():
+        builder = next(body for f, body in stages(text) if f.endswith(" AS builder"))
+        libraries = builder.index("--target server-context")
+        server = builder.index("--target llama-server")
+        assert libraries < server, backend
+        if " AS ui" in text:
+            copy = builder.index("COPY --from=ui ")
+            assert libraries < copy < server, backend
 
 
 def test_gpu_flags_and_native_builders(rendered: dict[str, str]) -> None:

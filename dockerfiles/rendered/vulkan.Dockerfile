@@ -116,8 +116,6 @@ EOF
 
 COPY --from=snapshot-check /checked-commit /opt/llama-cpp-commit
 COPY vendor/ /src/
-# Where tools/ui/CMakeLists.txt looks first for pre-built assets: embedded into llama-server.
-COPY --from=ui /ui-dist/ /src/tools/ui/dist/
 ARG LLAMA_CPP_COMMIT
 ARG LLAMA_CPP_BUILD_NUMBER
 ARG CPU_VARIANTS
@@ -140,15 +138,12 @@ set -eu
 if [ -n "$(ls -A /ccache-seed)" ]; then
     cp -a -n /ccache-seed/. "$CCACHE_DIR"/ || echo "warning: the ccache seed could not be copied in full; compiling without it" >&2
 fi
-# What tools/ui's build-info plugin writes, with this build's number (the UI shows it).
-printf '{"version":"%s"}' "$LLAMA_CPP_BUILD_NUMBER" >/src/tools/ui/dist/build.json
 case "$TARGETARCH" in
     amd64) triplet=x86_64-linux-gnu processor=x86_64 ;;
     arm64) triplet=aarch64-linux-gnu processor=aarch64 ;;
     *) echo "error: vulkan is not built for $TARGETARCH (platforms: linux/amd64, linux/arm64)" >&2; exit 1 ;;
 esac
 
-strip="$triplet-strip"
 # ggml options from the instruction sets this CPU lists ("flag:OPTION ..."): the host set.
 cpuinfo_options() {
     flags=" $(sed -n '/^flags/{s/^flags[[:space:]]*: //p;q}' /proc/cpuinfo) "
@@ -193,7 +188,29 @@ cmake -S /src -B /build -G Ninja \
     -DLLAMA_BUILD_NUMBER="$LLAMA_CPP_BUILD_NUMBER" \
     "$@"
 ccache --zero-stats >/dev/null
-# ggml depends on every backend module, so this target builds them all (CPU variants too).
+# Everything llama-server links except the web UI: the server's core (server-context), which
+# needs common, mtmd, libllama and ggml; ggml depends on every backend module, so this builds
+# them all (CPU variants too). It needs nothing of the ui stage, so it compiles while the UI
+# builds; the build tree stays in this layer for the next step.
+cmake --build /build --target server-context
+ccache --show-stats
+EOF
+
+# Where tools/ui/CMakeLists.txt looks first for pre-built assets: embedded into llama-server.
+COPY --from=ui /ui-dist/ /src/tools/ui/dist/
+# The rest: the UI's assets compiled in, the server's HTTP layer and main, the link.
+RUN --mount=type=cache,id=ccache-$TARGETARCH,target=/root/.cache/ccache,sharing=locked <<'EOF'
+set -eu
+# What tools/ui's build-info plugin writes, with this build's number (the UI shows it).
+printf '{"version":"%s"}' "$LLAMA_CPP_BUILD_NUMBER" >/src/tools/ui/dist/build.json
+case "$TARGETARCH" in
+    amd64) triplet=x86_64-linux-gnu ;;
+    arm64) triplet=aarch64-linux-gnu ;;
+    *) echo "error: vulkan is not built for $TARGETARCH (platforms: linux/amd64, linux/arm64)" >&2; exit 1 ;;
+esac
+
+strip="$triplet-strip"
+ccache --zero-stats >/dev/null
 cmake --build /build --target llama-server
 ccache --show-stats
 mkdir -p /out/app
