@@ -10,7 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-_HITS = re.compile(r"^(?:#\d+ [\d.]+ )?\s*Hits:\s+(\d+) / (\d+)", re.MULTILINE)
+# The Hits line under "Cacheable calls" (the one under "Local storage" repeats it).
+_HITS = re.compile(
+    r"Cacheable calls:.*\n(?:#\d+ [\d.]+ )?\s*Hits:\s+(\d+)\s*/\s*(\d+)", re.MULTILINE
+)
 
 
 def ccache_bytes(directory: Path) -> int:

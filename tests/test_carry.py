@@ -22,6 +22,9 @@ LOG = """#18 10.61 Cacheable calls:   193 / 200 (96.5%)
 #18 10.61   Hits:            150 / 193 (77.72%)
 #18 10.61     Direct:        140 / 150 (93.33%)
 #18 10.61   Misses:           43 / 193 (22.28%)
+#18 10.61 Local storage:
+#18 10.61   Cache size (GB): 0.1 / 2.0 ( 4.61%)
+#18 10.61   Hits:            150 / 193 (77.72%)
 """
 
 
@@ -29,6 +32,11 @@ def test_the_hit_rate_is_read_from_the_build_log() -> None:
     assert ccache_hits(LOG) == (150, 193)
     # Two compile steps (libraries, then the server): their reports add up.
     assert ccache_hits(LOG + LOG.replace("150", "193")) == (343, 386)
+    # Small counts are padded: "0 /   5".
+    padded = (
+        "#19 22.45 Cacheable calls:     5 /   5 (100.0%)\n#19 22.45   Hits:   2 /   5 (40.00%)\n"
+    )
+    assert ccache_hits(padded) == (2, 5)
     assert ccache_hits("no stats here") is None
 
 
