@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -353,6 +354,46 @@ def test_touched_file_is_restored(tmp_path: Path) -> None:
     assert source.read_bytes() == b"int main() { return 0; }\n"
     with pytest.raises(ConfigError), touched(tmp_path / "missing.cpp", "x"):
         pass
+
+
+@pytest.mark.parametrize(
+    ("suffix", "compiler", "std"), [(".c", "gcc", "-std=c11"), (".cpp", "g++", "-std=c++17")]
+)
+def test_the_appended_definition_compiles_cleanly_in_c_and_cpp(
+    tmp_path: Path, suffix: str, compiler: str, std: str
+) -> None:
+    """The rebuild and fresh-runner parts change sources by appending a definition: it must
+    compile (warning-free, as ggml's C11 and llama's C++17) and change the object file."""
+    from pipeline.bench.builds import appended_definition
+
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is not installed on this machine")
+    source = tmp_path / f"unit{suffix}"
+    source.write_bytes(b"int unit(void) { return 1; }\n")
+    objects = []
+    for salt in ("", "s1"):
+        if salt:
+            source.write_bytes(source.read_bytes() + appended_definition(source, "bump", salt))
+        done = subprocess.run(
+            [
+                compiler,
+                std,
+                "-Wall",
+                "-Wextra",
+                "-Wpedantic",
+                "-Werror",
+                "-c",
+                str(source),
+                "-o",
+                str(tmp_path / f"unit{salt}.o"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        objects.append((tmp_path / f"unit{salt}.o").read_bytes())
+    assert objects[0] != objects[1]
 
 
 # ------------------------------------------------------------ measuring primitives

@@ -43,6 +43,14 @@ def salt_cache_mounts(dockerfile: str, salt: str, *, only: str = "") -> str:
     return _CACHE_MOUNT.sub(salted, dockerfile)
 
 
+def appended_definition(path: Path, name: str, salt: str) -> bytes:
+    """A line for the end of the C or C++ file `path` that changes what it compiles to: a
+    definition, not a comment (ccache's preprocessor mode strips comments, so a comment would
+    be a cache hit and measure no compile at all). C before C23 has no [[maybe_unused]]."""
+    unused = "__attribute__((unused))" if path.suffix == ".c" else "[[maybe_unused]]"
+    return f'\n{unused} static const char {name}_{salt}[] = "{salt}";\n'.encode()
+
+
 def force_emulated_builder(dockerfile: str) -> str:
     """Our Dockerfile with its builder on the target platform (QEMU for arm64 on amd64):
     `--platform=$BUILDPLATFORM` stages run as the target, and the scripts' host architecture

@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.bench.builds import build_record, salted_dockerfile
+from pipeline.bench.builds import appended_definition, build_record, salted_dockerfile
 from pipeline.bench.core import MB, Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
 from pipeline.ccache import ccache_bytes, ccache_hits
@@ -59,15 +59,6 @@ def bump_choice(files: list[str], share: float = SHARE) -> list[str]:
     return chosen
 
 
-def bump_line(salt: str) -> str:
-    # A definition, not a comment: ccache's preprocessor mode would match a comment change.
-    return f'\n[[maybe_unused]] static const char llama_bench_bump_{salt}[] = "{salt}";\n'
-
-
-def bump_c_line(salt: str) -> str:
-    return f'\n__attribute__((unused)) static const char llama_bench_bump_{salt}[] = "{salt}";\n'
-
-
 def synthetic_bump(remote: str, commit: str, files: list[str], work: Path, salt: str) -> Path:
     """A clone of `remote` with one commit on top of `commit` appending a definition to each
     of `files`, on the branch bench-bump; the clone's path."""
@@ -78,8 +69,7 @@ def synthetic_bump(remote: str, commit: str, files: list[str], work: Path, salt:
     _git("checkout", "--quiet", "-b", "bench-bump", commit, cwd=mirror)
     for name in files:
         path = mirror / name
-        line = bump_c_line(salt) if path.suffix == ".c" else bump_line(salt)
-        path.write_bytes(path.read_bytes() + line.encode())
+        path.write_bytes(path.read_bytes() + appended_definition(path, "llama_bench_bump", salt))
     _git("add", "--", *files, cwd=mirror)
     identity = ["-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     _git(

@@ -10,18 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.bench import upstream as up
-from pipeline.bench.builds import build_other, build_record, ninja_progress, salted_dockerfile
+from pipeline.bench.builds import (
+    appended_definition,
+    build_other,
+    build_record,
+    ninja_progress,
+    salted_dockerfile,
+)
 from pipeline.bench.core import Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
 from pipeline.errors import BuildTimedOut, ConfigError, UsageError
 
 GOAL_REBUILD_RATIO = 0.10
-
-
-def _touch_line(salt: str) -> str:
-    # A definition, not a comment: ccache's preprocessor mode strips comments, so a comment
-    # would be a cache hit and measure no compile at all.
-    return f'\n[[maybe_unused]] static const char llama_bench_touch_{salt}[] = "{salt}";\n'
 
 
 @contextlib.contextmanager
@@ -31,7 +31,9 @@ def touched(path: Path, salt: str) -> Iterator[None]:
         raise ConfigError(f"{path} not found", "choose another --touch file (an upstream .cpp)")
     original = path.read_bytes()
     try:
-        path.write_bytes(original + _touch_line(re.sub(r"\W", "_", salt)).encode())
+        path.write_bytes(
+            original + appended_definition(path, "llama_bench_touch", re.sub(r"\W", "_", salt))
+        )
         yield
     finally:
         path.write_bytes(original)
