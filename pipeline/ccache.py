@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-# The Hits line under "Cacheable calls" (the one under "Local storage" repeats it).
-_HITS = re.compile(
-    r"Cacheable calls:.*\n(?:#\d+ [\d.]+ )?\s*Hits:\s+(\d+)\s*/\s*(\d+)", re.MULTILINE
+# ccache's report, a line of BuildKit's plain log each: "Cacheable calls: n / m" and under it
+# "Hits: h / n" (repeated again under "Local storage"). Other steps' lines may come between.
+_STAT = re.compile(
+    r"^(?:#(?P<step>\d+) [\d.]+ )?\s*(?P<what>Cacheable calls|Hits):"
+    r"\s+(?P<n>\d+)\s*/\s*(?P<of>\d+)",
+    re.MULTILINE,
 )
 
 
@@ -24,10 +27,16 @@ def ccache_hits(log_text: str) -> tuple[int, int] | None:
     """(hits, cacheable calls) of a build log: the sum of its `ccache --show-stats` reports
     (one per compile step: the libraries, then the server; per platform in a multi-platform
     log). Each step zeroes the counters first, so none counts another's calls."""
-    found = _HITS.findall(log_text)
-    if not found:
-        return None
-    return sum(int(h) for h, _ in found), sum(int(c) for _, c in found)
+    pending: set[str] = set()  # steps whose report has begun and whose Hits line is due
+    hits = calls = reports = 0
+    for line in _STAT.finditer(log_text):
+        step = line["step"] or ""
+        if line["what"] == "Cacheable calls":
+            pending.add(step)
+        elif step in pending:
+            pending.discard(step)
+            hits, calls, reports = hits + int(line["n"]), calls + int(line["of"]), reports + 1
+    return (hits, calls) if reports else None
 
 
 @contextmanager

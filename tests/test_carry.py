@@ -37,6 +37,11 @@ def test_the_hit_rate_is_read_from_the_build_log() -> None:
         "#19 22.45 Cacheable calls:     5 /   5 (100.0%)\n#19 22.45   Hits:   2 /   5 (40.00%)\n"
     )
     assert ccache_hits(padded) == (2, 5)
+    # Another step's line between a report's lines (BuildKit interleaves parallel steps).
+    between = padded.replace(
+        "\n#19 22.45   Hits", "\n#17 30.1 Hits: 9 / 9 in npm\n#19 22.45   Hits"
+    )
+    assert ccache_hits(between) == (2, 5)
     assert ccache_hits("no stats here") is None
 
 
