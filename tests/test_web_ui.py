@@ -17,6 +17,7 @@ from fixtures.lab import require_lab
 from pipeline.config import Project
 from pipeline.engine import ServerContainer, docker_client
 from pipeline.smoke.settings import load_settings
+from pipeline.snapshot import check_snapshot
 
 pytestmark = pytest.mark.docker
 
@@ -136,3 +137,45 @@ def test_a_lock_file_out_of_step_fails_the_ui_build_in_one_line(
         build(options, snapshot)
     assert "tools/ui/package-lock.json does not match tools/ui/package.json" in str(raised.value)
     capsys.readouterr()
+
+
+def test_the_ui_stage_is_reused_across_a_pin_bump(lab_project: Project) -> None:
+    """A pin bump changes the commit, its build number and SOURCE_DATE_EPOCH (the commit's
+    date); with tools/ui unchanged, the ui stage must come from the cache (it is two minutes of
+    the build). Built as `nox -s build` builds it: its build args and the CA secret."""
+    import subprocess
+
+    from fixtures.lab import build_lock
+
+    from pipeline.build.command import HOST_CA_BUNDLE
+
+    snapshot = check_snapshot(lab_project)
+    pins = [
+        (snapshot.commit, str(snapshot.build_number or 0), str(snapshot.source_date_epoch)),
+        ("f" * 40, "9999", str(snapshot.source_date_epoch + 86_400 * 7)),
+    ]
+    logs = []
+    for commit, number, epoch in pins:
+        command = ["docker", "buildx", "build", "--progress=plain", "--target", "ui"]
+        command += ["--file", str(lab_project.rendered_dockerfile("cpu"))]
+        command += ["--platform", "linux/amd64"]
+        for key, value in (
+            ("LLAMA_CPP_COMMIT", commit),
+            ("LLAMA_CPP_BUILD_NUMBER", number),
+            ("SOURCE_DATE_EPOCH", epoch),
+        ):
+            command += ["--build-arg", f"{key}={value}"]
+        if HOST_CA_BUNDLE.is_file():
+            command += ["--secret", f"id=host-ca,src={HOST_CA_BUNDLE}"]
+        with build_lock():
+            done = subprocess.run(
+                [*command, str(lab_project.third_party)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs.append(done.stderr)
+    step = re.search(r"^#(\d+) \[ui \d+/\d+\] RUN --mount=type=cache,id=npm-", logs[1], re.M)
+    assert step, logs[1][-3000:]
+    assert re.search(rf"^#{step[1]} CACHED$", logs[1], re.M), "the UI was rebuilt after a bump"

@@ -56,10 +56,13 @@ apt-get install -y --no-install-recommends nodejs npm ca-certificates
 EOF
 
 COPY vendor/tools/ui/ /ui/
-WORKDIR /ui
+# No WORKDIR: BuildKit dates the directory it makes with SOURCE_DATE_EPOCH, the commit's date,
+# so every pin bump would miss this step's cache and rebuild the UI.
+# hadolint ignore=DL3003
 RUN --mount=type=cache,id=npm-$BUILDARCH,target=/root/.npm,sharing=locked \
     --mount=type=secret,id=host-ca,required=false <<'EOF'
 set -eu
+cd /ui
 if [ -s /run/secrets/host-ca ]; then export NODE_EXTRA_CA_CERTS=/run/secrets/host-ca; fi
 if ! npm ci --no-audit --no-fund --loglevel=error >/tmp/npm-ci.log 2>&1; then
     if grep -q "in sync" /tmp/npm-ci.log; then
