@@ -457,7 +457,7 @@ def actions_cache(store: Path) -> tuple[Action, Action]:
             found = max(candidates, key=lambda d: d.stat().st_mtime, default=None)
         if found is None:
             return f"cache not found for {key}"
-        shutil.copytree(found, job.workspace / inputs["path"], dirs_exist_ok=True)
+        shutil.copytree(found, job.workspace / inputs["path"], symlinks=True, dirs_exist_ok=True)
         return f"restored {found.name}"
 
     def save(job: Job, inputs: Mapping[str, str]) -> str:
@@ -466,7 +466,8 @@ def actions_cache(store: Path) -> tuple[Action, Action]:
             return f"a cache {key} exists already: not saved"
         if not path.is_dir():
             raise ReplayStepError(f"path {inputs['path']} does not exist: nothing to save")
-        shutil.copytree(path, store / key)
+        # actions/cache archives with tar: a symlink is kept as a link, never followed.
+        shutil.copytree(path, store / key, symlinks=True)
         return f"saved {key}"
 
     return restore, save

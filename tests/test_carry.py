@@ -109,15 +109,25 @@ def test_a_seed_carries_the_compile_and_a_corrupt_one_only_slows_it(
     carried = exported / "cpu-amd64"
     size = ccache_bytes(carried)
     assert 1_000_000 < size < 2 * 1024**3, size  # entries, within CCACHE_MAXSIZE
+    # A lock a killed ccache left behind: a symlink to a process's name that no longer exists
+    # (in a directory ccache never locks, so only the export can drop it).
+    (carried / "z").mkdir()
+    (carried / "z" / "stats.lock").symlink_to("runner-1234-dead")
     # A fresh runner given the export: its empty mount is seeded, the compile is all hits.
+    reexported = tmp_path / "reexported"
     seeded = build_cpu(
         lab_project,
         ccache_from=exported,
+        ccache_to=reexported,
         dockerfile=own_ccache_mount(lab_project, "seeded-" + secrets.token_hex(4)),
         no_cache_filter=("builder",),
     )
     good, calls = hits(lab_project)
     assert calls > 100 and good == calls, (good, calls)
+    # What it hands on has no lock files: a CI cache saves it and the next runner copies it.
+    assert not [p for p in reexported.rglob("*") if p.name.endswith((".lock", ".alive"))]
+    assert ccache_bytes(reexported / "cpu-amd64") > size // 2
+    (carried / "z" / "stats.lock").unlink()
     # Corrupt a tenth of the entries: each is a miss, recompiled, never a wrong object.
     files = sorted(p for p in carried.rglob("*") if p.is_file() and len(p.name) > 8)
     random.Random(7).shuffle(files)

@@ -228,8 +228,11 @@ FROM --platform=$BUILDPLATFORM ${BUILDER_IMAGE} AS ccache-collect
 ARG TARGETARCH
 ARG CCACHE_EXPORT_ID=
 COPY --from=builder /out/app/llama-server /tmp/built-with-this-cache
+# Lock files are left out: ccache's locks are symlinks to a process's name, so one a killed
+# build left behind is a dangling link that a cache restore or a copy on the runner trips on.
 RUN --mount=type=cache,id=ccache-$TARGETARCH,target=/root/.cache/ccache,sharing=locked \
-    echo "ccache export ${CCACHE_EXPORT_ID}" && cp -a /root/.cache/ccache /ccache
+    echo "ccache export ${CCACHE_EXPORT_ID}" && cp -a /root/.cache/ccache /ccache \
+    && find /ccache \( -name '*.lock' -o -name '*.alive' \) -delete
 
 FROM scratch AS ccache-export
 COPY --from=ccache-collect /ccache/ /
