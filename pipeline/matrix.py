@@ -21,6 +21,9 @@ from pipeline.fields import field_of, no_unknown_keys, strings_of, text_of
 MATRIX_FILE = Path(__file__).with_name("matrix.yaml")
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# npm pinned by version and the sha512 of its tarball, as corepack takes it.
+_NPM_RE = re.compile(r"^\d+\.\d+\.\d+\+sha512\.[0-9a-f]{128}$")
+_TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a CMake target name
 _CMAKE_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Debian/Ubuntu package names (policy §5.6.1).
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
@@ -46,6 +49,8 @@ class CpuVariantSet:
     host_only: bool = False  # compiled for the building machine's CPU: local, never released
     # arch -> ((cpuinfo flag, ggml option), ...): options the builder sets from /proc/cpuinfo
     cpuinfo_options: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # CMake targets compiled at -O1 instead of Release's -O3 (dockerfiles/quick-targets.cmake)
+    quick_targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,8 +189,10 @@ class Matrix:
     cpu_variant_sets: Mapping[str, CpuVariantSet]
     common_cmake_flags: tuple[tuple[str, str], ...]
     backends: Mapping[str, Backend]
-    # Where the web UI is built (Node.js and npm from its packages), on the build machine.
+    # Where the web UI is built (Node.js from its packages), on the build machine, and the npm
+    # it builds with ("<version>+sha512.<hex of the tarball>", fetched and checked by corepack).
     web_ui_builder_image: str | None = None
+    web_ui_npm: str | None = None
     # What a local --load build compiles when not told (None: each backend's own set).
     local_cpu_variants: str | None = None
 
@@ -322,7 +329,9 @@ def _variant_sets(data: Any, platforms: Mapping[str, TargetPlatform]) -> dict[st
             raise ConfigError(f"{where}: expected a lowercase name")
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: expected a mapping")
-        no_unknown_keys(spec, ("cmake_flags", "host_only", "cpuinfo_options"), where)
+        no_unknown_keys(
+            spec, ("cmake_flags", "host_only", "cpuinfo_options", "quick_targets"), where
+        )
         cpuinfo = spec.get("cpuinfo_options", {})
         if not isinstance(cpuinfo, dict) or not all(
             isinstance(v, dict) and all(isinstance(o, str) for o in v.values())
@@ -333,6 +342,12 @@ def _variant_sets(data: Any, platforms: Mapping[str, TargetPlatform]) -> dict[st
         host_only = spec.get("host_only", False)
         if not isinstance(host_only, bool):
             raise ConfigError(f"{where}.host_only: expected true or false")
+        quick = (
+            strings_of(spec, "quick_targets", where, _TARGET_RE) if "quick_targets" in spec else ()
+        )
+        if quick and not host_only:
+            # A release's code is compiled as upstream compiles it.
+            raise ConfigError(f"{where}.quick_targets: only a host_only set may compile at -O1")
         per_arch = field_of(spec, "cmake_flags", dict, where, "a mapping arch -> CMake flags")
         missing = sorted(arches - set(per_arch))
         if missing:
@@ -346,6 +361,7 @@ def _variant_sets(data: Any, platforms: Mapping[str, TargetPlatform]) -> dict[st
             },
             host_only,
             {arch: tuple((str(f), str(o)) for f, o in m.items()) for arch, m in cpuinfo.items()},
+            quick,
         )
     return sets
 
@@ -536,6 +552,7 @@ def parse_matrix(data: Any, where: str = "matrix.yaml") -> Matrix:
             "common_cmake_flags",
             "backends",
             "web_ui_builder_image",
+            "web_ui_npm",
             "local_cpu_variants",
         ),
         where,
@@ -566,9 +583,10 @@ def parse_matrix(data: Any, where: str = "matrix.yaml") -> Matrix:
     ui_image = (
         text_of(data, "web_ui_builder_image", where) if "web_ui_builder_image" in data else None
     )
-    if ui_image is None and any(b.web_ui for b in backends.values()):
+    npm = text_of(data, "web_ui_npm", where, _NPM_RE) if "web_ui_npm" in data else None
+    if (ui_image is None or npm is None) and any(b.web_ui for b in backends.values()):
         raise ConfigError(
-            f"{where}: a backend has web_ui: true but web_ui_builder_image is not set"
+            f"{where}: a backend has web_ui: true but web_ui_builder_image or web_ui_npm is not set"
         )
     local = text_of(data, "local_cpu_variants", where) if "local_cpu_variants" in data else None
     if local is not None and local not in variant_sets:
@@ -590,6 +608,7 @@ def parse_matrix(data: Any, where: str = "matrix.yaml") -> Matrix:
         ),
         backends=backends,
         web_ui_builder_image=ui_image,
+        web_ui_npm=npm,
         local_cpu_variants=local,
     )
 

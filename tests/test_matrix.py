@@ -182,6 +182,31 @@ def test_cross_field_rules(raw: dict[str, Any]) -> None:
     assert "build_packages" in _error(bad)
 
 
+def test_quick_targets_are_for_a_host_build_only(raw: dict[str, Any], matrix: Matrix) -> None:
+    # The shipped host set names upstream's request-path targets; releases name none.
+    assert "llama-common" in matrix.cpu_variant_set("host").quick_targets
+    assert "llama" not in matrix.cpu_variant_set("host").quick_targets  # libllama stays -O3
+    assert not matrix.cpu_variant_set("all").quick_targets
+    bad = copy.deepcopy(raw)
+    bad["cpu_variants"]["all"]["quick_targets"] = ["llama-common"]
+    assert "only a host_only set may compile at -O1" in _error(bad)
+    bad = copy.deepcopy(raw)
+    bad["cpu_variants"]["host"]["quick_targets"] = ["mtmd", "mtmd"]
+    assert "lists 'mtmd' twice" in _error(bad)
+    bad = copy.deepcopy(raw)
+    bad["cpu_variants"]["host"]["quick_targets"] = ["-O0"]
+    assert "quick_targets" in _error(bad)
+
+
+def test_the_web_uis_npm_is_pinned_by_hash(raw: dict[str, Any], matrix: Matrix) -> None:
+    assert matrix.web_ui_npm is not None and "+sha512." in matrix.web_ui_npm
+    bad = copy.deepcopy(raw)
+    bad["web_ui_npm"] = "11.21.3"  # a version alone: whatever the registry serves under it
+    assert "web_ui_npm" in _error(bad)
+    del bad["web_ui_npm"]
+    assert "web_ui_builder_image or web_ui_npm is not set" in _error(bad)
+
+
 def test_broken_files_fail_with_the_file_named(tmp_path: Path) -> None:
     path = tmp_path / "matrix.yaml"
     path.write_text("backends: [unclosed\n")

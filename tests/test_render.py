@@ -139,17 +139,29 @@ def test_the_ui_stage_does_not_depend_on_the_pin(rendered: dict[str, str]) -> No
     assert "cpu" in with_ui
 
 
-def test_the_libraries_compile_while_the_ui_builds(rendered: dict[str, str]) -> None:
-    """The ui stage is off the compile's critical path: everything but the server's last
-    pieces compiles before the builder copies the UI in, so BuildKit runs the two side by side."""
+def test_the_server_compiles_while_the_ui_builds(rendered: dict[str, str]) -> None:
+    """The ui stage is off the compile's critical path: llama-server and all it links compile
+    (with an empty UI table) before the builder copies the UI in, so BuildKit runs the two side
+    by side; the step after the copy embeds the UI and links again."""
     for backend, text in rendered.items():
         builder = next(body for f, body in stages(text) if f.endswith(" AS builder"))
-        libraries = builder.index("--target server-context")
-        server = builder.index("--target llama-server")
-        assert libraries < server, backend
+        builds = [
+            m.start() for m in re.finditer(r"cmake --build /build --target llama-server\n", builder)
+        ]
+        assert len(builds) == 2, backend
         if " AS ui" in text:
             copy = builder.index("COPY --from=ui ")
-            assert libraries < copy < server, backend
+            assert builds[0] < copy < builds[1], backend
+
+
+def test_only_the_host_set_compiles_quick_targets(rendered: dict[str, str]) -> None:
+    for backend, text in rendered.items():
+        cases = dict(re.findall(r"^    (\w+/\w+)\) set -- (.*) ;;$", text, re.M))
+        assert {"all/amd64", "baseline/amd64", "host/amd64"} <= set(cases), backend
+        for name, flags in cases.items():
+            quick = "-DCMAKE_PROJECT_INCLUDE=/opt/cmake/quick-targets.cmake" in flags
+            assert quick == name.startswith("host/"), (backend, name)
+        assert "COPY --from=support quick-targets.cmake /opt/cmake/" in text
 
 
 def test_gpu_flags_and_native_builders(rendered: dict[str, str]) -> None:

@@ -40,20 +40,21 @@ EOF
 
 # ---- ui: upstream's web UI (tools/ui), built on the build machine for every target alike (its
 # output is HTML, JavaScript and CSS). `npm ci` installs exactly package-lock.json's versions;
-# npm's downloads live in a cache mount. The optional secret `host-ca` is the build machine's CA
-# bundle, for networks whose proxy re-signs TLS; as a secret it lands in no layer.
+# npm's downloads live in a cache mount. npm itself comes through corepack, pinned by the sha512
+# of its tarball (matrix.yaml: web_ui_npm). The optional secret `host-ca` is the build machine's
+# CA bundle, for networks whose proxy re-signs TLS; as a secret it lands in no layer.
 # The build number is not given here: it only goes into dist/build.json, which the builder
 # writes, so a pin bump that leaves tools/ui alone reuses this stage's layers.
 FROM --platform=$BUILDPLATFORM ${WEB_UI_BUILDER_IMAGE} AS ui
 ARG BUILDARCH
-# Node.js and npm at the base image's Debian release (pin the base by digest to pin them).
+# Node.js and corepack at the base image's Debian release (pin the base by digest to pin them).
 # hadolint ignore=DL3008
 RUN --mount=type=cache,id=apt-cache-ui-$BUILDARCH,target=/var/cache/apt,sharing=locked \
     --mount=type=cache,id=apt-lists-ui-$BUILDARCH,target=/var/lib/apt/lists,sharing=locked <<'EOF'
 set -eu
 rm -f /etc/apt/apt.conf.d/docker-clean
 apt-get update
-apt-get install -y --no-install-recommends nodejs npm ca-certificates
+apt-get install -y --no-install-recommends nodejs node-corepack ca-certificates
 EOF
 
 COPY vendor/tools/ui/ /ui/
@@ -65,6 +66,14 @@ RUN --mount=type=cache,id=npm-$BUILDARCH,target=/root/.npm,sharing=locked \
 set -eu
 cd /ui
 if [ -s /run/secrets/host-ca ]; then export NODE_EXTRA_CA_CERTS=/run/secrets/host-ca; fi
+export COREPACK_ENABLE_DOWNLOAD_PROMPT=0
+# `npm` on PATH, so that the UI's scripts calling npm get the same one.
+printf '#!/bin/sh\nexec corepack npm@%s "$@"\n' '11.21.3+sha512.e427fe8c4f9772d6e11ffce338ea970be8adcbb79e73f4e4938425dfcb5feb0fb586da76c183c7984e1cd51d44b370d8db6ec0735e3e48bae5609c2406271b4e' >/usr/local/bin/npm
+chmod +x /usr/local/bin/npm
+if ! npm --version >/tmp/npm-version.log 2>&1; then
+    echo "error: corepack could not fetch npm 11.21.3 as pinned (matrix.yaml: web_ui_npm): $(grep -m1 -i 'error' /tmp/npm-version.log)" >&2
+    exit 1
+fi
 if ! npm ci --no-audit --no-fund --loglevel=error >/tmp/npm-ci.log 2>&1; then
     if grep -q "in sync" /tmp/npm-ci.log; then
         echo "error: tools/ui/package-lock.json does not match tools/ui/package.json (npm ci refuses it): fix the lock file (npm install in tools/ui) or re-sync the snapshot" >&2
@@ -118,6 +127,10 @@ rm -r busybox-static_*.deb /tmp/busybox-static
 EOF
 
 COPY --from=snapshot-check /checked-commit /opt/llama-cpp-commit
+# CMake code that compiles the targets a CPU set names as quick_targets at -O1 (matrix.yaml).
+# (`support` is a named build context, not a stage.)
+# hadolint ignore=DL3022
+COPY --from=support quick-targets.cmake /opt/cmake/quick-targets.cmake
 COPY vendor/ /src/
 ARG LLAMA_CPP_COMMIT
 ARG LLAMA_CPP_BUILD_NUMBER
@@ -163,8 +176,8 @@ case "$CPU_VARIANTS/$TARGETARCH" in
     all/arm64) set -- -DGGML_CPU_ALL_VARIANTS=ON ;;
     baseline/amd64) set -- -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_SSE42=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_BMI2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF ;;
     baseline/arm64) set -- -DGGML_CPU_ALL_VARIANTS=OFF ;;
-    host/amd64) set -- -DGGML_CPU_ALL_VARIANTS=OFF $(cpuinfo_options 'sse4_2:GGML_SSE42 avx:GGML_AVX avx2:GGML_AVX2 bmi2:GGML_BMI2 fma:GGML_FMA f16c:GGML_F16C avx_vnni:GGML_AVX_VNNI avx512f:GGML_AVX512 avx512vbmi:GGML_AVX512_VBMI avx512_vnni:GGML_AVX512_VNNI avx512_bf16:GGML_AVX512_BF16 amx_tile:GGML_AMX_TILE amx_int8:GGML_AMX_INT8 amx_bf16:GGML_AMX_BF16') ;;
-    host/arm64) set -- -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_NATIVE=ON ;;
+    host/amd64) set -- -DGGML_CPU_ALL_VARIANTS=OFF -DCMAKE_PROJECT_INCLUDE=/opt/cmake/quick-targets.cmake "-DQUICK_TARGETS=llama-common;mtmd;server-context;llama-server-impl;cpp-httplib" $(cpuinfo_options 'sse4_2:GGML_SSE42 avx:GGML_AVX avx2:GGML_AVX2 bmi2:GGML_BMI2 fma:GGML_FMA f16c:GGML_F16C avx_vnni:GGML_AVX_VNNI avx512f:GGML_AVX512 avx512vbmi:GGML_AVX512_VBMI avx512_vnni:GGML_AVX512_VNNI avx512_bf16:GGML_AVX512_BF16 amx_tile:GGML_AMX_TILE amx_int8:GGML_AMX_INT8 amx_bf16:GGML_AMX_BF16') ;;
+    host/arm64) set -- -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_NATIVE=ON -DCMAKE_PROJECT_INCLUDE=/opt/cmake/quick-targets.cmake "-DQUICK_TARGETS=llama-common;mtmd;server-context;llama-server-impl;cpp-httplib" ;;
     *) echo "error: unknown CPU_VARIANTS=$CPU_VARIANTS for $TARGETARCH (valid: all, baseline, host)" >&2; exit 1 ;;
 esac
 set -- "$@" -DCMAKE_C_COMPILER="$triplet-gcc" -DCMAKE_CXX_COMPILER="$triplet-g++"
@@ -191,17 +204,19 @@ cmake -S /src -B /build -G Ninja \
     -DLLAMA_BUILD_NUMBER="$LLAMA_CPP_BUILD_NUMBER" \
     "$@"
 ccache --zero-stats >/dev/null
-# Everything llama-server links except the web UI: the server's core (server-context), which
-# needs common, mtmd, libllama and ggml; ggml depends on every backend module, so this builds
-# them all (CPU variants too). It needs nothing of the ui stage, so it compiles while the UI
-# builds; the build tree stays in this layer for the next step.
-cmake --build /build --target server-context
+# llama-server and everything it links: ggml depends on every backend module, so this builds
+# them all (CPU variants too).
+# No UI yet (tools/ui embeds an empty table when it finds no assets): this step needs nothing
+# of the ui stage, so it compiles while the UI builds. The build tree stays in this layer for
+# the next step, which embeds the UI.
+cmake --build /build --target llama-server
 ccache --show-stats
 EOF
 
 # Where tools/ui/CMakeLists.txt looks first for pre-built assets: embedded into llama-server.
 COPY --from=ui /ui-dist/ /src/tools/ui/dist/
-# The rest: the UI's assets compiled in, the server's HTTP layer and main, the link.
+# The UI's assets compiled in (the embedded table and the HTTP layer that includes its header),
+# llama-server linked again; then the binaries stripped.
 RUN --mount=type=cache,id=ccache-$TARGETARCH,target=/root/.cache/ccache,sharing=locked <<'EOF'
 set -eu
 # What tools/ui's build-info plugin writes, with this build's number (the UI shows it).
