@@ -54,7 +54,7 @@ class UpstreamBuild:
             f"holding a placeholder `{self.dist_path}` of {len(PLACEHOLDER_DIST)} small files "
             f"({', '.join(sorted(PLACEHOLDER_DIST))}): the real UI is not built, so upstream's "
             "llama-server embeds a few hundred bytes instead of its web UI",
-            f"`FROM {self.base_from}` resolves to the lab's `debian:trixie` (debootstrap minbase), "
+            f"`FROM {self.base_from}` resolves to the lab's `debian:trixie` (minbase), "
             f"copied to {self.base_alias}; the apt packages upstream installs (gcc-14 g++-14 "
             "build-essential git cmake libssl-dev; libgomp1 curl ffmpeg) exist in trixie",
             "the build context is the unpruned snapshot without `.git`, so upstream's CMake "
