@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from fixtures.images import SmokeImage
+from fixtures.interrupt import sigint_as_from_a_terminal
 from fixtures.lab import REPO_ROOT
 
 from pipeline.cli import main
@@ -444,6 +445,7 @@ def test_interrupt_removes_the_container(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_from_a_terminal,
     )
     try:
         deadline = time.monotonic() + 60

@@ -26,6 +26,7 @@ from fixtures.git_repos import (
     git_run,
     write_version_json,
 )
+from fixtures.interrupt import sigint_as_from_a_terminal
 from fixtures.lab import PINNED_COMMIT, REPO_ROOT, require_lab
 
 from pipeline import sync as sync_stage
@@ -567,6 +568,7 @@ def start_paused(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_from_a_terminal,
     )
     assert proc.stderr is not None
     line = proc.stderr.readline()
