@@ -1,5 +1,5 @@
 #!/bin/sh
-# Unpacks NVIDIA's CUDA wheels (the named context cuda-toolkit, pinned by pipeline/cuda-wheels.yaml)
+# Unpacks NVIDIA's CUDA wheels (the named context cuda-toolkit, pinned by pipeline/build/cuda-wheels.yaml)
 # into PREFIX, laid out as nvcc's own nvcc.profile expects (bin/, include/, lib/, nvvm/). Adds
 # the unversioned library names CMake's FindCUDAToolkit links against, and a link-time stub of
 # the driver library (lib/stubs/libcuda.so, soname libcuda.so.1: ggml links the driver API;

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The inventory of an assembled rootfs, for its SBOM (pipeline/sbom.py writes the CycloneDX
+# The inventory of an assembled rootfs, for its SBOM (pipeline/build/sbom.py writes the CycloneDX
 # document from it): one line per regular file, tab-separated:
 #
 #   path  sha256  size  origin  package  version  arch  licence

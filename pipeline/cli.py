@@ -1,6 +1,6 @@
 """The command-line boundary: `python -m pipeline <stage> [args]`, and the composition root.
 
-Each stage module contributes its commands (pipeline.options.Command). Errors raised below
+Each stage module contributes its commands (pipeline.core.options.Command). Errors raised below
 become one line on stderr and the error type's exit code; no traceback reaches the user. nox
 sessions call this, tests call `main([...])`. Only the named stage's module is imported, so a
 quick command (a no-op sync) does not pay for importing docker, numpy and gguf.
@@ -18,8 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from pipeline.errors import Interrupted, PipelineError, UsageError
-from pipeline.options import Command
+from pipeline.core.errors import Interrupted, PipelineError, UsageError
+from pipeline.core.options import Command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +50,7 @@ COMMANDS: dict[str, Callable[[], Sequence[Command]]] = {
     "smoke": _stage_commands("pipeline.smoke"),
     "publish": _stage_commands("pipeline.publish"),
     "verify": _stage_commands("pipeline.verify"),
-    "models": _stage_commands("pipeline.presets"),
+    "models": _stage_commands("pipeline.models"),
     "bench": _bench_commands,
 }
 

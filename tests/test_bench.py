@@ -24,6 +24,7 @@ from pipeline.bench.builds import (
     salted_dockerfile,
 )
 from pipeline.bench.core import machine_info
+from pipeline.bench.options import BENCH_PARTS, parse_parts
 from pipeline.bench.parts.rebuild import touched
 from pipeline.bench.parts.size import loaded_files
 from pipeline.bench.report import (
@@ -47,11 +48,10 @@ from pipeline.bench.report import (
     table_rows,
     write_chart,
 )
-from pipeline.benchoptions import BENCH_PARTS, parse_parts
-from pipeline.buildx import run_buildx
-from pipeline.config import Project
-from pipeline.errors import BuildError, BuildTimedOut, ConfigError
-from pipeline.process import lab_lock
+from pipeline.core.config import Project
+from pipeline.core.errors import BuildError, BuildTimedOut, ConfigError
+from pipeline.core.process import lab_lock
+from pipeline.oci.buildx import run_buildx
 
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 MACHINE = {"cpus": 2, "cpu_model": "Test CPU", "memory_gib": 8, "docker": "28.5.2"}
@@ -566,8 +566,8 @@ def test_the_synthetic_pin_bump_is_a_real_commit_the_sync_stage_takes(
     from dataclasses import replace
 
     from pipeline.bench.parts.freshrunner import AREAS, bump_choice, sources, synthetic_bump
-    from pipeline.config import load_version, save_version
-    from pipeline.options import SyncOptions
+    from pipeline.core.config import load_version, save_version
+    from pipeline.core.options import SyncOptions
     from pipeline.sync import sync
 
     files = sources(pinned_snapshot / "vendor")

@@ -29,26 +29,26 @@ from fixtures.lab import (
 from pipeline.build import build
 from pipeline.build.command import Source, buildx_arguments, cache_spec
 from pipeline.build.plan import check_builder_platforms, plan_jobs
-from pipeline.buildx import BuilderInfo
 from pipeline.cli import build_parser, main
-from pipeline.config import Project, load_version
-from pipeline.errors import (
+from pipeline.core.config import Project, load_version
+from pipeline.core.errors import (
     BuildError,
     PipelineError,
     RecordInvalidError,
     RecordMissingError,
     UsageError,
 )
+from pipeline.core.options import BuildOptions, resolve_build
 from pipeline.matrix import configure_flags, host_platform, load_matrix
-from pipeline.oci import MANIFEST_ACCEPT
-from pipeline.options import BuildOptions, resolve_build
+from pipeline.oci.buildx import BuilderInfo
+from pipeline.oci.image import MANIFEST_ACCEPT
 from pipeline.records import (
     BuildRecord,
     find_build_record,
     load_build_records,
     write_record,
 )
-from pipeline.snapshot import check_snapshot
+from pipeline.records.snapshot import check_snapshot
 
 MATRIX = load_matrix()
 VERSION = load_version(REPO_ROOT / "version.json")

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from fixtures.lab import build_lock
 
-from pipeline.ccache import ccache_bytes, ccache_hits, replaced_directory
-from pipeline.config import Project
-from pipeline.options import BuildOptions
+from pipeline.core.config import Project
+from pipeline.core.options import BuildOptions
+from pipeline.oci.ccache import ccache_bytes, ccache_hits, replaced_directory
 from pipeline.records import BuildRecord
-from pipeline.snapshot import check_snapshot
+from pipeline.records.snapshot import check_snapshot
 
 LOG = """#18 10.61 Cacheable calls:   193 / 200 (96.5%)
 #18 10.61   Hits:            150 / 193 (77.72%)

@@ -19,12 +19,12 @@ import yaml
 from fixtures.images import SmokeImage
 from fixtures.lab import REPO_ROOT, require_lab
 
-from pipeline.catalogue import catalogue_model
 from pipeline.cli import main
-from pipeline.config import load_version
-from pipeline.engine import free_port
+from pipeline.core.config import load_version
 from pipeline.matrix import load_matrix
-from pipeline.tags import SemVer, TagKind, load_tag_rules
+from pipeline.modelfiles.catalogue import catalogue_model
+from pipeline.oci.engine import free_port
+from pipeline.publish.tags import SemVer, TagKind, load_tag_rules
 
 COMPOSE = REPO_ROOT / "compose.yaml"
 PRESET = "smollm2-135m"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from fixtures.lab import PINNED_COMMIT, REPO_ROOT
 
-from pipeline.config import (
+from pipeline.core.config import (
     DEFAULT_REPOSITORY,
     LlamaCppPin,
     Project,
@@ -22,7 +22,7 @@ from pipeline.config import (
     save_version,
     write_json_atomic,
 )
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from fixtures.lab import TEST_CPU_VARIANTS, build_lock, copy_project
 
+from pipeline.build.sbom import sbom_files
 from pipeline.build.toolkit import load_wheels
-from pipeline.config import Project
+from pipeline.core.config import Project
+from pipeline.core.options import BuildOptions, PublishOptions, SmokeOptions
 from pipeline.matrix import load_matrix
-from pipeline.options import BuildOptions, PublishOptions, SmokeOptions
 from pipeline.records import BuildRecord, SmokeRecord, load_smoke_records
-from pipeline.sbom import sbom_files
-from pipeline.snapshot import check_snapshot
+from pipeline.records.snapshot import check_snapshot
 
 CI_GPU_ARCHITECTURES = "90-virtual"
 CI_BUILD_ARGS = (("CUDA_FLASH_ATTENTION", "OFF"),)

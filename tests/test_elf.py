@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.elf import ImageTree, closure_gaps, describe_gaps, read_dynamic
+from pipeline.oci.elf import ImageTree, closure_gaps, describe_gaps, read_dynamic
 
 TRIPLET = "x86_64-linux-gnu"
 

@@ -1,5 +1,5 @@
 """LLAMA_HF_REVISION pins a Hub download to a commit, tag or branch, against the project's local
-Hub (pipeline/hubserver.py, which speaks the Hub's resolve API): a repository whose file has
+Hub (pipeline/smoke/hubserver.py, which speaks the Hub's resolve API): a repository whose file has
 different bytes on two revisions serves the pinned one; a revision that does not exist is one
 line and a non-zero exit."""
 
@@ -12,9 +12,9 @@ import httpx
 import pytest
 from fixtures.images import SmokeImage
 
-from pipeline.engine import ServerContainer, docker_client, free_port
-from pipeline.hubserver import HubServer
-from pipeline.model import generate_model, preset
+from pipeline.modelfiles.gguf import generate_model, preset
+from pipeline.oci.engine import ServerContainer, docker_client, free_port
+from pipeline.smoke.hubserver import HubServer
 
 pytestmark = pytest.mark.docker
 

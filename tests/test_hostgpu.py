@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser
-from pipeline.hostgpu import detect_backend, load_rules
+from pipeline.core.options import resolve_build
 from pipeline.matrix import load_matrix
-from pipeline.options import resolve_build
+from pipeline.matrix.hostgpu import detect_backend, load_rules
 
 MATRIX = load_matrix()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.hubserver import HubServer
+from pipeline.smoke.hubserver import HubServer
 
 TOKEN = "hf_" + "Zz9Yy8Xx7W" * 4
 

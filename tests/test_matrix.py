@@ -1,4 +1,4 @@
-"""pipeline/matrix.yaml and its loader: the shipped matrix, and every validation error."""
+"""pipeline/matrix/matrix.yaml and its loader: the shipped matrix, and every validation error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.errors import ConfigError, UsageError
+from pipeline.core.errors import ConfigError, UsageError
 from pipeline.matrix import (
     MATRIX_FILE,
     Matrix,

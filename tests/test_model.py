@@ -11,10 +11,9 @@ from pathlib import Path
 import gguf
 import pytest
 
-from pipeline.config import Project
-from pipeline.errors import ModelError
-from pipeline.hubserver import HubServer
-from pipeline.model import (
+from pipeline.core.config import Project
+from pipeline.core.errors import ModelError
+from pipeline.modelfiles.gguf import (
     CHAT_TEMPLATE,
     ModelSpec,
     download_hf_model,
@@ -24,6 +23,7 @@ from pipeline.model import (
     validate_gguf,
     vocabulary,
 )
+from pipeline.smoke.hubserver import HubServer
 
 TOKEN = "hf_" + "a1B2c3D4e5" * 4  # the Hub's token shape; a test value, not a secret
 

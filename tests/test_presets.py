@@ -15,12 +15,12 @@ import pytest
 import yaml
 from fixtures.lab import REPO_ROOT
 
-from pipeline.catalogue import MODEL_CACHE_ENV, load_catalogue
 from pipeline.cli import main
-from pipeline.hubserver import HubServer
-from pipeline.model import generate_model, preset
-from pipeline.presets import HostMemory, recommend
-from pipeline.pypi import sha256_of
+from pipeline.core.pypi import sha256_of
+from pipeline.modelfiles.catalogue import MODEL_CACHE_ENV, load_catalogue
+from pipeline.modelfiles.gguf import generate_model, preset
+from pipeline.models import HostMemory, recommend
+from pipeline.smoke.hubserver import HubServer
 
 GIB = 1 << 30
 REPO = "acme/tiny-gguf"
@@ -198,7 +198,7 @@ def test_recommend_picks_the_largest_preset_that_fits(gib: float, gpu: bool, cho
 
 
 def test_recommend_says_when_nothing_fits() -> None:
-    from pipeline.errors import ModelError
+    from pipeline.core.errors import ModelError
 
     with pytest.raises(ModelError, match=re.escape("no chat preset fits 0.4 GiB of RAM")):
         recommend(load_catalogue(), "chat", HostMemory(GIB // 2, "RAM", False, threads=2))

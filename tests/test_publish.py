@@ -26,10 +26,11 @@ from fixtures.registry import FaultProxy, LabRelease, LocalRegistry, TokenServer
 from fixtures.signing import KeyPair
 
 from pipeline import cli
-from pipeline.config import Project
-from pipeline.cosign import SMOKE_PREDICATE
-from pipeline.oci import MANIFEST_ACCEPT
-from pipeline.options import PublishOptions
+from pipeline.core.config import Project
+from pipeline.core.options import PublishOptions
+from pipeline.oci.cosign import SMOKE_PREDICATE
+from pipeline.oci.image import MANIFEST_ACCEPT
+from pipeline.oci.registry import Credentials, RegistryClient, RetryPolicy
 from pipeline.publish import PublishOutcome, publish
 from pipeline.records import (
     BuildRecord,
@@ -39,7 +40,6 @@ from pipeline.records import (
     load_smoke_records,
     write_record,
 )
-from pipeline.registry import Credentials, RegistryClient, RetryPolicy
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -600,7 +600,7 @@ def test_registry_stopped_for_good_fails_clearly_and_a_rerun_completes(
     release = test_releases["1.0.0"]
     root = write_project(tmp_path / "project", release, image=f"{fault_proxy.host}/{repo}")
     fault_proxy.stop_on(rf"^PUT /v2/{repo}/manifests/1\.0 ", restart_after=None)
-    from pipeline.errors import RegistryError
+    from pipeline.core.errors import RegistryError
 
     with pytest.raises(RegistryError) as failure:
         publish_project(root, PublishOptions(Project(root), retry=FAST_RETRY, env=dict(os.environ)))

@@ -17,16 +17,16 @@ import pytest
 from fixtures.images import SmokeImage
 from fixtures.lab import REPO_ROOT
 
-from pipeline.catalogue import (
+from pipeline.core.config import Project
+from pipeline.core.errors import ModelError
+from pipeline.matrix import load_matrix
+from pipeline.modelfiles.catalogue import (
     MODEL_CACHE_ENV,
     CatalogueModel,
     catalogue_model,
     ensure_catalogue_model,
 )
-from pipeline.config import Project
-from pipeline.engine import ServerContainer, docker_client
-from pipeline.errors import ModelError
-from pipeline.matrix import load_matrix
+from pipeline.oci.engine import ServerContainer, docker_client
 from pipeline.records import REAL_TIER, SmokeRecord
 from pipeline.smoke import resolve_model
 from pipeline.smoke.checks import SmokeRun, SmokeTarget
@@ -180,7 +180,7 @@ def real_run(project: Project, image: SmokeImage, settings: Any = None) -> Smoke
 
 
 def _no_model() -> Any:
-    from pipeline.options import ModelSource
+    from pipeline.core.options import ModelSource
 
     return ModelSource()
 

@@ -1,4 +1,4 @@
-"""pipeline.registry against real registries: Debian's docker-registry on loopback ports."""
+"""pipeline.oci.registry against real registries: Debian's docker-registry on loopback ports."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from fixtures.registry import FaultProxy, LabRelease, LocalRegistry, TokenServer
 
-from pipeline.errors import CredentialsError, RegistryError
-from pipeline.oci import (
+from pipeline.core.errors import CredentialsError, RegistryError
+from pipeline.oci.image import (
     DOCKER_HUB,
     MEDIA_DOCKER_LIST,
     MEDIA_OCI_INDEX,
@@ -19,7 +19,7 @@ from pipeline.oci import (
     Manifest,
     split_reference,
 )
-from pipeline.registry import (
+from pipeline.oci.registry import (
     Credentials,
     RegistryClient,
     RetryPolicy,

@@ -12,10 +12,10 @@ import pytest
 from fixtures.lab import PINNED_COMMIT, REPO_ROOT, copy_project, require_lab
 
 from pipeline.cli import main
-from pipeline.config import Project, load_version
-from pipeline.dockerfile import current_dockerfile, render_dockerfile
-from pipeline.errors import ConfigError
+from pipeline.core.config import Project, load_version
+from pipeline.core.errors import ConfigError
 from pipeline.matrix import Matrix, load_matrix
+from pipeline.matrix.dockerfile import current_dockerfile, render_dockerfile
 from pipeline.render import render
 
 BACKENDS = ["cpu", "vulkan", "cuda", "cuda13", "rocm"]

@@ -13,15 +13,15 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from fixtures.lab import PINNED_COMMIT
 
-from pipeline.config import Project
-from pipeline.records import BuildRecord
-from pipeline.sbom import (
+from pipeline.build.sbom import (
     InventoryEntry,
     cyclonedx,
     load_licences,
     read_inventory,
     sbom_files,
 )
+from pipeline.core.config import Project
+from pipeline.records import BuildRecord
 
 VALIDATOR = JsonStrictValidator(SchemaVersion.V1_6)
 # What the engine puts into every container it creates (empty files, later bind mounts).

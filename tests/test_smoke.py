@@ -21,14 +21,14 @@ from fixtures.interrupt import sigint_as_from_a_terminal
 from fixtures.lab import REPO_ROOT
 
 from pipeline.cli import main
-from pipeline.config import Project
-from pipeline.engine import RUN_PID_LABEL, ServerContainer, ServerExited
-from pipeline.errors import ConfigError, RecordInvalidError, UsageError
-from pipeline.hubserver import HubServer
+from pipeline.core.config import Project
+from pipeline.core.errors import ConfigError, RecordInvalidError, UsageError
 from pipeline.matrix import MATRIX_FILE, load_matrix, parse_matrix
-from pipeline.model import generate_model, preset
+from pipeline.modelfiles.gguf import generate_model, preset
+from pipeline.oci.engine import RUN_PID_LABEL, ServerContainer, ServerExited
 from pipeline.records import CheckResult, SmokeRecord, load_smoke_records
 from pipeline.smoke import write_smoke_record
+from pipeline.smoke.hubserver import HubServer
 from pipeline.smoke.junit import junit_xml
 from pipeline.smoke.settings import load_settings
 

@@ -30,10 +30,10 @@ from fixtures.interrupt import sigint_as_from_a_terminal
 from fixtures.lab import PINNED_COMMIT, REPO_ROOT, require_lab
 
 from pipeline import sync as sync_stage
-from pipeline.config import Project, load_version
-from pipeline.errors import ConfigError, RemoteError, SnapshotError, ToolMissingError
-from pipeline.options import BumpOptions, SyncOptions, resolve_remote
-from pipeline.snapshot import (
+from pipeline.core.config import Project, load_version
+from pipeline.core.errors import ConfigError, RemoteError, SnapshotError, ToolMissingError
+from pipeline.core.options import BumpOptions, SyncOptions, resolve_remote
+from pipeline.records.snapshot import (
     PRUNE_RULES_FILE,
     PruneRules,
     Snapshot,

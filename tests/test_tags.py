@@ -1,4 +1,4 @@
-"""The tag rules of pipeline/tags.yaml and the per-tag decision, as pure functions."""
+"""The tag rules of pipeline/publish/tags.yaml and the per-tag decision, as pure functions."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.errors import ConfigError
-from pipeline.tags import (
+from pipeline.core.errors import ConfigError
+from pipeline.publish.tags import (
     TAG_RULES_FILE,
     Action,
     ExistingTag,

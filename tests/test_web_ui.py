@@ -14,10 +14,10 @@ import pytest
 from fixtures.images import SmokeImage
 from fixtures.lab import require_lab
 
-from pipeline.config import Project
-from pipeline.engine import ServerContainer, docker_client
+from pipeline.core.config import Project
+from pipeline.oci.engine import ServerContainer, docker_client
+from pipeline.records.snapshot import check_snapshot
 from pipeline.smoke.settings import load_settings
-from pipeline.snapshot import check_snapshot
 
 pytestmark = pytest.mark.docker
 
@@ -116,9 +116,9 @@ def test_a_lock_file_out_of_step_fails_the_ui_build_in_one_line(
     from fixtures.lab import build_lock, copy_project
 
     from pipeline.build import build
-    from pipeline.errors import BuildError
-    from pipeline.options import BuildOptions
-    from pipeline.snapshot import check_snapshot
+    from pipeline.core.errors import BuildError
+    from pipeline.core.options import BuildOptions
+    from pipeline.records.snapshot import check_snapshot
 
     root = copy_project(tmp_path / "project")
     project = Project(root)

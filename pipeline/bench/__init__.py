@@ -19,13 +19,13 @@ from typing import Any
 
 from pipeline.bench import report as rep
 from pipeline.bench.core import Bench, StageFunctions, load_previous, machine_info
+from pipeline.bench.options import BENCH_PARTS, BenchOptions, add_bench_arguments, resolve_bench
 from pipeline.bench.parts import MEASURES
 from pipeline.bench.report import PartResult
-from pipeline.benchoptions import BENCH_PARTS, BenchOptions, add_bench_arguments, resolve_bench
-from pipeline.config import write_json_atomic
-from pipeline.console import err, out
-from pipeline.options import Command
-from pipeline.process import utc_now
+from pipeline.core.config import write_json_atomic
+from pipeline.core.console import err, out
+from pipeline.core.options import Command
+from pipeline.core.process import utc_now
 
 __all__ = ["StageFunctions", "commands", "run_bench"]
 

@@ -9,12 +9,12 @@ import re
 from pathlib import Path
 
 from pipeline.bench.core import Bench
-from pipeline.buildx import run_buildx
-from pipeline.config import Project
-from pipeline.console import err
-from pipeline.options import BuildOptions
+from pipeline.core.config import Project
+from pipeline.core.console import err
+from pipeline.core.options import BuildOptions
+from pipeline.oci.buildx import run_buildx
 from pipeline.records import BuildRecord
-from pipeline.snapshot import Snapshot
+from pipeline.records.snapshot import Snapshot
 
 _CACHE_MOUNT = re.compile(r"--mount=type=cache(?P<opts>[^\s]*)")
 

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench.report import Metric, PartResult, parse_report
-from pipeline.buildx import docker_cli
-from pipeline.config import Project
-from pipeline.engine import ServerContainer, ServerExited, docker_client, local_image
-from pipeline.errors import ConfigError, RecordInvalidError, SmokeError
-from pipeline.options import BuildOptions, SmokeOptions, SyncOptions
-from pipeline.process import lab_lock
+from pipeline.core.config import Project
+from pipeline.core.errors import ConfigError, RecordInvalidError, SmokeError
+from pipeline.core.options import BuildOptions, SmokeOptions, SyncOptions
+from pipeline.core.process import lab_lock
+from pipeline.oci.buildx import docker_cli
+from pipeline.oci.engine import ServerContainer, ServerExited, docker_client, local_image
 from pipeline.records import BuildRecord, SmokeRecord, load_build_records
-from pipeline.snapshot import Snapshot
+from pipeline.records.snapshot import Snapshot
 
 TAG_PREFIX = "llama-bench"
 MB = 1_000_000

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 REPORT_SCHEMA = 1
 README_START = "<!-- bench:start -->"

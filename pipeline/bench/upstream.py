@@ -15,8 +15,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.buildx import docker_cli, last_line
-from pipeline.errors import BuildError, ConfigError
+from pipeline.core.errors import BuildError, ConfigError
+from pipeline.oci.buildx import docker_cli, last_line
 
 DOCKERFILE = ".devops/cpu.Dockerfile"
 TARGET = "server"

@@ -25,23 +25,23 @@ from pathlib import Path
 
 from rich.table import Table
 
-from pipeline import console
 from pipeline.build.carry import CCACHE_SEED_CONTEXT, ccache_dir, ccache_seed
 from pipeline.build.command import Source, buildx_arguments
 from pipeline.build.plan import BuildJob, check_builder_platforms, check_output_support, plan_jobs
 from pipeline.build.readback import collect_records, push_layout
+from pipeline.build.sbom import cyclonedx, read_inventory, write_sbom
 from pipeline.build.toolkit import TOOLKIT_CONTEXT, toolkit_context
-from pipeline.buildx import check_buildx, inspect_builder, run_buildx
-from pipeline.ccache import ccache_bytes, replaced_directory
-from pipeline.config import COMMIT_RE, VersionInfo, load_version
-from pipeline.dockerfile import current_dockerfile
-from pipeline.engine import docker_client
-from pipeline.errors import UsageError
+from pipeline.core import console
+from pipeline.core.config import COMMIT_RE, VersionInfo, load_version
+from pipeline.core.errors import UsageError
+from pipeline.core.options import BuildOptions, Command, add_build_arguments, resolve_build
 from pipeline.matrix import load_matrix
-from pipeline.options import BuildOptions, Command, add_build_arguments, resolve_build
+from pipeline.matrix.dockerfile import current_dockerfile
+from pipeline.oci.buildx import check_buildx, inspect_builder, run_buildx
+from pipeline.oci.ccache import ccache_bytes, replaced_directory
+from pipeline.oci.engine import docker_client
 from pipeline.records import PUSHED_OUTPUTS, BuildRecord, write_record
-from pipeline.sbom import cyclonedx, read_inventory, write_sbom
-from pipeline.snapshot import Snapshot, check_snapshot
+from pipeline.records.snapshot import Snapshot, check_snapshot
 
 __all__ = ["COMMANDS", "build"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.build.plan import BuildJob
-from pipeline.console import err
-from pipeline.errors import UsageError
+from pipeline.core.console import err
+from pipeline.core.errors import UsageError
 
 CCACHE_SEED_CONTEXT = "ccache-seed"
 

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.build.plan import BuildJob
-from pipeline.config import Project, VersionInfo
-from pipeline.options import BuildOptions
+from pipeline.core.config import Project, VersionInfo
+from pipeline.core.options import BuildOptions
 
 # The named build context the templates take their support files (entrypoint...) from.
 SUPPORT_CONTEXT = "support"
@@ -110,7 +110,7 @@ def buildx_arguments(
             str(project.third_party),
         ]
     if options.attest and job.output in ("push", "push-by-digest"):
-        # Provenance from BuildKit; the SBOM is the pipeline's own (pipeline/sbom.py): the
+        # Provenance from BuildKit; the SBOM is the pipeline's own (pipeline/build/sbom.py): the
         # image is assembled file by file, so no scanner has to guess what is in it.
         args += ["--provenance=mode=max"]
     else:

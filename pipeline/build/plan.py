@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.buildx import BuilderInfo
-from pipeline.config import VersionInfo
-from pipeline.errors import BuildError, UsageError
+from pipeline.core.config import VersionInfo
+from pipeline.core.errors import BuildError, UsageError
+from pipeline.core.options import BuildOptions
 from pipeline.matrix import Backend, Matrix, TargetPlatform, host_platform
-from pipeline.options import BuildOptions
+from pipeline.oci.buildx import BuilderInfo
 from pipeline.records import Output
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.build.plan import BuildJob, split_repository
-from pipeline.engine import image_digest, image_sizes, local_image
-from pipeline.errors import BuildError, PipelineError
-from pipeline.oci import ImageName, Manifest, OciLayout
+from pipeline.core.errors import BuildError, PipelineError
+from pipeline.oci.engine import image_digest, image_sizes, local_image
+from pipeline.oci.image import ImageName, Manifest, OciLayout
+from pipeline.oci.registry import RegistryClient, registry_credentials
 from pipeline.records import BuildRecord
-from pipeline.registry import RegistryClient, registry_credentials
 
 
 def push_layout(job: BuildJob, layout_dir: Path) -> Manifest:

@@ -1,11 +1,11 @@
-"""NVIDIA's CUDA wheels for a `toolkit: wheels` backend (pipeline/cuda-wheels.yaml): fetched on
-the build machine, checked against their pinned sha256, and laid out as the named build
+"""NVIDIA's CUDA wheels for a `toolkit: wheels` backend (cuda-wheels.yaml, beside this file):
+fetched on the build machine, checked against their pinned sha256, and laid out as the named build
 context `cuda-toolkit` (one directory per target architecture), which the builder unpacks into
 /usr/local/cuda.
 
 Fetched here rather than in a build step: a build step reaches no package index through the
 lab's TLS-intercepting proxy (lab.md §9), and a context of pinned files keeps the build
-hermetic (pipeline/pypi.py fetches them).
+hermetic (pipeline/core/pypi.py fetches them).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.config import load_yaml
-from pipeline.errors import BuildError, ConfigError
+from pipeline.core.config import load_yaml
+from pipeline.core.errors import BuildError, ConfigError
+from pipeline.core.pypi import Pin, cache_dir, pip_download, sha256_of
 from pipeline.matrix import Backend, TargetPlatform
-from pipeline.pypi import Pin, cache_dir, pip_download, sha256_of
 
-WHEELS_FILE = Path(__file__).resolve().parent.parent / "cuda-wheels.yaml"
+WHEELS_FILE = Path(__file__).with_name("cuda-wheels.yaml")
 TOOLKIT_CONTEXT = "cuda-toolkit"
 # The platform tags NVIDIA's wheels carry, per Docker architecture.
 PIP_PLATFORMS = {
@@ -29,7 +29,7 @@ PIP_PLATFORMS = {
 }
 FETCH_HINT = (
     "check that this machine reaches the Python package index (pip's own settings apply), "
-    "or put the files of pipeline/cuda-wheels.yaml into the wheel cache by hand"
+    "or put the files of pipeline/build/cuda-wheels.yaml into the wheel cache by hand"
 )
 
 
@@ -65,7 +65,7 @@ def toolkit_context(backend: Backend, platforms: Sequence[TargetPlatform], direc
             if not cached.is_file() or sha256_of(cached) != wheel.sha256:
                 cached.unlink(missing_ok=True)  # a corrupt or foreign file: fetched anew next time
                 raise BuildError(
-                    f"{wheel.file}: not the file pipeline/cuda-wheels.yaml pins (sha256)",
+                    f"{wheel.file}: not the file pipeline/build/cuda-wheels.yaml pins (sha256)",
                     "run the build again to fetch it anew",
                 )
             try:

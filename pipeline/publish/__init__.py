@@ -1,5 +1,5 @@
 """`nox -s publish`: join smoke-tested per-platform digests into one index per backend, tag it
-by the rules in tags.yaml (pipeline/tags.py), push, and verify through the registry API.
+by the rules in tags.yaml (pipeline/publish/tags.py), push, and verify through the registry API.
 
 Takes the build and smoke records and refuses digests without a passed smoke record of that
 same digest. The plan is computed before anything is written (pipeline/publish/plan.py): every
@@ -19,14 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import console
-from pipeline.buildx import docker_config
-from pipeline.config import load_version
-from pipeline.cosign import Cosign, Signer
-from pipeline.errors import CredentialsError, PublishError, RegistryError, UsageError
+from pipeline.core import console
+from pipeline.core.config import load_version
+from pipeline.core.errors import CredentialsError, PublishError, RegistryError, UsageError
+from pipeline.core.options import Command, PublishOptions, add_publish_arguments, resolve_publish
 from pipeline.matrix import load_matrix
-from pipeline.oci import ImageName
-from pipeline.options import Command, PublishOptions, add_publish_arguments, resolve_publish
+from pipeline.oci.buildx import docker_config
+from pipeline.oci.cosign import Cosign, Signer
+from pipeline.oci.image import ImageName
+from pipeline.oci.registry import RegistryClient
 from pipeline.publish.plan import (
     PublishPlan,
     auths_for,
@@ -40,6 +41,7 @@ from pipeline.publish.plan import (
 )
 from pipeline.publish.push import Signing, check_sources, stage_backend, tag_backend, verify
 from pipeline.publish.sources import Registries
+from pipeline.publish.tags import load_tag_rules
 from pipeline.records import (
     BuildRecord,
     SmokeRecord,
@@ -48,8 +50,6 @@ from pipeline.records import (
     require_build_records,
     write_publish_record,
 )
-from pipeline.registry import RegistryClient
-from pipeline.tags import load_tag_rules
 
 __all__ = ["COMMANDS", "PublishOutcome", "publish"]
 

@@ -10,16 +10,15 @@ from typing import Any
 
 from rich.table import Table
 
-from pipeline import console
-from pipeline.config import VersionInfo
-from pipeline.errors import ConfigError, PublishError
+from pipeline.core import console
+from pipeline.core.config import VersionInfo
+from pipeline.core.errors import ConfigError, PublishError
+from pipeline.core.options import PublishOptions
 from pipeline.matrix import load_matrix
-from pipeline.oci import ImageName, Manifest
-from pipeline.options import PublishOptions
+from pipeline.oci.image import ImageName, Manifest
+from pipeline.oci.registry import Credentials, RegistryClient, credentials_from_env
 from pipeline.publish.sources import Registries, compose_index
-from pipeline.records import NO_GPU_TIER, BuildRecord, SmokeRecord
-from pipeline.registry import Credentials, RegistryClient, credentials_from_env
-from pipeline.tags import (
+from pipeline.publish.tags import (
     Action,
     ExistingTag,
     SemVer,
@@ -28,6 +27,7 @@ from pipeline.tags import (
     TagRules,
     decide,
 )
+from pipeline.records import NO_GPU_TIER, BuildRecord, SmokeRecord
 
 
 def required_tiers(

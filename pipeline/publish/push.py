@@ -12,16 +12,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import console
-from pipeline.config import VersionInfo
-from pipeline.cosign import SBOM_PREDICATE, SMOKE_PREDICATE, Cosign, Signer, Verifier
-from pipeline.errors import PipelineError, PublishError
-from pipeline.oci import LABEL_REVISION, LABEL_VERSION, ImageName
+from pipeline.core import console
+from pipeline.core.config import VersionInfo
+from pipeline.core.errors import PipelineError, PublishError
+from pipeline.oci.cosign import SBOM_PREDICATE, SMOKE_PREDICATE, Cosign, Signer, Verifier
+from pipeline.oci.image import LABEL_REVISION, LABEL_VERSION, ImageName
+from pipeline.oci.registry import PlatformImage, RegistryClient
 from pipeline.publish.plan import BackendPlan, PublishPlan
 from pipeline.publish.sources import Registries, copy_image
+from pipeline.publish.tags import PUSHING, Action
 from pipeline.records import BuildRecord, SmokeRecord
-from pipeline.registry import PlatformImage, RegistryClient
-from pipeline.tags import PUSHING, Action
 
 
 def label_problems(

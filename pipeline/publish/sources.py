@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
-from pipeline.errors import PublishError
-from pipeline.oci import MEDIA_OCI_INDEX, ImageName, Manifest
+from pipeline.core.errors import PublishError
+from pipeline.oci.image import MEDIA_OCI_INDEX, ImageName, Manifest
+from pipeline.oci.registry import Credentials, RegistryClient, RetryPolicy
 from pipeline.records import BuildRecord
-from pipeline.registry import Credentials, RegistryClient, RetryPolicy
 
 
 class Registries:

@@ -3,7 +3,7 @@
 Takes the build records (build's hand-off: which image, which digest, which backend) or an
 IMAGE named on the command line, and a model (generated, local, or from a Hub), validated
 before any container starts. Each container's life is owned by one context manager
-(pipeline.engine.ServerContainer); each check is named, timed and recorded
+(pipeline.oci.engine.ServerContainer); each check is named, timed and recorded
 (pipeline/smoke/checks.py). The record, build/reports/smoke-<backend>-<arch>.json (and JUnit
 with --report), is what publish requires before it lets a digest out.
 """
@@ -17,21 +17,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalogue import catalogue_model, ensure_catalogue_model
-from pipeline.config import Project
-from pipeline.console import err
-from pipeline.engine import BUILD_HINT, docker_client, has_digest, image_digest, local_image, pull
-from pipeline.errors import ModelError, SmokeError, UsageError
-from pipeline.matrix import Backend, load_matrix
-from pipeline.model import download_hf_model, ensure_model, validate_gguf
-from pipeline.oci import split_reference
-from pipeline.options import (
+from pipeline.core.config import Project
+from pipeline.core.console import err
+from pipeline.core.errors import ModelError, SmokeError, UsageError
+from pipeline.core.options import (
     Command,
     ModelSource,
     SmokeOptions,
     add_smoke_arguments,
     resolve_smoke,
 )
+from pipeline.matrix import Backend, load_matrix
+from pipeline.modelfiles.catalogue import catalogue_model, ensure_catalogue_model
+from pipeline.modelfiles.gguf import download_hf_model, ensure_model, validate_gguf
+from pipeline.oci.engine import (
+    BUILD_HINT,
+    docker_client,
+    has_digest,
+    image_digest,
+    local_image,
+    pull,
+)
+from pipeline.oci.image import split_reference
+from pipeline.oci.registry import registry_credentials
 from pipeline.records import (
     NO_GPU_TIER,
     REAL_TIER,
@@ -41,7 +49,6 @@ from pipeline.records import (
     load_build_records,
     write_record,
 )
-from pipeline.registry import registry_credentials
 from pipeline.smoke import router, tiers  # noqa: F401 (register their checks)
 from pipeline.smoke.checks import ModelMount, SmokeRun, SmokeTarget
 from pipeline.smoke.junit import junit_xml, print_record

@@ -21,16 +21,16 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from pipeline.config import Project, load_version
-from pipeline.console import err
-from pipeline.elf import closure_gaps, describe_gaps
-from pipeline.engine import ServerContainer, ServerExited, free_port, image_tree
-from pipeline.errors import ConfigError, UsageError
-from pipeline.hubserver import HubServer
+from pipeline.core.config import Project, load_version
+from pipeline.core.console import err
+from pipeline.core.errors import ConfigError, UsageError
 from pipeline.matrix import Backend
-from pipeline.model import GGUFInfo
-from pipeline.oci import LABEL_REVISION
+from pipeline.modelfiles.gguf import GGUFInfo
+from pipeline.oci.elf import closure_gaps, describe_gaps
+from pipeline.oci.engine import ServerContainer, ServerExited, free_port, image_tree
+from pipeline.oci.image import LABEL_REVISION
 from pipeline.records import NO_GPU_TIER, CheckResult, Figure, SmokeRecord, arch_of
+from pipeline.smoke.hubserver import HubServer
 from pipeline.smoke.settings import Settings
 
 

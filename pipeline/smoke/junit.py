@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from pipeline.console import out
+from pipeline.core.console import out
 from pipeline.records import SmokeRecord
 
 

@@ -1,5 +1,5 @@
-"""The `real` smoke tier: a trained model (pipeline/catalogue.yaml) asked what users ask, each
-answer checked (pipeline/smoke.yaml's `real:` says what is asked and what must come back).
+"""The `real` smoke tier: a trained model (modelfiles/catalogue.yaml) asked what users ask, each
+answer checked (pipeline/smoke/smoke.yaml's `real:` says what is asked and what must come back).
 
 Where the structural tier proves every endpoint answers, this one proves the answers are right:
 a factual question, a JSON schema, a GBNF grammar, a tool call, a stream with usage, a stream
@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.records import REAL_TIER, Figure, SmokeRecord
 from pipeline.smoke.checks import CheckFailed, Live, Outcome, SmokeRun, require, short
 

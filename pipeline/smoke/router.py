@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.engine import ServerExited
-from pipeline.model import generate_model, preset
+from pipeline.modelfiles.gguf import generate_model, preset
+from pipeline.oci.engine import ServerExited
 from pipeline.smoke.checks import CheckFailed, SmokeRun, entrypoint_check, require, short
 
 MODELS_DIR = "/models-dir"

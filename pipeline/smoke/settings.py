@@ -1,4 +1,4 @@
-"""Smoke's own data (pipeline/smoke.yaml): timing bounds, what the server is asked, the local
+"""Smoke's own data (pipeline/smoke/smoke.yaml): timing bounds, what the server is asked, the local
 Hub. What differs per backend (environment, timing scale, device log) is matrix.yaml's."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import load_yaml
-from pipeline.errors import ConfigError
+from pipeline.core.config import load_yaml
+from pipeline.core.errors import ConfigError
 from pipeline.matrix import host_platform
 
-SETTINGS_FILE = Path(__file__).parent.parent / "smoke.yaml"
+SETTINGS_FILE = Path(__file__).with_name("smoke.yaml")
 
 
 @dataclass(frozen=True)

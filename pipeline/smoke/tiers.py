@@ -7,7 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipeline.elf import TRIPLETS
+from pipeline.oci.elf import TRIPLETS
 from pipeline.records import arch_of
 from pipeline.smoke.checks import SmokeRun, require, short, tier_check
 

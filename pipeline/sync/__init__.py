@@ -1,7 +1,7 @@
 """`nox -s sync` and `nox -s bump`: the pinned llama.cpp source as a verified vendor snapshot.
 
 sync: shallow-fetch exactly the pinned commit (GitPython) into a staging directory beside
-third_party/llama.cpp/vendor, check out, verify HEAD, drop .git, prune (pipeline/prune.yaml),
+third_party/llama.cpp/vendor, check out, verify HEAD, drop .git, prune (pipeline/sync/prune.yaml),
 hash, write snapshot.json (the record build reads), then swap it in with renames. Interrupts
 (Ctrl-C, SIGTERM) leave the previous snapshot untouched; a run killed outright (SIGKILL) is
 repaired by the next one. bump: move version.json's pin to a ref on the remote; does not sync.
@@ -19,10 +19,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from pipeline import console
-from pipeline.config import LlamaCppPin, Project, load_version, save_version, write_json_atomic
-from pipeline.errors import SnapshotError
-from pipeline.options import (
+from pipeline.core import console
+from pipeline.core.config import LlamaCppPin, Project, load_version, save_version, write_json_atomic
+from pipeline.core.errors import SnapshotError
+from pipeline.core.options import (
     BumpOptions,
     Command,
     SyncOptions,
@@ -31,7 +31,7 @@ from pipeline.options import (
     resolve_bump,
     resolve_sync,
 )
-from pipeline.snapshot import (
+from pipeline.records.snapshot import (
     PruneRules,
     Snapshot,
     check_snapshot,

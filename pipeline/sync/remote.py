@@ -17,9 +17,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from pipeline import console
-from pipeline.errors import RemoteError, ToolMissingError
-from pipeline.process import stop_group
+from pipeline.core import console
+from pipeline.core.errors import RemoteError, ToolMissingError
+from pipeline.core.process import stop_group
 
 if TYPE_CHECKING:
     from rich.progress import Progress

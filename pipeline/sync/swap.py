@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from pipeline import console
-from pipeline.config import Project
+from pipeline.core import console
+from pipeline.core.config import Project
 
 STAGING_PREFIX = ".sync-"
 # Told each named step of a sync as it is reached (tests interrupt or kill a sync right there).

@@ -7,9 +7,9 @@ from pipeline.bench import upstream as up
 from pipeline.bench.builds import build_record, ninja_progress, salted_dockerfile
 from pipeline.bench.core import Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.errors import BuildTimedOut, UsageError
-from pipeline.oci import split_reference
-from pipeline.registry import RegistryClient
+from pipeline.core.errors import BuildTimedOut, UsageError
+from pipeline.oci.image import split_reference
+from pipeline.oci.registry import RegistryClient
 
 GOAL_ARM64_RATIO = 1.3
 

@@ -15,7 +15,7 @@ from pipeline.bench.builds import (
 )
 from pipeline.bench.core import Bench, ColdBuild, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.process import utc_now
+from pipeline.core.process import utc_now
 
 GOAL_BUILD_RATIO = 0.5
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from pipeline.bench.builds import appended_definition, build_record, salted_dockerfile
 from pipeline.bench.core import MB, Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.ccache import ccache_bytes, ccache_hits
-from pipeline.config import Project, load_version, save_version
-from pipeline.errors import RemoteError, UsageError
-from pipeline.options import SyncOptions
+from pipeline.core.config import Project, load_version, save_version
+from pipeline.core.errors import RemoteError, UsageError
+from pipeline.core.options import SyncOptions
+from pipeline.oci.ccache import ccache_bytes, ccache_hits
 
 GOAL_FRESH_RUNNER_RATIO = 0.25
 SHARE = 0.05

@@ -19,7 +19,7 @@ from pipeline.bench.builds import (
 )
 from pipeline.bench.core import Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.errors import BuildTimedOut, ConfigError, UsageError
+from pipeline.core.errors import BuildTimedOut, ConfigError, UsageError
 
 GOAL_REBUILD_RATIO = 0.10
 

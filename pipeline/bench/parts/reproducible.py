@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.bench.builds import build_record, salted_dockerfile
 from pipeline.bench.core import Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.oci import OciLayout
+from pipeline.oci.image import OciLayout
 
 PLATFORM = "linux/amd64"
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from pipeline.bench.core import MB, Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.dockerfile import LABEL_PREFIX
-from pipeline.engine import image_sizes
-from pipeline.errors import BuildError
-from pipeline.model import ensure_model
+from pipeline.core.errors import BuildError
+from pipeline.matrix.dockerfile import LABEL_PREFIX
+from pipeline.modelfiles.gguf import ensure_model
+from pipeline.oci.engine import image_sizes
 from pipeline.records import load_build_records
 
 GPU_LABEL = f"{LABEL_PREFIX}.gpu-architectures"

@@ -11,8 +11,8 @@ from typing import Any
 
 from pipeline.bench.core import Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.errors import SmokeError
-from pipeline.options import SmokeOptions
+from pipeline.core.errors import SmokeError
+from pipeline.core.options import SmokeOptions
 from pipeline.records import REAL_TIER
 
 GOAL_SMOKE_S = 15.0

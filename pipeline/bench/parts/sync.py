@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from pipeline.bench.core import MB, Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.options import SyncOptions
-from pipeline.snapshot import check_snapshot
+from pipeline.core.options import SyncOptions
+from pipeline.records.snapshot import check_snapshot
 
 GOAL_NOOP_SYNC_S = 1.0
 

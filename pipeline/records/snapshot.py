@@ -1,0 +1,420 @@
+"""The vendor snapshot: prune rules, the content manifest and digest, and snapshot.json.
+
+Everything here is offline and git-free, so the build stage can verify a snapshot cheaply:
+`load_snapshot` reads snapshot.json, `check_snapshot` also re-hashes the files against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import COMMIT_RE, Project, load_version, parse_yaml, read_data_file
+from pipeline.core.errors import ConfigError, SnapshotError
+
+SCHEMA = 1
+PRUNE_RULES_FILE = Path(__file__).parent.parent / "sync" / "prune.yaml"
+SYNC_HINT = "run nox -s sync"
+# How the content digest is made, recorded in snapshot.json so a reader can recompute it.
+DIGEST_ALGORITHM = (
+    "sha256 over '<kind> <sha256 of bytes> <path>\\n' per file, sorted by relative POSIX path; "
+    "kind is file, exec (owner-executable) or link (sha256 of the link target)"
+)
+
+
+# --------------------------------------------------------------------------- prune rules
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """`*` stays in one path segment, `**` spans segments, `?` is one character.
+
+    A match also covers everything beneath the matched path; a trailing `/` restricts the
+    pattern to directories (so `docs/` removes the tree, never a file named `docs`).
+    """
+    directory_only = pattern.endswith("/")
+    body = pattern.rstrip("/")
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        if body.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+        elif body.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif body[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif body[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(body[i]))
+            i += 1
+    tail = "/.+" if directory_only else "(?:/.+)?"
+    return re.compile("^" + "".join(out) + tail + "$")
+
+
+@dataclass(frozen=True)
+class PruneRules:
+    """Globs of paths no image build needs (`remove`), with exceptions (`keep`)."""
+
+    remove: tuple[str, ...]
+    keep: tuple[str, ...]
+    digest: str  # sha256 of the YAML file's bytes: snapshot.json records which rules made it
+    # All patterns of a list as one alternation: one regex call per path, not sixty.
+    _remove_any: re.Pattern[str] | None = field(repr=False, compare=False, default=None)
+    _keep_any: re.Pattern[str] | None = field(repr=False, compare=False, default=None)
+
+    @classmethod
+    def from_patterns(cls, remove: Iterable[str], keep: Iterable[str], digest: str) -> PruneRules:
+        remove, keep = tuple(remove), tuple(keep)
+
+        def any_of(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+            if not patterns:
+                return None
+            return re.compile("|".join(f"(?:{glob_to_regex(p).pattern})" for p in patterns))
+
+        return cls(remove, keep, digest, any_of(remove), any_of(keep))
+
+    def removes(self, relpath: str) -> bool:
+        if self._remove_any is None or not self._remove_any.match(relpath):
+            return False
+        return self._keep_any is None or not self._keep_any.match(relpath)
+
+
+def _check_pattern(pattern: Any, where: str) -> str:
+    if not isinstance(pattern, str) or not pattern.strip("/ "):
+        raise ConfigError(f"{where}: {pattern!r} is not a glob (expected a string like 'docs/')")
+    if pattern.startswith("/") or "\\" in pattern or ".." in pattern.split("/"):
+        raise ConfigError(
+            f"{where}: {pattern!r} must be a relative POSIX path glob without '..' or '\\'"
+        )
+    return pattern
+
+
+def parse_prune_rules(data: Any, digest: str, where: str = "prune.yaml") -> PruneRules:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping with 'remove' and 'keep'")
+    unknown = set(data) - {"remove", "keep"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (expected remove, keep)")
+    lists: dict[str, list[str]] = {}
+    for key in ("remove", "keep"):
+        value = data.get(key, [] if key == "keep" else None)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{key}' must be a list of globs")
+        lists[key] = [_check_pattern(p, f"{where}: {key}") for p in value]
+    return PruneRules.from_patterns(lists["remove"], lists["keep"], digest)
+
+
+def load_prune_rules(path: Path = PRUNE_RULES_FILE) -> PruneRules:
+    text = read_data_file(path, "restore it from the repository")
+    digest = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return parse_prune_rules(parse_yaml(text, path.name), digest, path.name)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    relpath: str
+    path: str  # absolute; a str, not a Path: building thousands of Paths costs a tenth of a second
+    kind: str  # file | exec | link | other
+    size: int
+
+
+def walk_tree(root: Path) -> list[TreeEntry]:
+    """Every non-directory under `root`, sorted by relative POSIX path; symlinks not followed."""
+    entries: list[TreeEntry] = []
+    stack = [(str(root), "")]
+    while stack:
+        directory, prefix = stack.pop()
+        with os.scandir(directory) as it:
+            for item in it:
+                rel = prefix + item.name
+                st = item.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append((item.path, rel + "/"))
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    kind = "link"
+                elif stat.S_ISREG(st.st_mode):
+                    kind = "exec" if st.st_mode & stat.S_IXUSR else "file"
+                else:
+                    kind = "other"
+                entries.append(TreeEntry(rel, item.path, kind, st.st_size))
+    entries.sort(key=lambda e: e.relpath)
+    return entries
+
+
+def _entry_hash(entry: TreeEntry) -> str:
+    if entry.kind == "link":
+        return hashlib.sha256(os.fsencode(os.readlink(entry.path))).hexdigest()
+    if entry.kind == "other":
+        return hashlib.sha256(b"").hexdigest()
+    with open(entry.path, "rb", buffering=0) as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def manifest(
+    entries: list[TreeEntry], advance: Callable[[int], None] | None = None
+) -> dict[str, str]:
+    """`{relpath: "<kind> <sha256>"}`. Files are hashed in size-balanced chunks on a few
+    threads: hashlib releases the GIL, so a 176 MB tree takes a fraction of a second."""
+    workers = max(1, min(8, os.cpu_count() or 1))
+    chunks: list[list[TreeEntry]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for entry in sorted(entries, key=lambda e: -e.size):
+        lightest = loads.index(min(loads))
+        chunks[lightest].append(entry)
+        loads[lightest] += entry.size + 4096  # per-file overhead counts too
+
+    def run(chunk: list[TreeEntry]) -> dict[str, str]:
+        result: dict[str, str] = {}
+        for entry in chunk:
+            result[entry.relpath] = f"{entry.kind} {_entry_hash(entry)}"
+            if advance is not None:
+                advance(entry.size)
+        return result
+
+    merged: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for part in pool.map(run, chunks):
+            merged.update(part)
+    return {rel: merged[rel] for rel in sorted(merged)}
+
+
+def content_digest(files: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{files[rel]} {rel}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TreeDiff:
+    modified: tuple[str, ...]
+    added: tuple[str, ...]
+    deleted: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.modified or self.added or self.deleted)
+
+    def summary(self, limit: int = 8) -> str:
+        parts = []
+        for label, paths in (
+            ("modified", self.modified),
+            ("added", self.added),
+            ("deleted", self.deleted),
+        ):
+            if paths:
+                shown = ", ".join(paths[:limit])
+                more = f" (+{len(paths) - limit} more)" if len(paths) > limit else ""
+                parts.append(f"{label}: {shown}{more}")
+        return "; ".join(parts)
+
+
+def diff_files(recorded: Mapping[str, str], actual: Mapping[str, str]) -> TreeDiff:
+    return TreeDiff(
+        modified=tuple(
+            sorted(p for p in recorded.keys() & actual.keys() if recorded[p] != actual[p])
+        ),
+        added=tuple(sorted(actual.keys() - recorded.keys())),
+        deleted=tuple(sorted(recorded.keys() - actual.keys())),
+    )
+
+
+# --------------------------------------------------------------------------- snapshot.json
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """third_party/llama.cpp/snapshot.json: what the vendor directory holds and where from."""
+
+    repository: str  # upstream URL from version.json
+    commit: str
+    commit_date: str  # committer date, ISO 8601 with offset
+    author: str  # "Name <email>"
+    ref: str | None
+    pruned: bool
+    prune_rules_digest: str | None  # sha256 of pipeline/sync/prune.yaml, None when not pruned
+    removed_count: int
+    removed_bytes: int
+    file_count: int
+    total_bytes: int
+    content_digest: str
+    fetched_from: str  # the remote actually used (a mirror, or the repository), no credentials
+    files: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def short(self) -> str:
+        return self.commit[:7]
+
+    @property
+    def source_date_epoch(self) -> int:
+        """The commit date as Unix seconds: SOURCE_DATE_EPOCH for reproducible builds."""
+        return int(datetime.fromisoformat(self.commit_date).timestamp())
+
+    @property
+    def build_number(self) -> int | None:
+        """Upstream's build number when the ref is a release tag `b<number>` (upstream's
+        CMake derives it from git history, which the vendor copy does not carry)."""
+        match = re.fullmatch(r"b(\d+)", self.ref or "")
+        return int(match.group(1)) if match else None
+
+    @property
+    def upstream_bytes(self) -> int:
+        return self.total_bytes + self.removed_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "repository": self.repository,
+            "commit": self.commit,
+            "commit_date": self.commit_date,
+            "author": self.author,
+            "ref": self.ref,
+            "pruned": self.pruned,
+            "prune_rules_digest": self.prune_rules_digest,
+            "removed_count": self.removed_count,
+            "removed_bytes": self.removed_bytes,
+            "file_count": self.file_count,
+            "total_bytes": self.total_bytes,
+            "content_digest": self.content_digest,
+            "content_digest_algorithm": DIGEST_ALGORITHM,
+            "fetched_from": self.fetched_from,
+            "files": dict(self.files),
+        }
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "repository": (str,),
+    "commit": (str,),
+    "commit_date": (str,),
+    "author": (str,),
+    "ref": (str, type(None)),
+    "pruned": (bool,),
+    "prune_rules_digest": (str, type(None)),
+    "removed_count": (int,),
+    "removed_bytes": (int,),
+    "file_count": (int,),
+    "total_bytes": (int,),
+    "content_digest": (str,),
+    "fetched_from": (str,),
+    "files": (dict,),
+}
+
+
+def parse_snapshot(data: Any, where: str) -> Snapshot:
+    def bad(what: str) -> SnapshotError:
+        return SnapshotError(f"{where} is malformed: {what}", SYNC_HINT)
+
+    if not isinstance(data, dict):
+        raise bad("top level is not an object")
+    if data.get("schema") != SCHEMA:
+        raise bad(f"schema is {data.get('schema')!r}, expected {SCHEMA}")
+    values: dict[str, Any] = {}
+    for key, types in _FIELD_TYPES.items():
+        if key not in data:
+            raise bad(f"missing key '{key}'")
+        value = data[key]
+        # bool is an int subclass: a count must not be true/false.
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise bad(f"key '{key}' is {type(value).__name__}")
+        values[key] = value
+    if not COMMIT_RE.match(values["commit"]):
+        raise bad("key 'commit' is not a 40-hex sha")
+    try:
+        datetime.fromisoformat(values["commit_date"])
+    except ValueError:
+        raise bad("key 'commit_date' is not an ISO 8601 date") from None
+    files = values["files"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise bad("key 'files' must map paths to '<kind> <sha256>' strings")
+    if len(files) != values["file_count"] or content_digest(files) != values["content_digest"]:
+        raise bad("its file list does not match its file_count/content_digest")
+    return Snapshot(**values)
+
+
+def read_snapshot_file(path: Path) -> Snapshot:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SnapshotError(f"no llama.cpp snapshot: {path} is missing", SYNC_HINT) from None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {path}: {exc.strerror}", SYNC_HINT) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SnapshotError(
+            f"{path} is malformed: {exc.msg} at line {exc.lineno}", SYNC_HINT
+        ) from None
+    return parse_snapshot(data, str(path))
+
+
+def _display(project: Project, path: Path) -> str:
+    try:
+        return str(path.relative_to(project.root))
+    except ValueError:
+        return str(path)
+
+
+def load_snapshot(project: Project) -> Snapshot:
+    """snapshot.json, validated (not the files: see `check_snapshot`)."""
+    snapshot = read_snapshot_file(project.snapshot_file)
+    if not project.vendor_dir.is_dir():
+        raise SnapshotError(
+            f"{_display(project, project.vendor_dir)} is missing although snapshot.json exists",
+            SYNC_HINT,
+        )
+    return snapshot
+
+
+def verify_tree(
+    root: Path, snapshot: Snapshot, advance: Callable[[int], None] | None = None
+) -> TreeDiff:
+    return diff_files(snapshot.files, manifest(walk_tree(root), advance))
+
+
+def check_snapshot(
+    project: Project,
+    advance: Callable[[int], None] | None = None,
+    rules: PruneRules | None = None,
+) -> Snapshot:
+    """The snapshot, verified offline: at the pin of version.json, made by the current prune
+    rules, and every file as recorded. Raises SnapshotError naming what differs."""
+    snapshot = load_snapshot(project)
+    pin = load_version(project.version_file).llama_cpp
+    if snapshot.commit != pin.commit:
+        raise SnapshotError(
+            f"the snapshot is at {snapshot.short} but version.json pins {pin.short}", SYNC_HINT
+        )
+    if snapshot.pruned:
+        current = (rules or load_prune_rules()).digest
+        if snapshot.prune_rules_digest != current:
+            raise SnapshotError(
+                "pipeline/sync/prune.yaml changed since the snapshot was made", SYNC_HINT
+            )
+    try:
+        diff = verify_tree(project.vendor_dir, snapshot, advance)
+    except OSError as exc:
+        raise SnapshotError(
+            f"cannot read {exc.filename or project.vendor_dir}: {exc.strerror}", SYNC_HINT
+        ) from None
+    if diff:
+        raise SnapshotError(
+            f"{_display(project, project.vendor_dir)} differs from snapshot.json: {diff.summary()}",
+            f"move your changes away and delete the directory, then {SYNC_HINT}",
+        )
+    return snapshot

@@ -1,0 +1,155 @@
+"""`nox -s verify -- IMAGE[:TAG]`: what a user checks before running a published image.
+
+For the image (or index) the reference resolves to: its cosign signature; then for each
+platform image, a signed smoke attestation saying that very digest passed its smoke test, and
+(for images assembled file by file) a signed CycloneDX SBOM of that platform. Anything missing,
+unsigned, signed by another key or about another digest fails with one line (exit 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+from pipeline.core import console
+from pipeline.core.config import write_json_atomic
+from pipeline.core.errors import VerifyError
+from pipeline.core.options import Command, VerifyOptions, add_verify_arguments, resolve_verify
+from pipeline.matrix import load_matrix
+from pipeline.matrix.dockerfile import LABEL_PREFIX
+from pipeline.oci.buildx import docker_config
+from pipeline.oci.cosign import SBOM_PREDICATE, SMOKE_PREDICATE, Cosign, verifier_from_env
+from pipeline.oci.image import split_reference
+from pipeline.oci.registry import RegistryClient, registry_credentials
+
+__all__ = ["COMMANDS", "verify"]
+
+
+@dataclass
+class PlatformVerdict:
+    platform: str
+    digest: str
+    smoke: str = ""
+    sbom: str = ""
+
+
+@dataclass
+class VerifyRecord:
+    """What `verify` found: build/reports/verify.json."""
+
+    image: str
+    digest: str
+    signature: str
+    platforms: list[PlatformVerdict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "image": self.image,
+            "digest": self.digest,
+            "signature": self.signature,
+            "platforms": [vars(p) for p in self.platforms],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _smoke_passed(statements: list[dict[str, Any]], platform: str, digest: str) -> str:
+    for statement in statements:
+        predicate = statement.get("predicate") or {}
+        if predicate.get("digest") == digest and predicate.get("platform") == platform:
+            if predicate.get("passed") is True:
+                checks = len(predicate.get("checks") or [])
+                return f"passed {checks} checks ({predicate.get('model') or 'a model'})"
+            raise VerifyError(f"{platform} {digest[:19]}…: its smoke attestation says it failed")
+    raise VerifyError(
+        f"{platform} {digest[:19]}…: no smoke attestation is about this digest",
+        "publish attests each platform image with the smoke report of that same digest",
+    )
+
+
+def _sbom_listed(statements: list[dict[str, Any]], platform: str, digest: str) -> str:
+    for statement in statements:
+        bom = statement.get("predicate") or {}
+        properties = (bom.get("metadata") or {}).get("component", {}).get("properties") or []
+        if bom.get("bomFormat") == "CycloneDX" and {"name": "platform", "value": platform} in (
+            properties
+        ):
+            files = sum(len(c.get("components") or []) for c in bom.get("components") or [])
+            return f"CycloneDX {bom.get('specVersion')}: {files} files"
+    raise VerifyError(f"{platform} {digest[:19]}…: no SBOM attestation for {platform}")
+
+
+def _needs_sbom(labels: Mapping[str, str]) -> bool:
+    """Images assembled file by file (a scratch runtime) ship an SBOM; others need none."""
+    backend = load_matrix().backends.get(labels.get(f"{LABEL_PREFIX}.backend", ""))
+    return backend is not None and backend.runtime.kind == "scratch"
+
+
+def verify(options: VerifyOptions) -> VerifyRecord:
+    """Verify every signature and attestation of the image `options.image` names."""
+    started = time.monotonic()
+    name, reference = split_reference(options.image)
+    credentials = registry_credentials(name.registry, options.env)
+    with RegistryClient(name.registry, credentials) as client:
+        top = client.manifest(name.repository, reference)
+        if top is None:
+            raise VerifyError(f"{options.image} is not in the registry {name.registry}")
+        images = list(client.platform_images(name.repository, top))
+    auths = {name.registry: credentials} if credentials else {}
+    verifier = verifier_from_env(options.key, options.identity, options.issuer, options.env)
+    with docker_config(auths) as config_dir:
+        cosign = Cosign(options.env, config_dir)
+        signed = f"{name}@{top.digest}"
+        cosign.verify(verifier, signed)
+        record = VerifyRecord(options.image, top.digest, "valid")
+        for image in images:
+            ref = f"{name}@{image.digest}"
+            verdict = PlatformVerdict(image.platform, image.digest)
+            smokes = cosign.statements(verifier, ref, SMOKE_PREDICATE)
+            verdict.smoke = _smoke_passed(smokes, image.platform, image.digest)
+            if _needs_sbom(image.labels):
+                boms = cosign.statements(verifier, ref, SBOM_PREDICATE)
+                verdict.sbom = _sbom_listed(boms, image.platform, image.digest)
+            else:
+                verdict.sbom = "not required (not assembled file by file)"
+            record.platforms.append(verdict)
+    record.seconds = time.monotonic() - started
+    return record
+
+
+def _print(record: VerifyRecord) -> None:
+    table = Table(title=f"verified {record.image} ({record.digest})")
+    for column in ("platform", "digest", "smoke", "sbom"):
+        table.add_column(column, overflow="fold")
+    for p in record.platforms:
+        table.add_row(p.platform, p.digest, p.smoke, p.sbom)
+    console.out.print(table)
+    console.out.print(
+        f"signature valid; {len(record.platforms)} platform(s) in {record.seconds:.1f} s"
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    options = resolve_verify(args, os.environ)
+    record = verify(options)
+    _print(record)
+    options.project.reports_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(options.project.reports_dir / "verify.json", record.to_json())
+    return 0
+
+
+COMMANDS = (
+    Command(
+        "verify",
+        "Check a published image: its signature, each platform's smoke attestation and SBOM.",
+        add_verify_arguments,
+        _run,
+    ),
+)
