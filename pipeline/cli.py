@@ -1,6 +1,6 @@
 """The command-line boundary: `python -m pipeline <stage> [args]`, and the composition root.
 
-Each stage module contributes its commands (pipeline.core.options.Command). Errors raised below
+Each stage package contributes its commands (pipeline.core.arguments.Command). Errors raised below
 become one line on stderr and the error type's exit code; no traceback reaches the user. nox
 sessions call this, tests call `main([...])`. Only the named stage's module is imported, so a
 quick command (a no-op sync) does not pay for importing docker, numpy and gguf.
@@ -18,8 +18,11 @@ import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from pipeline.core.arguments import Command
 from pipeline.core.errors import Interrupted, PipelineError, UsageError
-from pipeline.core.options import Command
+from pipeline.core.project import Project
+from pipeline.records import BuildRecord, SmokeRecord
+from pipeline.records.snapshot import Snapshot
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,11 +37,41 @@ def _stage_commands(module: str) -> Callable[[], Sequence[Command]]:
 
 
 def _bench_commands() -> Sequence[Command]:
+    """bench drives sync, build and smoke to measure them: handed their functions here, in the
+    requests bench speaks (a cpu image, amd64), resolved as the stages' own options."""
     from pipeline import bench, build, smoke, sync
+    from pipeline.build.options import BuildOptions
+    from pipeline.smoke.options import SmokeOptions
+    from pipeline.sync.options import SyncOptions
 
-    return bench.commands(
-        bench.StageFunctions(sync=sync.sync, build=build.build, smoke=smoke.smoke)
-    )
+    def run_sync(project: Project, remote: str, prune: bool) -> Snapshot:
+        return sync.sync(SyncOptions(project, remote, prune))
+
+    def run_build(request: bench.BenchBuild, snapshot: Snapshot) -> BuildRecord:
+        options = BuildOptions.named(
+            request.project,
+            platforms=(request.platform,),
+            backends="cpu",
+            output="oci" if request.oci_path else "load",
+            oci_path=request.oci_path,
+            tags=(request.tag,),
+            no_cache=request.no_cache,
+            quiet=True,
+            dockerfile=request.dockerfile,
+            time_limit=request.time_limit,
+            ccache_from=request.ccache_from,
+            ccache_to=request.ccache_to,
+        )
+        (record,) = build.build(options, snapshot)
+        return record
+
+    def run_smoke(project: Project, image: str, tier: str | None) -> list[SmokeRecord]:
+        options = SmokeOptions.named(
+            project, platforms=("linux/amd64",), backend="cpu", image=image, tier=tier
+        )
+        return smoke.smoke(options, [])
+
+    return bench.commands(bench.StageFunctions(run_sync, run_build, run_smoke))
 
 
 # Which loader holds each command, in the order `--help` lists them.

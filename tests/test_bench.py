@@ -24,6 +24,7 @@ from pipeline.bench.builds import (
     salted_dockerfile,
 )
 from pipeline.bench.core import machine_info
+from pipeline.bench.lock import lab_lock
 from pipeline.bench.options import BENCH_PARTS, parse_parts
 from pipeline.bench.parts.rebuild import touched
 from pipeline.bench.parts.size import loaded_files
@@ -48,9 +49,8 @@ from pipeline.bench.report import (
     table_rows,
     write_chart,
 )
-from pipeline.core.config import Project
 from pipeline.core.errors import BuildError, BuildTimedOut, ConfigError
-from pipeline.core.process import lab_lock
+from pipeline.core.project import Project
 from pipeline.oci.buildx import run_buildx
 
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
@@ -566,9 +566,9 @@ def test_the_synthetic_pin_bump_is_a_real_commit_the_sync_stage_takes(
     from dataclasses import replace
 
     from pipeline.bench.parts.freshrunner import AREAS, bump_choice, sources, synthetic_bump
-    from pipeline.core.config import load_version, save_version
-    from pipeline.core.options import SyncOptions
+    from pipeline.core.version import load_version, save_version
     from pipeline.sync import sync
+    from pipeline.sync.options import SyncOptions
 
     files = sources(pinned_snapshot / "vendor")
     chosen = bump_choice(files)

@@ -27,10 +27,10 @@ from fixtures.lab import (
 )
 
 from pipeline.build import build
-from pipeline.build.command import Source, buildx_arguments, cache_spec
+from pipeline.build.command import BuildCommand, Source, cache_spec
+from pipeline.build.options import BuildOptions, resolve_build
 from pipeline.build.plan import check_builder_platforms, plan_jobs
 from pipeline.cli import build_parser, main
-from pipeline.core.config import Project, load_version
 from pipeline.core.errors import (
     BuildError,
     PipelineError,
@@ -38,7 +38,8 @@ from pipeline.core.errors import (
     RecordMissingError,
     UsageError,
 )
-from pipeline.core.options import BuildOptions, resolve_build
+from pipeline.core.project import Project
+from pipeline.core.version import load_version
 from pipeline.matrix import configure_flags, host_platform, load_matrix
 from pipeline.oci.buildx import BuilderInfo
 from pipeline.oci.image import MANIFEST_ACCEPT
@@ -56,34 +57,35 @@ ENTRYPOINT = REPO_ROOT / "dockerfiles" / "entrypoint.sh"
 QEMU_AARCH64 = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 
 
-def request(*platforms: str, project: Project | None = None, **kwargs: object) -> BuildOptions:
-    names = tuple(MATRIX.platform(p).name for p in platforms)
-    defaults: dict[str, object] = {"backends": ("cpu",)}
-    defaults.update(kwargs)
-    return BuildOptions(project or Project(REPO_ROOT), names, **defaults)  # type: ignore[arg-type]
+def request(
+    *platforms: str,
+    project: Project | None = None,
+    backends: tuple[str, ...] = ("cpu",),
+    **kwargs: Any,
+) -> BuildOptions:
+    root = project or Project(REPO_ROOT)
+    return BuildOptions.named(root, platforms=platforms, backends=backends, matrix=MATRIX, **kwargs)
 
 
 # ------------------------------------------------------------------------ planning
 
 
 def test_load_builds_one_local_image_per_platform() -> None:
-    jobs = plan_jobs(request("amd64", "arm64"), MATRIX, VERSION)
+    jobs = plan_jobs(request("amd64", "arm64"))
     assert [(j.key, j.output, j.tags) for j in jobs] == [
         ("cpu-amd64", "load", (f"{VERSION.image}:{VERSION.version}-cpu-amd64",)),
         ("cpu-arm64", "load", (f"{VERSION.image}:{VERSION.version}-cpu-arm64",)),
     ]
     assert jobs[0].repository == VERSION.image
-    assert jobs[0].cpu_variants == "all"
+    assert jobs[0].cpu_variants.name == "all"
 
 
 def test_push_is_one_multi_platform_image_and_push_by_digest_one_per_platform() -> None:
-    (push,) = plan_jobs(request("amd64", "arm64", output="push"), MATRIX, VERSION)
+    (push,) = plan_jobs(request("amd64", "arm64", output="push"))
     assert [p.name for p in push.platforms] == ["linux/amd64", "linux/arm64"]
     assert push.tags == (f"{VERSION.image}:{VERSION.version}-cpu",)
     by_digest = plan_jobs(
-        request("amd64", "arm64", output="push-by-digest", tags=("127.0.0.1:5000/t/llama",)),
-        MATRIX,
-        VERSION,
+        request("amd64", "arm64", output="push-by-digest", tags=("127.0.0.1:5000/t/llama",))
     )
     assert [(j.key, j.repository) for j in by_digest] == [
         ("cpu-amd64", "127.0.0.1:5000/t/llama"),
@@ -92,26 +94,31 @@ def test_push_is_one_multi_platform_image_and_push_by_digest_one_per_platform() 
 
 
 def test_usage_errors_come_before_any_work(tmp_path: Path) -> None:
-    cases = [
-        (request("amd64", "arm64", tags=("dev",)), "--tag with --load names one image"),
-        (request("amd64", output="push-by-digest", tags=("r/x:1",)), "pushes no tag"),
-        (request("amd64", "arm64", backends=("cpu", "rocm")), "not built for"),
-        (request("arm64", backends=("rocm",)), "'rocm' is not built for linux/arm64"),
-        (request("amd64", cpu_variants="fast"), "unknown CPU variant set 'fast'"),
+    # Each request is made inside the check: a name the matrix lacks fails as options resolve.
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"platforms": ("amd64", "arm64"), "tags": ("dev",)}, "--tag with --load names one image"),
+        ({"output": "push-by-digest", "tags": ("r/x:1",)}, "pushes no tag"),
+        ({"platforms": ("amd64", "arm64"), "backends": ("cpu", "rocm")}, "not built for"),
         (
-            request("amd64", backends=("cpu", "vulkan"), output="oci", oci_path=tmp_path / "x.tar"),
+            {"platforms": ("arm64",), "backends": ("rocm",)},
+            "'rocm' is not built for linux/arm64",
+        ),
+        ({"cpu_variants": "fast"}, "unknown CPU variant set 'fast'"),
+        (
+            {"backends": ("cpu", "vulkan"), "output": "oci", "oci_path": tmp_path / "x.tar"},
             "need a directory",
         ),
     ]
-    for req, message in cases:
+    for kwargs, message in cases:
+        platforms = kwargs.pop("platforms", ("amd64",))
         with pytest.raises(UsageError) as err:
-            plan_jobs(req, MATRIX, VERSION)
+            plan_jobs(request(*platforms, **kwargs))
         assert message in err.value.line()
 
 
 def test_a_host_only_build_is_tagged_as_such_and_stays_on_this_machine() -> None:
     host = MATRIX.platform(host_platform()).arch
-    (job,) = plan_jobs(request(host, cpu_variants="host"), MATRIX, VERSION)
+    (job,) = plan_jobs(request(host, cpu_variants="host"))
     assert job.host_only and job.tags == (f"{VERSION.image}:{VERSION.version}-cpu-{host}-host",)
     other = "arm64" if host == "amd64" else "amd64"
     refused = [
@@ -120,7 +127,7 @@ def test_a_host_only_build_is_tagged_as_such_and_stays_on_this_machine() -> None
     ]
     for req, message in refused:
         with pytest.raises(UsageError, match=message):
-            plan_jobs(req, MATRIX, VERSION)
+            plan_jobs(req)
 
 
 def test_a_local_load_defaults_to_this_machines_kernels_and_a_push_to_every_variant() -> None:
@@ -128,12 +135,12 @@ def test_a_local_load_defaults_to_this_machines_kernels_and_a_push_to_every_vari
         return resolve_build(build_parser(["build"]).parse_args(["build", *argv]))
 
     assert MATRIX.local_cpu_variants == "host"
-    assert resolved().cpu_variants == "host"
-    assert resolved("--cpu-variants", "all").cpu_variants == "all"
+    assert resolved().cpu_variants == MATRIX.cpu_variant_set("host")
+    assert resolved("--cpu-variants", "all").cpu_variants == MATRIX.cpu_variant_set("all")
     pushed = resolved("--push-by-digest", "--tag", "127.0.0.1:5000/t/llama")
     assert pushed.cpu_variants is None  # the backend's own: all
-    (job,) = plan_jobs(pushed, MATRIX, VERSION)
-    assert job.cpu_variants == "all" and not job.host_only
+    (job,) = plan_jobs(pushed)
+    assert job.cpu_variants.name == "all" and not job.host_only
 
 
 def test_cli_rejects_unknown_names_with_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,10 +155,10 @@ def test_cli_rejects_unknown_names_with_the_valid_ones(capsys: pytest.CaptureFix
 def test_buildx_command_line() -> None:
     project = Project(REPO_ROOT)
     req = request("arm64", cache_from=("ghcr.io/acme/cache:cpu",), cache_to=("/tmp/cache",))
-    (job,) = plan_jobs(req, MATRIX, VERSION)
+    (job,) = plan_jobs(req)
     source = Source(PINNED_COMMIT, 1790820708, 6500)
     dockerfile = project.rendered_dockerfile("cpu")
-    args = buildx_arguments(project, job, VERSION, source, req, dockerfile, Path("/tmp/meta.json"))
+    args = BuildCommand(req, job, source, dockerfile).image(Path("/tmp/meta.json"))
     assert args[:3] == ["docker", "buildx", "build"]
     joined = " ".join(args)
     assert f"--file {REPO_ROOT}/dockerfiles/rendered/cpu.Dockerfile" in joined
@@ -182,9 +189,9 @@ def test_cache_specs() -> None:
 
 def test_only_backends_that_run_target_code_need_an_emulator() -> None:
     amd64_only = BuilderInfo("default", "docker", ("linux/amd64", "linux/amd64/v2", "linux/386"))
-    cpu_arm64 = plan_jobs(request("arm64"), MATRIX, VERSION)
+    cpu_arm64 = plan_jobs(request("arm64"))
     check_builder_platforms(amd64_only, cpu_arm64)  # cross-compiled, FROM scratch: fine
-    vulkan_arm64 = plan_jobs(request("arm64", backends=("vulkan",)), MATRIX, VERSION)
+    vulkan_arm64 = plan_jobs(request("arm64", backends=("vulkan",)))
     with pytest.raises(BuildError) as err:
         check_builder_platforms(amd64_only, vulkan_arm64)
     line = err.value.line()
@@ -257,7 +264,9 @@ def test_a_record_written_before_the_refactor_still_loads() -> None:
     assert (record.backend, record.platform, record.output) == ("cpu", "linux/amd64", "load")
     assert record.digest.startswith("sha256:") and record.commit == PINNED_COMMIT
     # Read whole; written back, it only gains the keys added since, at their defaults.
-    assert record.to_json() == json.loads((data / record.filename).read_text()) | {"sbom": None}
+    # Fields added since are their defaults.
+    added = {"sbom": None, "gpu_architectures": None}
+    assert record.to_json() == json.loads((data / record.filename).read_text()) | added
 
 
 # ------------------------------------------------------------------------ failure paths

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fixtures.lab import build_lock
 
-from pipeline.core.config import Project
-from pipeline.core.options import BuildOptions
+from pipeline.build.options import BuildOptions
+from pipeline.core.project import Project
 from pipeline.oci.ccache import ccache_bytes, ccache_hits, replaced_directory
 from pipeline.records import BuildRecord
 from pipeline.records.snapshot import check_snapshot
@@ -78,8 +78,8 @@ def build_cpu(project: Project, **options: object) -> BuildRecord:
 
     with build_lock():
         (record,) = build(
-            BuildOptions(
-                project=project,
+            BuildOptions.named(
+                project,
                 platforms=("linux/amd64",),
                 backends=("cpu",),
                 cpu_variants="baseline",

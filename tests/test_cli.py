@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from pipeline.cli import COMMANDS, build_parser, main
-from pipeline.core.options import port_number, positive_int, positive_minutes, positive_seconds
+from pipeline.core.arguments import port_number, positive_int, positive_minutes, positive_seconds
 
 NUMBER_TYPES = (port_number, positive_int, positive_minutes, positive_seconds)
 
@@ -25,7 +25,7 @@ def numeric_options() -> list[tuple[str, str]]:
                 if option.type in (int, float):
                     raise AssertionError(
                         f"{command} {option.option_strings}: a bare {option.type.__name__} "
-                        "accepts negative values; use one of pipeline.core.options' number types"
+                        "accepts negative values; use one of pipeline.core.arguments' number types"
                     )
                 if option.type in NUMBER_TYPES:
                     found.append((command, option.option_strings[-1]))

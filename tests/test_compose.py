@@ -20,7 +20,7 @@ from fixtures.images import SmokeImage
 from fixtures.lab import REPO_ROOT, require_lab
 
 from pipeline.cli import main
-from pipeline.core.config import load_version
+from pipeline.core.version import load_version
 from pipeline.matrix import load_matrix
 from pipeline.modelfiles.catalogue import catalogue_model
 from pipeline.oci.engine import free_port

@@ -12,17 +12,17 @@ from typing import Any
 import pytest
 from fixtures.lab import PINNED_COMMIT, REPO_ROOT
 
-from pipeline.core.config import (
+from pipeline.core.datafile import write_json_atomic
+from pipeline.core.errors import ConfigError
+from pipeline.core.project import Project
+from pipeline.core.version import (
     DEFAULT_REPOSITORY,
     LlamaCppPin,
-    Project,
     VersionInfo,
     load_version,
     parse_version,
     save_version,
-    write_json_atomic,
 )
-from pipeline.core.errors import ConfigError
 
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 
@@ -104,7 +104,7 @@ def _set(path: str, value: Any) -> dict[str, Any]:
         (_set("llama_cpp.repository", 3), "key 'repository'"),
         (_set("llama_cpp.ref", ""), "key 'ref'"),
         (_set("llama_cpp.ref", 5), "key 'ref'"),
-        (_set("llama_cpp.branch", "master"), "unknown key(s) ['branch']"),
+        (_set("llama_cpp.branch", "master"), "unknown key(s) 'branch'"),
         (_set("image", KeyError), "missing key 'image'"),
         (_set("image", "Acme/Server"), "key 'image'"),
         (_set("image", "llama-server"), "key 'image'"),

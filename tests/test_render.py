@@ -12,11 +12,13 @@ import pytest
 from fixtures.lab import PINNED_COMMIT, REPO_ROOT, copy_project, require_lab
 
 from pipeline.cli import main
-from pipeline.core.config import Project, load_version
 from pipeline.core.errors import ConfigError
+from pipeline.core.project import Project
+from pipeline.core.version import load_version
 from pipeline.matrix import Matrix, load_matrix
 from pipeline.matrix.dockerfile import current_dockerfile, render_dockerfile
 from pipeline.render import render
+from pipeline.render.options import RenderOptions
 
 BACKENDS = ["cpu", "vulkan", "cuda", "cuda13", "rocm"]
 
@@ -43,10 +45,14 @@ def test_render_writes_every_backend_byte_identically(tmp_path: Path) -> None:
     # A copy of the project's inputs (without its rendered files), so nothing races builds.
     project = Project(copy_project(tmp_path / "project"))
     shutil.rmtree(project.rendered_dir)
-    first = {p.name: p.read_bytes() for p in render(project, BACKENDS)}
+    first = {
+        p.name: p.read_bytes() for p in render(RenderOptions.named(project, ",".join(BACKENDS)))
+    }
     assert sorted(first) == sorted(f"{b}.Dockerfile" for b in BACKENDS)
     mtimes = {b: project.rendered_dockerfile(b).stat().st_mtime_ns for b in BACKENDS}
-    second = {p.name: p.read_bytes() for p in render(project, BACKENDS)}
+    second = {
+        p.name: p.read_bytes() for p in render(RenderOptions.named(project, ",".join(BACKENDS)))
+    }
     assert first == second
     # Unchanged text is not rewritten: the file's mtime says when it last changed.
     assert mtimes == {b: project.rendered_dockerfile(b).stat().st_mtime_ns for b in BACKENDS}
@@ -245,9 +251,9 @@ def test_undefined_template_values_are_errors(tmp_path: Path, matrix: Matrix) ->
         + "{% block configure %}\n# {{ backend.no_such_field }}\n{% endblock %}\n"
     )
     with pytest.raises(ConfigError) as err:
-        render(project, ["cpu"])
+        render(RenderOptions.named(project, "cpu"))
     assert "no_such_field" in err.value.line()
     template.unlink()
     with pytest.raises(ConfigError) as err:
-        render(project, ["cpu"])
+        render(RenderOptions.named(project, "cpu"))
     assert "template cpu.Dockerfile.j2 for backend 'cpu' not found" in err.value.line()

@@ -20,7 +20,7 @@ from pipeline.build.sbom import (
     read_inventory,
     sbom_files,
 )
-from pipeline.core.config import Project
+from pipeline.core.project import Project
 from pipeline.records import BuildRecord
 
 VALIDATOR = JsonStrictValidator(SchemaVersion.V1_6)

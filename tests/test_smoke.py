@@ -21,8 +21,8 @@ from fixtures.interrupt import sigint_as_from_a_terminal
 from fixtures.lab import REPO_ROOT
 
 from pipeline.cli import main
-from pipeline.core.config import Project
 from pipeline.core.errors import ConfigError, RecordInvalidError, UsageError
+from pipeline.core.project import Project
 from pipeline.matrix import MATRIX_FILE, load_matrix, parse_matrix
 from pipeline.modelfiles.gguf import generate_model, preset
 from pipeline.oci.engine import RUN_PID_LABEL, ServerContainer, ServerExited
@@ -377,7 +377,8 @@ def test_every_backend_carries_its_smoke_settings_in_the_matrix(tmp_path: Path) 
     broken.write_text("timing: {native: {healthy: 1}}\n")
     with pytest.raises(ConfigError) as failure:
         load_settings(broken)
-    assert "cannot load smoke settings" in failure.value.line()
+    # The one field reader's words: the file, the key, what was expected.
+    assert "smoke.yaml: timing.native: missing key 'request'" in failure.value.line()
 
 
 @pytest.mark.docker

@@ -30,9 +30,10 @@ from fixtures.interrupt import sigint_as_from_a_terminal
 from fixtures.lab import PINNED_COMMIT, REPO_ROOT, require_lab
 
 from pipeline import sync as sync_stage
-from pipeline.core.config import Project, load_version
+from pipeline.core.arguments import resolve_remote
 from pipeline.core.errors import ConfigError, RemoteError, SnapshotError, ToolMissingError
-from pipeline.core.options import BumpOptions, SyncOptions, resolve_remote
+from pipeline.core.project import Project
+from pipeline.core.version import load_version
 from pipeline.records.snapshot import (
     PRUNE_RULES_FILE,
     PruneRules,
@@ -43,6 +44,7 @@ from pipeline.records.snapshot import (
     load_snapshot,
     parse_prune_rules,
 )
+from pipeline.sync.options import BumpOptions, SyncOptions
 
 # Every test here names its remote; the lab env's LLAMA_CPP_REMOTE must not leak in.
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("clean_env")]

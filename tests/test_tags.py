@@ -124,7 +124,7 @@ def rules_data(**changes: Any) -> dict[str, Any]:
     ("data", "message"),
     [
         (rules_data(schema=2), "schema: 1"),
-        (rules_data(default_backend="cpu"), "unknown key(s) ['default_backend']"),
+        (rules_data(default_backend="cpu"), "unknown key(s) 'default_backend'"),
         (rules_data(rules=[{"pattern": "{{nope}}", "kind": "floating"}]), "{{nope}}"),
         (rules_data(rules=[{"pattern": "x", "kind": "sticky"}]), "immutable or floating"),
         (rules_data(rules=[{"pattern": "x", "kind": "floating", "extra": 1}]), "'extra'"),

@@ -14,7 +14,7 @@ import pytest
 from fixtures.images import SmokeImage
 from fixtures.lab import require_lab
 
-from pipeline.core.config import Project
+from pipeline.core.project import Project
 from pipeline.oci.engine import ServerContainer, docker_client
 from pipeline.records.snapshot import check_snapshot
 from pipeline.smoke.settings import load_settings
@@ -49,7 +49,7 @@ def test_the_web_ui_answers_in_a_real_browser(
     model = f"/models/{real_gguf.name}"
     # The page sends no temperature or seed: the server's defaults decide, so greedy and seeded
     # here, or the 135M model's answer is a draw (it once left Paris out).
-    args = f"--jinja --alias {real['alias']} --temp 0 --seed {real['seed']}"
+    args = f"--jinja --alias {real.alias} --temp 0 --seed {real.seed}"
     env = {"LLAMA_MODEL": model, "LLAMA_SERVER_EXTRA_ARGS": args}
     console: list[tuple[str, str]] = []
     refused: set[tuple[str, str, int]] = set()
@@ -116,8 +116,8 @@ def test_a_lock_file_out_of_step_fails_the_ui_build_in_one_line(
     from fixtures.lab import build_lock, copy_project
 
     from pipeline.build import build
+    from pipeline.build.options import BuildOptions
     from pipeline.core.errors import BuildError
-    from pipeline.core.options import BuildOptions
     from pipeline.records.snapshot import check_snapshot
 
     root = copy_project(tmp_path / "project")
@@ -130,9 +130,7 @@ def test_a_lock_file_out_of_step_fails_the_ui_build_in_one_line(
             '"devDependencies": {', '"devDependencies": {\n\t\t"is-number": "7.0.0",', 1
         )
     )
-    options = BuildOptions(
-        project=project, platforms=("linux/amd64",), backends=("cpu",), quiet=True
-    )
+    options = BuildOptions.named(project, platforms=("linux/amd64",), backends=("cpu",), quiet=True)
     with build_lock(), pytest.raises(BuildError) as raised:
         build(options, snapshot)
     assert "tools/ui/package-lock.json does not match tools/ui/package.json" in str(raised.value)

@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench import report as rep
-from pipeline.bench.core import Bench, StageFunctions, load_previous, machine_info
+from pipeline.bench.core import Bench, BenchBuild, StageFunctions, load_previous, machine_info
 from pipeline.bench.options import BENCH_PARTS, BenchOptions, add_bench_arguments, resolve_bench
 from pipeline.bench.parts import MEASURES
 from pipeline.bench.report import PartResult
-from pipeline.core.config import write_json_atomic
+from pipeline.core.arguments import Command
 from pipeline.core.console import err, out
-from pipeline.core.options import Command
+from pipeline.core.datafile import write_json_atomic
 from pipeline.core.process import utc_now
 
-__all__ = ["StageFunctions", "commands", "run_bench"]
+__all__ = ["BenchBuild", "StageFunctions", "commands", "run_bench"]
 
 
 def write_outputs(

@@ -8,10 +8,9 @@ import itertools
 import re
 from pathlib import Path
 
-from pipeline.bench.core import Bench
-from pipeline.core.config import Project
+from pipeline.bench.core import Bench, BenchBuild
 from pipeline.core.console import err
-from pipeline.core.options import BuildOptions
+from pipeline.core.project import Project
 from pipeline.oci.buildx import run_buildx
 from pipeline.records import BuildRecord
 from pipeline.records.snapshot import Snapshot
@@ -99,23 +98,20 @@ def build_record(
     its release configuration: every CPU variant) and its record (`.seconds`: buildx's);
     BuildTimedOut past `limit`. With `oci_path`, written there as an OCI layout tarball
     (`--oci PATH`: the release's exporter, timestamps rewritten) instead of loaded."""
-    options = BuildOptions(
-        project=project,
-        platforms=(platform,),
-        backends=("cpu",),
-        output="oci" if oci_path else "load",
-        oci_path=oci_path,
-        tags=(tag,),
-        no_cache=no_cache,
-        quiet=True,
-        dockerfile=dockerfile,
+    request = BenchBuild(
+        project,
+        platform,
+        tag,
+        dockerfile,
+        no_cache,
         time_limit=limit,
+        oci_path=oci_path,
         ccache_from=ccache_from,
         ccache_to=ccache_to,
     )
     with bench.locked(name):
         err.print(f"bench: {name} (the build stage, {dockerfile.name}), log {project.logs_dir}")
-        (record,) = bench.stages.build(options, snapshot)
+        record = bench.stages.build(request, snapshot)
     return record
 
 

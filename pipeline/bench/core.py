@@ -14,16 +14,15 @@ import os
 import platform as host
 import secrets
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.lock import lab_lock
 from pipeline.bench.report import Metric, PartResult, parse_report
-from pipeline.core.config import Project
 from pipeline.core.errors import ConfigError, RecordInvalidError, SmokeError
-from pipeline.core.options import BuildOptions, SmokeOptions, SyncOptions
-from pipeline.core.process import lab_lock
+from pipeline.core.project import Project
 from pipeline.oci.buildx import docker_cli
 from pipeline.oci.engine import ServerContainer, ServerExited, docker_client, local_image
 from pipeline.records import BuildRecord, SmokeRecord, load_build_records
@@ -36,12 +35,28 @@ SERVER_READY_S = 300
 
 
 @dataclass(frozen=True)
+class BenchBuild:
+    """One cpu image built through the build stage (`nox -s build -- <arch> --load --tag <tag>`
+    in its release configuration: every CPU variant), on a Dockerfile of the bench's own."""
+
+    project: Project
+    platform: str
+    tag: str
+    dockerfile: Path
+    no_cache: bool
+    time_limit: float | None = None  # BuildTimedOut past it
+    oci_path: Path | None = None  # an OCI layout tarball (`--oci PATH`) instead of a load
+    ccache_from: Path | None = None
+    ccache_to: Path | None = None
+
+
+@dataclass(frozen=True)
 class StageFunctions:
     """The stages bench drives, handed over by the CLI (stages never import one another)."""
 
-    sync: Callable[[SyncOptions], Snapshot]
-    build: Callable[[BuildOptions, Snapshot], list[BuildRecord]]
-    smoke: Callable[[SmokeOptions, Sequence[BuildRecord]], list[SmokeRecord]]
+    sync: Callable[[Project, str, bool], Snapshot]  # (project, remote, prune)
+    build: Callable[[BenchBuild, Snapshot], BuildRecord]
+    smoke: Callable[[Project, str, str | None], list[SmokeRecord]]  # (project, image, tier)
 
 
 @dataclass(frozen=True)
@@ -182,7 +197,7 @@ class Bench:
         """The work root of `side` with its snapshot (pruned for ours, whole for upstream)."""
         project = self.root(side, refresh=refresh)
         with self.locked(f"sync {side}"):
-            snapshot = self.stages.sync(SyncOptions(project, self.remote, prune=side == "ours"))
+            snapshot = self.stages.sync(project, self.remote, side == "ours")
         return project, snapshot
 
     def image_for(self, side: str) -> tuple[str | None, str]:

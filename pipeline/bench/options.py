@@ -1,6 +1,5 @@
-"""The bench's options (`nox -s bench`), resolved like every stage's in pipeline/core/options.py,
-whose shared parts they use: the bench drives the other stages, so its options sit beside
-theirs rather than among them."""
+"""`nox -s bench`'s options: which parts to measure, where the report goes, and how hard to
+try, resolved once like every stage's."""
 
 from __future__ import annotations
 
@@ -10,10 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import Project, load_version
+from pipeline.bench.lock import LAB_LOCK
+from pipeline.core.arguments import positive_int, positive_minutes, remote_argument, resolve_remote
 from pipeline.core.errors import UsageError
-from pipeline.core.options import positive_int, positive_minutes, remote_argument, resolve_remote
-from pipeline.core.process import LAB_LOCK
+from pipeline.core.project import Project
+from pipeline.core.version import load_version
 
 BENCH_PARTS = (
     "sync",

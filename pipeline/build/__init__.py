@@ -15,27 +15,23 @@ digests later); `--oci PATH` writes an OCI layout tarball.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.table import Table
 
 from pipeline.build.carry import CCACHE_SEED_CONTEXT, ccache_dir, ccache_seed
-from pipeline.build.command import Source, buildx_arguments
+from pipeline.build.command import BuildCommand, Source
+from pipeline.build.options import BuildOptions, add_build_arguments, resolve_build
 from pipeline.build.plan import BuildJob, check_builder_platforms, check_output_support, plan_jobs
 from pipeline.build.readback import collect_records, push_layout
 from pipeline.build.sbom import cyclonedx, read_inventory, write_sbom
 from pipeline.build.toolkit import TOOLKIT_CONTEXT, toolkit_context
 from pipeline.core import console
-from pipeline.core.config import COMMIT_RE, VersionInfo, load_version
-from pipeline.core.errors import UsageError
-from pipeline.core.options import BuildOptions, Command, add_build_arguments, resolve_build
-from pipeline.matrix import load_matrix
+from pipeline.core.arguments import Command
 from pipeline.matrix.dockerfile import current_dockerfile
 from pipeline.oci.buildx import check_buildx, inspect_builder, run_buildx
 from pipeline.oci.ccache import ccache_bytes, replaced_directory
@@ -45,29 +41,14 @@ from pipeline.records.snapshot import Snapshot, check_snapshot
 
 __all__ = ["COMMANDS", "build"]
 
-_BUILD_ARG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _check_build_args(options: BuildOptions) -> None:
-    for key, _ in options.build_args:
-        if not _BUILD_ARG_RE.match(key):
-            raise UsageError(f"--build-arg {key}=...: not a build arg name")
-    override = dict(options.build_args).get("LLAMA_CPP_COMMIT")
-    if override is not None and not COMMIT_RE.match(override):
-        raise UsageError(f"--build-arg LLAMA_CPP_COMMIT={override}: expected a full 40-hex sha")
-
 
 def build(options: BuildOptions, snapshot: Snapshot) -> list[BuildRecord]:
     """Build every job of `options` from `snapshot`; each job's records are written as soon as
     it is done (a later failure keeps them), and all of them are returned."""
-    project = options.project
-    matrix = load_matrix()
-    version = load_version(project.version_file)
-    jobs = plan_jobs(options, matrix, version)
-    _check_build_args(options)
+    jobs = plan_jobs(options)
     dockerfiles = {
         job.backend.name: options.dockerfile
-        or current_dockerfile(project, matrix, job.backend, version)
+        or current_dockerfile(options.project, options.matrix, job.backend, options.version)
         for job in jobs
     }
     source = Source(snapshot.commit, snapshot.source_date_epoch, snapshot.build_number)
@@ -78,58 +59,48 @@ def build(options: BuildOptions, snapshot: Snapshot) -> list[BuildRecord]:
     check_output_support(builder, jobs)
     records: list[BuildRecord] = []
     for job in jobs:
-        records += _run_job(options, job, version, source, dockerfiles[job.backend.name], client)
+        command = BuildCommand(
+            options, job, source, dockerfiles[job.backend.name], _contexts(options, job)
+        )
+        records += _run_job(command, client)
     return records
 
 
-def _run_job(
-    options: BuildOptions,
-    job: BuildJob,
-    version: VersionInfo,
-    source: Source,
-    dockerfile: Path,
-    client: object,
-) -> list[BuildRecord]:
+def _run_job(command: BuildCommand, client: object) -> list[BuildRecord]:
+    """Build one job's image, push it (pushed outputs), write its SBOMs and compiler cache out,
+    and record what came out."""
+    options, job = command.options, command.job
     project = options.project
     if job.oci_path is not None:
         job.oci_path.parent.mkdir(parents=True, exist_ok=True)
     log_path = project.logs_dir / f"build-{job.key}.log"
     layout_dir = project.build_dir / "oci" / job.key
     shutil.rmtree(layout_dir, ignore_errors=True)
-    contexts = _contexts(options, job)
-    args = buildx_arguments(
-        project, job, version, source, options, dockerfile, layout_dir, contexts=contexts
-    )
     if not options.quiet:
         console.err.print(f"building {job.key} ({job.output}; log: {log_path})", markup=False)
         if job.host_only:
             console.err.print(
-                f"cpu variants: {job.cpu_variants}: kernels for this machine's CPU only (its "
-                f"instruction sets), a local try-out tagged {job.tags[0]}, not a release build; "
-                "releases compile every variant (--cpu-variants all)",
+                f"cpu variants: {job.cpu_variants.name}: kernels for this machine's CPU only "
+                f"(its instruction sets), a local try-out tagged {job.tags[0]}, not a release "
+                "build; releases compile every variant (--cpu-variants all)",
                 markup=False,
                 soft_wrap=True,
             )
     seconds = run_buildx(
-        args, log_path, job.key, quiet=options.quiet, time_limit=options.time_limit
+        command.image(layout_dir),
+        log_path,
+        job.key,
+        quiet=options.quiet,
+        time_limit=options.time_limit,
     )
     pushed = push_layout(job, layout_dir) if job.output in PUSHED_OUTPUTS else None
     sboms = {}
     if job.backend.runtime.kind == "scratch":  # assembled file by file: its inventory is known
-        sboms = _export_sboms(options, job, version, source, dockerfile, contexts)
+        sboms = _export_sboms(command)
     if options.ccache_to is not None:
-        directory = ccache_dir(options.ccache_to, job)
-        with replaced_directory(directory) as staging:
-            # A fresh id: the copy of the mount runs now, never from the layer cache.
-            fresh = replace(
-                options, build_args=(*options.build_args, ("CCACHE_EXPORT_ID", uuid.uuid4().hex))
-            )
-            export = _StageExport(fresh, job, version, source, dockerfile, contexts)
-            export.run("ccache-export", staging, "ccache")
-        if not options.quiet:
-            carried = ccache_bytes(directory)
-            console.err.print(f"ccache: {carried / 1e6:.1f} MB in {directory}", markup=False)
-    records = collect_records(job, seconds, source.commit, version.version, client, pushed, sboms)
+        _export_ccache(command, ccache_dir(options.ccache_to, job))
+    version = options.version.version
+    records = collect_records(job, seconds, command.source.commit, version, client, pushed, sboms)
     for record in records:
         write_record(project.reports_dir, record)
     return records
@@ -148,48 +119,39 @@ def _contexts(options: BuildOptions, job: BuildJob) -> dict[str, Path]:
     return contexts
 
 
-@dataclass(frozen=True)
-class _StageExport:
-    """One stage of a job's Dockerfile written out as files, from the cache its build filled
+def _stage_files(command: BuildCommand, stage: str, dest: Path, log: str) -> None:
+    """One stage of the job's Dockerfile written out as files, from the cache its build filled
     (the SBOM's inventory, the compiler cache): seconds after the image's own build."""
+    logs = command.options.project.logs_dir
+    job = command.job
+    run_buildx(command.stage_files(stage, dest), logs / f"{log}-{job.key}.log", job.key, quiet=True)
 
-    options: BuildOptions
-    job: BuildJob
-    version: VersionInfo
-    source: Source
-    dockerfile: Path
-    contexts: dict[str, Path]
 
-    def run(self, stage: str, dest: Path, log: str) -> None:
-        project = self.options.project
-        args = buildx_arguments(
-            project,
-            self.job,
-            self.version,
-            self.source,
-            self.options,
-            self.dockerfile,
-            dest,
-            export=(stage, dest),
-            contexts=self.contexts,
+def _export_ccache(command: BuildCommand, directory: Path) -> None:
+    with replaced_directory(directory) as staging:
+        # A fresh id: the copy of the mount runs now, never from the layer cache.
+        fresh = BuildCommand(
+            command.options,
+            command.job,
+            command.source,
+            command.dockerfile,
+            command.contexts,
+            (("CCACHE_EXPORT_ID", uuid.uuid4().hex),),
         )
-        run_buildx(args, project.logs_dir / f"{log}-{self.job.key}.log", self.job.key, quiet=True)
+        _stage_files(fresh, "ccache-export", staging, "ccache")
+    if not command.options.quiet:
+        carried = ccache_bytes(directory)
+        console.err.print(f"ccache: {carried / 1e6:.1f} MB in {directory}", markup=False)
 
 
-def _export_sboms(
-    options: BuildOptions,
-    job: BuildJob,
-    version: VersionInfo,
-    source: Source,
-    dockerfile: Path,
-    contexts: dict[str, Path],
-) -> dict[str, str]:
+def _export_sboms(command: BuildCommand) -> dict[str, str]:
     """platform -> the file name of its CycloneDX SBOM (in build/reports/), from the inventory
     the image's rootfs stage made, exported from the build's cache."""
+    options, job, source = command.options, command.job, command.source
     project = options.project
     dest = project.build_dir / "sbom" / job.key
     shutil.rmtree(dest, ignore_errors=True)
-    _StageExport(options, job, version, source, dockerfile, contexts).run("sbom", dest, "sbom")
+    _stage_files(command, "sbom", dest, "sbom")
     created = datetime.fromtimestamp(source.source_date_epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     names: dict[str, str] = {}
     for platform in job.platforms:
@@ -199,7 +161,7 @@ def _export_sboms(
         document = cyclonedx(
             read_inventory(inventory),
             image=job.repository,
-            version=version.version,
+            version=options.version.version,
             platform=platform.name,
             commit=source.commit,
             created=created,

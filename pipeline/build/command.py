@@ -1,15 +1,15 @@
-"""The whole `docker buildx build` command line of one job. No secret ever goes on it."""
+"""The whole `docker buildx build` command line of one job, for its image or for one stage's
+files written out from the same cache. No secret ever goes on it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline.build.options import BuildOptions
 from pipeline.build.plan import BuildJob
-from pipeline.core.config import Project, VersionInfo
-from pipeline.core.options import BuildOptions
 
 # The named build context the templates take their support files (entrypoint...) from.
 SUPPORT_CONTEXT = "support"
@@ -51,80 +51,87 @@ def _output_arguments(job: BuildJob, layout_dir: Path) -> list[str]:
     return ["--output", f"type=oci,{dest},name={job.tags[0]},rewrite-timestamp=true"]
 
 
-def buildx_arguments(
-    project: Project,
-    job: BuildJob,
-    version: VersionInfo,
-    source: Source,
-    options: BuildOptions,
-    dockerfile: Path,
-    layout_dir: Path,
-    *,
-    export: tuple[str, Path] | None = None,
-    contexts: Mapping[str, Path] | None = None,
-) -> list[str]:
-    """The `docker buildx build` command line of `job`; pushed outputs go to `layout_dir`.
-    With `export` (stage, directory): the command that writes that stage's files there instead
-    (`sbom`: the image's inventory; `ccache-export`: the compiler cache), from the same cache:
-    seconds after the image's own build."""
-    created = datetime.fromtimestamp(source.source_date_epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    build_args: dict[str, str] = {
-        "LLAMA_CPP_COMMIT": source.commit,
-        "LLAMA_CPP_BUILD_NUMBER": str(source.build_number or 0),
-        "IMAGE_VERSION": version.version,
-        "IMAGE_CREATED": created,
-        "CPU_VARIANTS": job.cpu_variants,
-        # BuildKit dates the image config and layers from it: same commit, same dates.
-        "SOURCE_DATE_EPOCH": str(source.source_date_epoch),
-    }
-    if options.gpu_architectures and job.backend.gpu_architectures:
-        build_args["GPU_ARCHITECTURES"] = options.gpu_architectures
-    build_args.update(dict(options.build_args))
-    args = ["docker", "buildx", "build"]
-    if options.builder:
-        args += ["--builder", options.builder]
-    args += [
-        "--progress=plain",
-        "--file",
-        str(dockerfile),
-        "--build-context",
-        f"{SUPPORT_CONTEXT}={project.dockerfiles_dir}",
-        *(f"--build-context={name}={path}" for name, path in (contexts or {}).items()),
-        "--platform",
-        ",".join(p.name for p in job.platforms),
-    ]
-    for key, value in build_args.items():
-        args += ["--build-arg", f"{key}={value}"]
-    if job.backend.web_ui and HOST_CA_BUNDLE.is_file():
-        # npm in the `ui` stage trusts what this machine trusts (a TLS-intercepting proxy's CA).
-        args += ["--secret", f"id=host-ca,src={HOST_CA_BUNDLE}"]
-    if export is not None:  # from the cache the image's build just filled
-        stage, directory = export
+@dataclass(frozen=True)
+class BuildCommand:
+    """One job's buildx invocations: its image, and (from the cache the image's build just
+    filled, seconds after it) the files of one of its stages (`sbom`: the image's inventory;
+    `ccache-export`: the compiler cache)."""
+
+    options: BuildOptions
+    job: BuildJob
+    source: Source
+    dockerfile: Path
+    contexts: Mapping[str, Path] = field(default_factory=dict)  # named contexts besides support
+    build_args: tuple[tuple[str, str], ...] = ()  # besides the options' own
+
+    def _common(self) -> list[str]:
+        options, job, source = self.options, self.job, self.source
+        created = datetime.fromtimestamp(source.source_date_epoch, UTC)
+        build_args: dict[str, str] = {
+            "LLAMA_CPP_COMMIT": source.commit,
+            "LLAMA_CPP_BUILD_NUMBER": str(source.build_number or 0),
+            "IMAGE_VERSION": options.version.version,
+            "IMAGE_CREATED": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "CPU_VARIANTS": job.cpu_variants.name,
+            # BuildKit dates the image config and layers from it: same commit, same dates.
+            "SOURCE_DATE_EPOCH": str(source.source_date_epoch),
+        }
+        if job.gpu_architectures:
+            build_args["GPU_ARCHITECTURES"] = ";".join(job.gpu_architectures)
+        build_args.update(dict(options.build_args))
+        build_args.update(dict(self.build_args))
+        args = ["docker", "buildx", "build"]
+        if options.builder:
+            args += ["--builder", options.builder]
+        args += [
+            "--progress=plain",
+            "--file",
+            str(self.dockerfile),
+            "--build-context",
+            f"{SUPPORT_CONTEXT}={options.project.image_files_dir}",
+            *(f"--build-context={name}={path}" for name, path in self.contexts.items()),
+            "--platform",
+            ",".join(p.name for p in job.platforms),
+        ]
+        for key, value in build_args.items():
+            args += ["--build-arg", f"{key}={value}"]
+        if job.backend.web_ui and HOST_CA_BUNDLE.is_file():
+            # npm in the `ui` stage trusts what this machine trusts (a TLS-intercepting proxy).
+            args += ["--secret", f"id=host-ca,src={HOST_CA_BUNDLE}"]
+        return args
+
+    def image(self, layout_dir: Path) -> list[str]:
+        """The command that builds the job's image; pushed outputs go to `layout_dir`."""
+        options = self.options
+        args = self._common()
+        if options.attest and self.job.output in ("push", "push-by-digest"):
+            # Provenance from BuildKit; the SBOM is the pipeline's own (pipeline/build/sbom.py):
+            # the image is assembled file by file, so no scanner has to guess what is in it.
+            args += ["--provenance=mode=max"]
+        else:
+            # Without attestations a single-platform push is one manifest, whose digest is the
+            # platform's: what publish joins into the multi-platform index.
+            args += ["--provenance=false"]
+        if options.no_cache:
+            args += ["--no-cache"]
+        if options.no_cache_filter:
+            args += ["--no-cache-filter", ",".join(options.no_cache_filter)]
+        for value in options.cache_from:
+            args += ["--cache-from", cache_spec(value, export=False)]
+        for value in options.cache_to:
+            args += ["--cache-to", cache_spec(value, export=True)]
+        args += _output_arguments(self.job, layout_dir)
+        args.append(str(options.project.third_party))
+        return args
+
+    def stage_files(self, stage: str, directory: Path) -> list[str]:
+        """The command that writes `stage`'s files into `directory`."""
         return [
-            *args,
+            *self._common(),
             "--provenance=false",
             "--target",
             stage,
             "--output",
             f"type=local,dest={directory}",
-            str(project.third_party),
+            str(self.options.project.third_party),
         ]
-    if options.attest and job.output in ("push", "push-by-digest"):
-        # Provenance from BuildKit; the SBOM is the pipeline's own (pipeline/build/sbom.py): the
-        # image is assembled file by file, so no scanner has to guess what is in it.
-        args += ["--provenance=mode=max"]
-    else:
-        # Without attestations a single-platform push is one manifest, whose digest is the
-        # platform's: what publish joins into the multi-platform index.
-        args += ["--provenance=false"]
-    if options.no_cache:
-        args += ["--no-cache"]
-    if options.no_cache_filter:
-        args += ["--no-cache-filter", ",".join(options.no_cache_filter)]
-    for value in options.cache_from:
-        args += ["--cache-from", cache_spec(value, export=False)]
-    for value in options.cache_to:
-        args += ["--cache-to", cache_spec(value, export=True)]
-    args += _output_arguments(job, layout_dir)
-    args.append(str(project.third_party))
-    return args

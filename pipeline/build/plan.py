@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import VersionInfo
+from pipeline.build.options import BuildOptions
 from pipeline.core.errors import BuildError, UsageError
-from pipeline.core.options import BuildOptions
-from pipeline.matrix import Backend, Matrix, TargetPlatform, host_platform
+from pipeline.matrix import Backend, CpuVariantSet, TargetPlatform, host_platform
 from pipeline.oci.buildx import BuilderInfo
 from pipeline.records import Output
 
@@ -24,9 +23,15 @@ class BuildJob:
     output: Output
     tags: tuple[str, ...]  # full references; for push-by-digest, the repository name
     repository: str
-    cpu_variants: str
+    cpu_variants: CpuVariantSet
+    # The GPU targets compiled (a GPU backend: the matrix's list unless asked for fewer).
+    gpu_architectures: tuple[str, ...] | None = None
     oci_path: Path | None = None
-    host_only: bool = False  # the variant set is this machine's CPU only (matrix.yaml)
+
+    @property
+    def host_only(self) -> bool:
+        """Compiled for this machine's CPU only (matrix.yaml): a local try-out."""
+        return self.cpu_variants.host_only
 
     @property
     def key(self) -> str:
@@ -51,14 +56,17 @@ def _full_tag(tag: str, image: str) -> str:
 
 
 def _job(
+    options: BuildOptions,
     backend: Backend,
     platforms: tuple[TargetPlatform, ...],
     output: Output,
     tags: tuple[str, ...],
-    variants: str,
     oci_path: Path | None = None,
-    host_only: bool = False,
 ) -> BuildJob:
+    variants = options.cpu_variants or options.matrix.cpu_variant_set(backend.cpu_variants)
+    gpu = None
+    if backend.gpu_architectures_flag is not None:
+        gpu = options.gpu_architectures or backend.gpu_architectures
     return BuildJob(
         backend,
         platforms,
@@ -66,8 +74,8 @@ def _job(
         tags,
         split_repository(tags[0])[0],
         variants,
+        gpu,
         oci_path,
-        host_only,
     )
 
 
@@ -80,42 +88,39 @@ def _oci_path(path: Path, backend: str, several_backends: bool) -> Path:
     return path if path.suffix == ".tar" else path / f"{backend}.tar"
 
 
-def _check_host_only(name: str, options: BuildOptions) -> None:
+def _check_host_only(variants: CpuVariantSet, options: BuildOptions) -> None:
     """A set compiled for this machine's CPU: only its own platform, and never a release push."""
-    others = [p for p in options.platforms if p != host_platform()]
+    others = [p.name for p in options.platforms if p.name != host_platform()]
     if others:
         raise UsageError(
-            f"--cpu-variants {name} compiles for this machine's CPU, which cannot run "
+            f"--cpu-variants {variants.name} compiles for this machine's CPU, which cannot run "
             f"{', '.join(others)}",
             "build other platforms with --cpu-variants all or baseline",
         )
     if options.output == "push-by-digest":
         raise UsageError(
-            f"--cpu-variants {name} is a local try-out, not a release build: it is never pushed "
-            "by digest for publishing",
+            f"--cpu-variants {variants.name} is a local try-out, not a release build: it is "
+            "never pushed by digest for publishing",
             "release builds use --cpu-variants all (the default for pushes)",
         )
 
 
-def plan_jobs(options: BuildOptions, matrix: Matrix, version: VersionInfo) -> list[BuildJob]:
+def plan_jobs(options: BuildOptions) -> list[BuildJob]:
     """The buildx invocations for a request; every usage error is raised here, before any work."""
-    targets = matrix.targets(options.backends, options.platforms)
-    if options.cpu_variants is not None:
-        chosen = matrix.cpu_variant_set(options.cpu_variants)
-        if chosen.host_only:
-            _check_host_only(chosen.name, options)
+    targets = options.matrix.targets(options.backends, options.platforms)
+    if options.cpu_variants is not None and options.cpu_variants.host_only:
+        _check_host_only(options.cpu_variants, options)
+    version = options.version
     tags = tuple(_full_tag(t, version.image) for t in options.tags)
     several_platforms = len(options.platforms) > 1
     several_backends = len(options.backends) > 1
     jobs: list[BuildJob] = []
-    for backend_name in dict.fromkeys(t.backend.name for t in targets):
-        backend = matrix.backend(backend_name)
-        platforms = tuple(t.platform for t in targets if t.backend.name == backend_name)
-        variants = options.cpu_variants or backend.cpu_variants
+    for backend in {t.backend.name: t.backend for t in targets}.values():
+        platforms = tuple(t.platform for t in targets if t.backend.name == backend.name)
+        variants = options.cpu_variants or options.matrix.cpu_variant_set(backend.cpu_variants)
         default_tag = f"{version.image}:{version.version}-{backend.name}"
-        host_only = matrix.cpu_variant_set(variants).host_only
         # Never mistaken for a release build: a host-only build's tags say whose CPU it is for.
-        local = f"-{variants}" if host_only else ""
+        local = f"-{variants.name}" if variants.host_only else ""
         if options.output == "load":
             # One local image per platform: the engine's store keeps one platform per tag.
             if tags and (several_platforms or several_backends):
@@ -126,9 +131,7 @@ def plan_jobs(options: BuildOptions, matrix: Matrix, version: VersionInfo) -> li
                 )
             for platform in platforms:
                 job_tags = tags or (f"{default_tag}-{platform.arch}{local}",)
-                jobs.append(
-                    _job(backend, (platform,), "load", job_tags, variants, host_only=host_only)
-                )
+                jobs.append(_job(options, backend, (platform,), "load", job_tags))
         elif options.output == "push-by-digest":
             if len(tags) > 1:
                 raise UsageError("--push-by-digest takes one --tag: the repository to push to")
@@ -140,7 +143,7 @@ def plan_jobs(options: BuildOptions, matrix: Matrix, version: VersionInfo) -> li
                 )
             # One push per platform, so each record holds that platform's own manifest digest.
             for platform in platforms:
-                jobs.append(_job(backend, (platform,), "push-by-digest", (repository,), variants))
+                jobs.append(_job(options, backend, (platform,), "push-by-digest", (repository,)))
         elif options.output == "push":
             if tags and several_backends:
                 raise UsageError(
@@ -148,30 +151,13 @@ def plan_jobs(options: BuildOptions, matrix: Matrix, version: VersionInfo) -> li
                     "push one backend per call",
                 )
             suffix = "" if several_platforms else f"-{platforms[0].arch}"
-            jobs.append(
-                _job(
-                    backend,
-                    platforms,
-                    "push",
-                    tags or (f"{default_tag}{suffix}{local}",),
-                    variants,
-                    host_only=host_only,
-                )
-            )
+            job_tags = tags or (f"{default_tag}{suffix}{local}",)
+            jobs.append(_job(options, backend, platforms, "push", job_tags))
         else:  # oci
             assert options.oci_path is not None
             path = _oci_path(options.oci_path, backend.name, several_backends)
-            jobs.append(
-                _job(
-                    backend,
-                    platforms,
-                    "oci",
-                    tags or (f"{default_tag}{local}",),
-                    variants,
-                    path,
-                    host_only,
-                )
-            )
+            job_tags = tags or (f"{default_tag}{local}",)
+            jobs.append(_job(options, backend, platforms, "oci", job_tags, path))
     return jobs
 
 

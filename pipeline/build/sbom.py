@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pipeline.core.config import load_yaml, write_json_atomic
+from pipeline.core.datafile import load_yaml, write_json_atomic
 from pipeline.core.errors import BuildError, ConfigError
 
 LICENCES_FILE = Path(__file__).with_name("licences.yaml")

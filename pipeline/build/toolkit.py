@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.core.config import load_yaml
+from pipeline.core.datafile import load_yaml
 from pipeline.core.errors import BuildError, ConfigError
 from pipeline.core.pypi import Pin, cache_dir, pip_download, sha256_of
 from pipeline.matrix import Backend, TargetPlatform

@@ -1,4 +1,4 @@
-"""Child processes in groups of their own, and the lab's one-build-at-a-time lock.
+"""Child processes in groups of their own, and the time as records write it.
 
 git (sync) and buildx (build, bench) each run in a new session, so a terminal's Ctrl-C reaches
 only the pipeline, which then stops the whole group: nothing keeps writing into a directory
@@ -9,19 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-from pipeline.core import console
-
-# The lock every build and timed measurement on the lab machine takes (2 cores: one compile
-# at a time); the same file `flock` takes in a shell.
-LAB_LOCK = Path("/tmp/lab-docker-build.lock")
 
 
 def stop_group(proc: subprocess.Popen[Any], grace: float = 20.0) -> None:
@@ -42,21 +33,3 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = 20.0) -> None:
 def utc_now() -> str:
     """Now in UTC, ISO 8601 to the second (`2026-12-01T20:47:02Z`)."""
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-@contextlib.contextmanager
-def lab_lock(path: Path | None = LAB_LOCK, what: str = "") -> Iterator[None]:
-    """Hold the lab's build lock (None: the caller already holds it); waiting says so."""
-    if path is None:
-        yield
-        return
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            console.err.print(f"[dim]waiting for the build lock {path} ({what})[/dim]")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import jinja2
 
-from pipeline.core.config import Project, VersionInfo
 from pipeline.core.errors import ConfigError
-from pipeline.matrix import Backend, Matrix, configure_flags
+from pipeline.core.project import Project
+from pipeline.core.version import VersionInfo
+from pipeline.matrix.backends import Backend, Matrix, configure_flags
+from pipeline.oci.image import LABEL_PREFIX
 
-# Namespace of this project's own image labels (backend, CPU variant set).
-LABEL_PREFIX = "org.llamacpp-images"
 _SHELL_SAFE = re.compile(r"^[A-Za-z0-9_./=:,+@%-]+$")
 
 

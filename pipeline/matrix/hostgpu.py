@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import load_yaml
+from pipeline.core.datafile import load_yaml
 from pipeline.core.errors import ConfigError
 from pipeline.matrix import Matrix
 

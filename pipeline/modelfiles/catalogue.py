@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import load_yaml
+from pipeline.core.datafile import load_yaml
 from pipeline.core.errors import ConfigError, ModelError
 from pipeline.core.pypi import Pin, cache_dir, pip_download, sha256_of
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import Project, load_yaml
+from pipeline.core.datafile import load_yaml
 from pipeline.core.errors import ConfigError, ModelError
+from pipeline.core.project import Project
 
 GGUF_MAGIC = b"GGUF"
 # Bumped whenever the generator's output changes for the same spec: part of the file name, so a

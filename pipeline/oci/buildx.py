@@ -1,8 +1,8 @@
-"""The docker CLI's buildx: builders, builds with their logs, and imagetools.
+"""The docker CLI's buildx: builders, and builds with their logs; a docker config of our own.
 
 docker-py has no buildx, so these run the CLI. A build streams its whole log to a file and one
-terminal line per step; an imagetools call gets registry credentials through a docker config
-of our own in a temporary directory (0600 in 0700), never through a command line.
+terminal line per step. Tools that read registry credentials from a docker config (cosign)
+get one of our own in a temporary directory (0600 in 0700), never a command line.
 """
 
 from __future__ import annotations
@@ -25,24 +25,18 @@ from pipeline.core import console
 from pipeline.core.errors import (
     BuildError,
     BuildTimedOut,
-    CredentialsError,
     DockerUnavailableError,
-    PublishError,
     ToolMissingError,
     UsageError,
 )
 from pipeline.core.process import stop_group
 from pipeline.oci.image import DOCKER_HUB
-from pipeline.oci.registry import DOCKER_HUB_CONFIG_KEY, Credentials, RetryPolicy
+from pipeline.oci.registry import DOCKER_HUB_CONFIG_KEY, Credentials
 
 # A log line worth a terminal line: a step starting, or (at most every 10%) ninja progress.
 _STEP_RE = re.compile(r"^#\d+ \[(?P<step>[^\]]+)\] (?P<what>.+)$")
 _NINJA_RE = re.compile(r"^#\d+ [\d.]+ \[(?P<done>\d+)/(?P<total>\d+)\] ")
 _SCRIPT_ERROR_RE = re.compile(r"^#\d+ [\d.]+ (?P<msg>error: .+)$")
-_AUTH_FAILURES = ("401 unauthorized", "403 forbidden", "unauthorized", "denied", "authentication")
-_NOT_FOUND = ("not found", "manifest unknown", "name unknown")
-# Never handed to imagetools: it reads credentials from our docker config only.
-_SECRET_VARS = ("DOCKERHUB_TOKEN", "REGISTRY_PASSWORD")
 
 
 def docker_cli(
@@ -227,7 +221,7 @@ def run_buildx(
     return seconds
 
 
-# ----------------------------------------------------------------------------- imagetools
+# --------------------------------------------------------------------------- docker config
 
 
 @contextmanager
@@ -260,48 +254,3 @@ def docker_config(auths: Mapping[str, Credentials]) -> Iterator[Path]:
         yield directory
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def imagetools(
-    args: Sequence[str], config_dir: Path, retry: RetryPolicy, what: str, hint_vars: str
-) -> str:
-    """Run `docker buildx imagetools ARGS` with our docker config; retry transient failures."""
-    env = {k: v for k, v in os.environ.items() if k not in _SECRET_VARS}
-    env["DOCKER_CONFIG"] = str(config_dir)
-    last = ""
-    started = time.monotonic()
-    for attempt in range(1, retry.attempts + 1):
-        try:
-            result = docker_cli("buildx", "imagetools", *args, timeout=600, env=env)
-        except subprocess.TimeoutExpired:
-            last = "timed out after 600 s"
-        else:
-            if result.returncode == 0:
-                return result.stdout
-            last = last_line(result)
-            lowered = result.stderr.lower()
-            if "is not a docker command" in lowered or "unknown command" in lowered:
-                raise DockerUnavailableError(
-                    "docker buildx is not installed", "install the buildx plugin"
-                )
-            if any(pattern in lowered for pattern in _AUTH_FAILURES):
-                raise CredentialsError(
-                    f"{what}: the registry refused access: {last}", f"check {hint_vars}"
-                )
-            if any(pattern in lowered for pattern in _NOT_FOUND):
-                raise PublishError(
-                    f"{what}: {last}",
-                    "were the digests pushed with `nox -s build -- … --push-by-digest`?",
-                )
-        if attempt < retry.attempts:
-            delay = retry.delay(attempt)
-            console.err.print(
-                f"{what}: {last}; retrying in {delay:.1f} s (attempt {attempt + 1}/"
-                f"{retry.attempts})"
-            )
-            time.sleep(delay)
-    raise PublishError(
-        f"{what} failed: {last} ({retry.attempts} attempts over "
-        f"{time.monotonic() - started:.0f} s)",
-        "check that the registry is up, then re-run: publishing is idempotent",
-    )

@@ -31,6 +31,8 @@ MANIFEST_ACCEPT = ", ".join(
 # Image labels the pipeline writes (render) and checks (smoke, publish).
 LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_REVISION = "org.opencontainers.image.revision"
+# Namespace of this project's own image labels (backend, CPU variant set, GPU targets).
+LABEL_PREFIX = "org.llamacpp-images"
 # BuildKit marks attestation manifests in an index with this annotation.
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 

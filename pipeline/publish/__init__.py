@@ -1,13 +1,12 @@
 """`nox -s publish`: join smoke-tested per-platform digests into one index per backend, tag it
 by the rules in tags.yaml (pipeline/publish/tags.py), push, and verify through the registry API.
 
-Takes the build and smoke records and refuses digests without a passed smoke record of that
-same digest. The plan is computed before anything is written (pipeline/publish/plan.py): every
-tag of every backend gets an action and a reason, from what the registry holds now.
-`--dry-run` prints the plan and stops. Pushing (pipeline/publish/push.py): `docker buildx
-imagetools create` joins the digests into an index under the first tag (immutable tags first),
-the other tags get the same index bytes through the registry API; credentials reach buildx
-through a docker config of our own in a temporary directory, never through a command line.
+It reads top to bottom: the records reviewed against each other and version.json (refusing
+digests without a passed smoke record of that same digest), the plan made from what the
+registry holds now (every tag of every backend gets an action and a reason), then, unless
+`--dry-run`: every backend's index staged by digest and signed (push.py), only then the tags
+moved (immutable tags first), and every tag verified. Registry credentials reach cosign through
+a docker config of our own in a temporary directory, never through a command line.
 """
 
 from __future__ import annotations
@@ -20,76 +19,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core import console
-from pipeline.core.config import load_version
-from pipeline.core.errors import CredentialsError, PublishError, RegistryError, UsageError
-from pipeline.core.options import Command, PublishOptions, add_publish_arguments, resolve_publish
-from pipeline.matrix import load_matrix
+from pipeline.core.arguments import Command
+from pipeline.core.errors import CredentialsError, PublishError, RegistryError
 from pipeline.oci.buildx import docker_config
 from pipeline.oci.cosign import Cosign, Signer
-from pipeline.oci.image import ImageName
 from pipeline.oci.registry import RegistryClient
-from pipeline.publish.plan import (
-    PublishPlan,
-    auths_for,
-    check_release_tag,
-    check_reports,
-    group_by_backend,
-    make_plan,
-    print_plan,
-    required_tiers,
-    resolve_target,
-)
+from pipeline.publish.options import PublishOptions, add_publish_arguments, resolve_publish
+from pipeline.publish.plan import PublishPlan, auths_for, make_plan, print_plan, review
 from pipeline.publish.push import Signing, check_sources, stage_backend, tag_backend, verify
 from pipeline.publish.sources import Registries
-from pipeline.publish.tags import load_tag_rules
 from pipeline.records import (
     BuildRecord,
     SmokeRecord,
     load_build_records,
     load_smoke_records,
     require_build_records,
-    write_publish_record,
 )
+from pipeline.records.publish import PublishRecord, write_publish_record
 
 __all__ = ["COMMANDS", "PublishOutcome", "publish"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PublishOutcome:
     plan: PublishPlan
-    pushed: list[str]
-    seconds: float
-    phases: dict[str, float]
-
-    def record(self, verified: bool) -> dict[str, object]:
-        """publish.json: the plan, what was pushed, whether it was verified, how long it took."""
-        return {
-            **self.plan.to_json(),
-            "pushed": self.pushed,
-            "verified": verified,
-            "seconds": round(self.seconds, 3),
-            "phases": {k: round(v, 3) for k, v in self.phases.items()},
-        }
+    record: PublishRecord  # what publish.json holds
 
 
-def _chosen(builds: Sequence[BuildRecord], backends: Sequence[str]) -> list[BuildRecord]:
-    if not backends:
-        return list(builds)
-    unknown = sorted(set(backends) - {b.backend for b in builds})
-    if unknown:
-        raise UsageError(
-            f"no build reports for backend(s) {', '.join(unknown)}",
-            f"reports exist for {', '.join(sorted({b.backend for b in builds}))}",
-        )
-    return [b for b in builds if b.backend in backends]
-
-
-def _readable(client: RegistryClient, target: ImageName, dry_run: bool, notes: list[str]) -> bool:
+def _readable(client: RegistryClient, options: PublishOptions, notes: list[str]) -> bool:
     """Whether we may read the target repository; a dry run without access still plans."""
     try:
-        client.ping(target.repository)
+        client.ping(options.target.repository)
     except (CredentialsError, RegistryError) as exc:
-        if not dry_run:
+        if not options.dry_run:
             raise
         notes.append(f"{exc.message}: what the tags point to now is unknown")
         return False
@@ -144,79 +106,71 @@ def _signing(
 def publish(
     options: PublishOptions, builds: Sequence[BuildRecord], smokes: Sequence[SmokeRecord]
 ) -> PublishOutcome:
-    """Plan, then (unless a dry run) stage, sign, tag and verify; publish.json records it."""
+    """Review, plan, then (unless a dry run) stage and sign, tag and verify; publish.json
+    records it."""
     started = time.monotonic()
     phases: dict[str, float] = {}
-    project = options.project
-    info = load_version(project.version_file)
-    check_release_tag(info.version, options.release_tag, options.env)
-    rules = load_tag_rules()
-    target = resolve_target(info, options)
     require_build_records(builds, options.reports_dir)
-    builds = _chosen(builds, options.backends)
-    required = required_tiers(builds, options.no_gpu_runner)
-    refusals = check_reports(builds, smokes, info, required)
-    groups, suffixes, incomplete = group_by_backend(builds)
-    signer, unsignable = _signing_refusals(options, builds)
-    refusals += incomplete + unsignable
+    # Review: what the records allow, before any registry is asked.
+    checked = review(options, builds, smokes)
+    signer, unsignable = _signing_refusals(options, checked.builds)
+    refusals = [*checked.refusals, *unsignable]
     if refusals and not options.dry_run:
         raise refusals[0]
-    notes = [refusal.message for refusal in refusals]
-    if options.no_gpu_runner:
-        matrix = load_matrix()
-        notes += [
-            f"{name}: published on its {', '.join(tiers)} smoke tier only: the release had no "
-            "GPU runner (matrix.yaml: publish_without_gpu)"
-            for name, tiers in required.items()
-            if tiers is not None and matrix.backend(name).smoke.needs_gpu
-        ]
-    auths = auths_for(target, builds, options.env)
+    notes = [refusal.message for refusal in refusals] + list(checked.notes)
+    auths = auths_for(options.target, checked.builds, options.env)
 
-    def outcome(pushed: list[str], verified: bool) -> PublishOutcome:
-        done = PublishOutcome(plan, pushed, time.monotonic() - started, phases)
-        write_publish_record(project.reports_dir, done.record(verified))
-        return done
+    def outcome(plan: PublishPlan, pushed: list[str], verified: bool) -> PublishOutcome:
+        record = plan.record(pushed, verified, time.monotonic() - started, phases)
+        write_publish_record(options.project.reports_dir, record)
+        return PublishOutcome(plan, record)
 
     with docker_config(auths) as config_dir, Registries(auths, options.retry) as registries:
-        client = registries.client(target.registry)
-        readable = _readable(client, target, options.dry_run, notes)
+        # Plan: what every tag points to now, and what happens to it.
+        client = registries.client(options.target.registry)
+        readable = _readable(client, options, notes)
         try:
-            check_sources(registries, [b for b in builds if b.pushed], info)
+            check_sources(registries, [b for b in checked.builds if b.pushed], options.version)
         except (PublishError, RegistryError, CredentialsError) as exc:
             if not options.dry_run:
                 raise
             notes.append(exc.message)
-        plan = make_plan(registries, info, rules, target, groups, suffixes, options, readable)
+        plan = make_plan(options, checked.groups, registries, readable)
         plan.notes = notes
         phases["plan"] = time.monotonic() - started
         print_plan(plan)
         if plan.conflicts and not options.force:
-            names = ", ".join(f"{target}:{d.tag}" for _, d in plan.conflicts)
-            outcome([], verified=False)
+            names = ", ".join(f"{options.target}:{d.tag}" for _, d in plan.conflicts)
+            outcome(plan, [], verified=False)
             raise PublishError(
                 f"immutable tag(s) {names} already exist with another digest; nothing was pushed",
                 "bump version.json's version, or re-run with --force to overwrite (logged)",
             )
         if options.dry_run:
-            return outcome([], verified=False)
+            return outcome(plan, [], verified=False)
+        # Stage and sign: every backend's index in place by digest, signed, before any tag
+        # moves: nothing is half-published.
         mark = time.monotonic()
-        # Every backend staged and signed before any tag moves: nothing is half-published.
         with _signing(signer, options, smokes, config_dir) as signing:
             for backend in plan.backends:
                 stage_backend(registries, backend, signing)
         phases["stage"] = time.monotonic() - mark
+        # Tag, immutable tags first.
         mark = time.monotonic()
         pushed = [
-            f"{target}:{tag}" for backend in plan.backends for tag in tag_backend(backend, client)
+            f"{options.target}:{tag}"
+            for backend in plan.backends
+            for tag in tag_backend(backend, client)
         ]
         phases["push"] = time.monotonic() - mark
+        # Verify every tag through the registry.
         mark = time.monotonic()
-        checked = verify(plan, client)
+        checked_tags = verify(plan, client)
         phases["verify"] = time.monotonic() - mark
-    done = outcome(pushed, verified=True)
+    done = outcome(plan, pushed, verified=True)
     console.out.print(
-        f"pushed {len(pushed)} tag(s), verified {checked} tag(s) of "
-        f"{len(plan.backends)} backend(s) in {done.seconds:.1f} s"
+        f"pushed {len(pushed)} tag(s), verified {checked_tags} tag(s) of "
+        f"{len(plan.backends)} backend(s) in {done.record.seconds:.1f} s"
     )
     return done
 

@@ -1,56 +1,92 @@
 """The publish plan: which digests are joined into which index, and what happens to each tag
 and why, decided from the records and from what the registry holds now. Nothing is written.
+
+`review` (pure: records and options only) says what may be published and what refuses it;
+`make_plan` asks the registries what the tags point to now and decides each one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.table import Table
 
 from pipeline.core import console
-from pipeline.core.config import VersionInfo
-from pipeline.core.errors import ConfigError, PublishError
-from pipeline.core.options import PublishOptions
-from pipeline.matrix import load_matrix
+from pipeline.core.errors import PublishError, UsageError
+from pipeline.matrix import Backend
 from pipeline.oci.image import ImageName, Manifest
 from pipeline.oci.registry import Credentials, RegistryClient, credentials_from_env
+from pipeline.publish.options import PublishOptions
 from pipeline.publish.sources import Registries, compose_index
-from pipeline.publish.tags import (
-    Action,
-    ExistingTag,
-    SemVer,
-    TagDecision,
-    TagKind,
-    TagRules,
-    decide,
-)
+from pipeline.publish.tags import Action, ExistingTag, SemVer, TagDecision, TagKind, decide
 from pipeline.records import NO_GPU_TIER, BuildRecord, SmokeRecord
+from pipeline.records.publish import PublishedBackend, PublishedSource, PublishedTag, PublishRecord
 
 
-def required_tiers(
-    builds: Sequence[BuildRecord], no_gpu_runner: bool
-) -> dict[str, tuple[str, ...] | None]:
-    """backend -> the smoke tiers each of its digests needs (matrix.yaml's publish_requires, or
-    publish_without_gpu when the release had no GPU runner); None: not publishable so."""
-    matrix = load_matrix()
-    return {
-        b.backend: matrix.backend(b.backend).smoke.required(gpu_runner=not no_gpu_runner)
-        for b in builds
-    }
+@dataclass(frozen=True)
+class BackendSources:
+    """One backend's build records, in platform order: what its release index joins."""
+
+    backend: Backend
+    sources: tuple[BuildRecord, ...]
+
+
+@dataclass(frozen=True)
+class Review:
+    """What the records allow: each backend's sources (the default backend first), what refuses
+    the publish (a publish raises the first; a dry run shows them all), and notes."""
+
+    groups: tuple[BackendSources, ...]
+    refusals: tuple[PublishError, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def builds(self) -> list[BuildRecord]:
+        return [source for group in self.groups for source in group.sources]
+
+
+def _chosen(options: PublishOptions, builds: Sequence[BuildRecord]) -> list[BuildRecord]:
+    if not options.backends:
+        return list(builds)
+    wanted = {b.name for b in options.backends}
+    unknown = sorted(wanted - {b.backend for b in builds})
+    if unknown:
+        raise UsageError(
+            f"no build reports for backend(s) {', '.join(unknown)}",
+            f"reports exist for {', '.join(sorted({b.backend for b in builds}))}",
+        )
+    return [b for b in builds if b.backend in wanted]
+
+
+def review(
+    options: PublishOptions, builds: Sequence[BuildRecord], smokes: Sequence[SmokeRecord]
+) -> Review:
+    """Pure: the records checked against each other, version.json and the matrix."""
+    chosen = _chosen(options, builds)
+    for build in chosen:  # a record naming a backend this matrix lacks: a usage error
+        options.matrix.backend(build.backend)
+    groups, incomplete = _group_by_backend(options, chosen)
+    refusals = check_reports(options, chosen, smokes) + incomplete
+    notes = []
+    if options.no_gpu_runner:
+        notes = [
+            f"{group.backend.name}: published on its {', '.join(tiers)} smoke tier only: the "
+            "release had no GPU runner (matrix.yaml: publish_without_gpu)"
+            for group in groups
+            if group.backend.smoke.needs_gpu
+            and (tiers := group.backend.smoke.required(gpu_runner=False)) is not None
+        ]
+    return Review(tuple(groups), tuple(refusals), tuple(notes))
 
 
 def check_reports(
-    builds: Sequence[BuildRecord],
-    smokes: Sequence[SmokeRecord],
-    info: VersionInfo,
-    required: Mapping[str, tuple[str, ...] | None],
+    options: PublishOptions, builds: Sequence[BuildRecord], smokes: Sequence[SmokeRecord]
 ) -> list[PublishError]:
     """What must not be published, in the order it is found: duplicate, unpushed or stale
     records, then every digest without a passed smoke report of that same digest for each
-    tier its backend requires. A publish raises the first; a dry run shows them all."""
+    tier its backend requires."""
+    info = options.version
     refusals: list[PublishError] = []
     seen: dict[tuple[str, str], BuildRecord] = {}
     for build in builds:
@@ -80,9 +116,10 @@ def check_reports(
                     "rebuild, or publish from the commit that built it",
                 )
             )
-    local_sets = {n for n, v in load_matrix().cpu_variant_sets.items() if v.host_only}
+    variant_sets = options.matrix.cpu_variant_sets
     for build in builds:
-        if build.cpu_variants in local_sets:
+        variants = variant_sets.get(build.cpu_variants or "")
+        if variants is not None and variants.host_only:
             refusals.append(
                 PublishError(
                     f"{build.filename}: {build.backend} {build.platform} was built with "
@@ -94,7 +131,8 @@ def check_reports(
     problems = []
     for build in builds:
         where = f"{build.backend} {build.platform} ({build.digest[:19]}…)"
-        tiers = required.get(build.backend, (NO_GPU_TIER,))
+        backend = options.matrix.backend(build.backend)
+        tiers = backend.smoke.required(gpu_runner=not options.no_gpu_runner)
         if tiers is None:
             problems.append(
                 f"{where} needs a smoke test on a GPU, and matrix.yaml publishes it with "
@@ -120,6 +158,37 @@ def check_reports(
             )
         )
     return refusals
+
+
+def _group_by_backend(
+    options: PublishOptions, builds: Sequence[BuildRecord]
+) -> tuple[list[BackendSources], list[PublishError]]:
+    """Reports per backend (default backend first, platforms sorted), and a refusal per
+    backend that lacks a platform matrix.yaml builds it for."""
+    matrix = options.matrix
+    ordered = sorted(
+        builds, key=lambda b: (b.backend != matrix.default_backend, b.backend, b.platform)
+    )
+    by_name: dict[str, list[BuildRecord]] = {}
+    for build in ordered:
+        by_name.setdefault(build.backend, []).append(build)
+    groups: list[BackendSources] = []
+    refusals: list[PublishError] = []
+    for name, records in by_name.items():
+        backend = matrix.backend(name)
+        groups.append(BackendSources(backend, tuple(records)))
+        have = sorted(r.platform for r in records)
+        want = sorted(backend.platform_names)
+        if have != want:
+            missing = sorted(set(want) - set(have))
+            refusals.append(
+                PublishError(
+                    f"{name}: build reports cover {', '.join(have)}, but the backend is built for "
+                    f"{', '.join(want)}" + (f" (missing {', '.join(missing)})" if missing else ""),
+                    "build and smoke-test every platform of the backend before publishing it",
+                )
+            )
+    return groups, refusals
 
 
 @dataclass
@@ -171,64 +240,46 @@ class PublishPlan:
             if d.action is Action.CONFLICT
         ]
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": str(self.version),
-            "commit": self.commit,
-            "repository": str(self.target),
-            "dry_run": self.dry_run,
-            "force": self.force,
-            "notes": self.notes,
-            "backends": [
-                {
-                    "backend": plan.backend,
-                    "index": plan.index_digest,
-                    "platforms": plan.platforms,
-                    "sources": [
-                        {
-                            "platform": s.platform,
-                            "ref": s.source,
-                            "report": s.filename,
-                            "pushed": s.pushed,
-                        }
+    def record(
+        self, pushed: Sequence[str], verified: bool, seconds: float, phases: Mapping[str, float]
+    ) -> PublishRecord:
+        """publish.json: the plan, what was pushed, whether it was verified, how long it took."""
+        return PublishRecord(
+            version=str(self.version),
+            commit=self.commit,
+            repository=str(self.target),
+            dry_run=self.dry_run,
+            force=self.force,
+            notes=tuple(self.notes),
+            backends=tuple(
+                PublishedBackend(
+                    backend=plan.backend,
+                    index=plan.index_digest,
+                    platforms=tuple(plan.platforms),
+                    sources=tuple(
+                        PublishedSource(s.platform, s.source, s.filename, s.pushed)
                         for s in plan.sources
-                    ],
-                    "tags": [
-                        {
-                            "tag": d.tag,
-                            "kind": str(d.kind),
-                            "action": str(d.action),
-                            "reason": d.reason,
-                            "current": d.current.digest if d.current else None,
-                            "current_version": d.current.version if d.current else None,
-                            "target": plan.index_digest,
-                        }
+                    ),
+                    tags=tuple(
+                        PublishedTag(
+                            tag=d.tag,
+                            kind=str(d.kind),
+                            action=str(d.action),
+                            reason=d.reason,
+                            current=d.current.digest if d.current else None,
+                            current_version=d.current.version if d.current else None,
+                            target=plan.index_digest,
+                        )
                         for d in plan.decisions
-                    ],
-                }
+                    ),
+                )
                 for plan in self.backends
-            ],
-        }
-
-
-def check_release_tag(version: str, release_tag: str | None, env: Mapping[str, str]) -> None:
-    """A `vX.Y.Z` git tag being released must agree with version.json's version."""
-    candidates = [release_tag] if release_tag else []
-    if env.get("GITHUB_REF_TYPE") == "tag" and env.get("GITHUB_REF_NAME"):
-        candidates.append(env["GITHUB_REF_NAME"])
-    for tag in candidates:
-        if tag != f"v{version}":
-            raise ConfigError(
-                f"release tag {tag!r} does not match version.json's version {version}",
-                f"tag the release commit v{version}, or correct version.json",
-            )
-
-
-def resolve_target(info: VersionInfo, options: PublishOptions) -> ImageName:
-    target = ImageName.parse(options.image or info.image)
-    if options.registry:
-        target = ImageName(options.registry.rstrip("/"), target.repository)
-    return target
+            ),
+            pushed=tuple(pushed),
+            verified=verified,
+            seconds=round(seconds, 3),
+            phases={k: round(v, 3) for k, v in phases.items()},
+        )
 
 
 def auths_for(
@@ -265,28 +316,26 @@ def _existing(
 
 
 def make_plan(
-    registries: Registries,
-    info: VersionInfo,
-    rules: TagRules,
-    target: ImageName,
-    groups: Mapping[str, list[BuildRecord]],
-    suffixes: Mapping[str, str],
     options: PublishOptions,
+    groups: Sequence[BackendSources],
+    registries: Registries,
     readable: bool = True,
 ) -> PublishPlan:
     """Every backend's index (when its sources are all pushed) and a decision per tag; with
     the registry not `readable` (a dry run without credentials), tags' states are unknown."""
+    info, target = options.version, options.target
     version = SemVer.parse(info.version)
     client = registries.client(target.registry)
     plans = []
     versions: dict[str, str | None] = {}
-    for backend, sources in groups.items():
-        tags = rules.tags_for(
-            version, backend, suffixes[backend], info.llama_cpp.commit, info.llama_cpp.ref
+    for group in groups:
+        backend, sources = group.backend, list(group.sources)
+        tags = options.rules.tags_for(
+            version, backend.name, backend.tag_suffix, info.llama_cpp.commit, info.llama_cpp.ref
         )
         pushed = readable and all(s.pushed for s in sources)
         index = compose_index(registries, backend, sources) if pushed else None
-        plan = BackendPlan(backend, target, list(sources), index)
+        plan = BackendPlan(backend.name, target, sources, index)
         digest = plan.index_digest
         for tag in tags:
             existing = None
@@ -331,34 +380,3 @@ def print_plan(plan: PublishPlan) -> None:
     console.out.print(f"\nplan: {summary}")
     for note in plan.notes:
         console.out.print(f"[yellow]would refuse:[/yellow] {note}", soft_wrap=True)
-
-
-def group_by_backend(
-    builds: Sequence[BuildRecord],
-) -> tuple[dict[str, list[BuildRecord]], dict[str, str], list[PublishError]]:
-    """Reports per backend (default backend first, platforms sorted), each backend's tag
-    suffix, and a refusal per backend that lacks a platform matrix.yaml builds it for."""
-    matrix = load_matrix()
-    groups: dict[str, list[BuildRecord]] = {}
-    suffixes: dict[str, str] = {}
-    refusals: list[PublishError] = []
-    ordered = sorted(
-        builds, key=lambda b: (b.backend != matrix.default_backend, b.backend, b.platform)
-    )
-    for build in ordered:
-        groups.setdefault(build.backend, []).append(build)
-    for name, records in groups.items():
-        backend = matrix.backend(name)
-        suffixes[name] = backend.tag_suffix
-        have = sorted(r.platform for r in records)
-        want = sorted(backend.platform_names)
-        if have != want:
-            missing = sorted(set(want) - set(have))
-            refusals.append(
-                PublishError(
-                    f"{name}: build reports cover {', '.join(have)}, but the backend is built for "
-                    f"{', '.join(want)}" + (f" (missing {', '.join(missing)})" if missing else ""),
-                    "build and smoke-test every platform of the backend before publishing it",
-                )
-            )
-    return groups, suffixes, refusals

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core import console
-from pipeline.core.config import VersionInfo
 from pipeline.core.errors import PipelineError, PublishError
+from pipeline.core.version import VersionInfo
 from pipeline.oci.cosign import SBOM_PREDICATE, SMOKE_PREDICATE, Cosign, Signer, Verifier
 from pipeline.oci.image import LABEL_REVISION, LABEL_VERSION, ImageName
 from pipeline.oci.registry import PlatformImage, RegistryClient

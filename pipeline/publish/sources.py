@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from pipeline.core.errors import PublishError
+from pipeline.matrix import Backend
 from pipeline.oci.image import MEDIA_OCI_INDEX, ImageName, Manifest
 from pipeline.oci.registry import Credentials, RegistryClient, RetryPolicy
 from pipeline.records import BuildRecord
@@ -50,39 +51,41 @@ class Registries:
         return manifest
 
 
-def _platform(text: str) -> dict[str, str]:
-    os_name, architecture, *variant = text.split("/")
-    found = {"architecture": architecture, "os": os_name}
-    return found | ({"variant": variant[0]} if variant else {})
-
-
-def _entries(registries: Registries, source: BuildRecord) -> list[dict[str, Any]]:
+def _entries(registries: Registries, backend: Backend, source: BuildRecord) -> list[dict[str, Any]]:
     """What one source contributes to the release index: the descriptors of its pushed index
     (the image and its attestation manifests), or of its bare image manifest."""
     top = registries.manifest(ImageName.parse(source.image), source.index_digest or source.digest)
     if top.is_index:
         return [dict(entry) for entry in top.data.get("manifests") or []]
+    platforms = {p.name: p for p in backend.platforms}
+    if source.platform not in platforms:
+        raise PublishError(
+            f"{source.filename}: {backend.name} is not built for {source.platform}",
+            f"its platforms: {', '.join(platforms)}",
+        )
     return [
         {
             "mediaType": top.media_type,
             "digest": top.digest,
             "size": len(top.body),
-            "platform": _platform(source.platform),
+            "platform": platforms[source.platform].oci,
         }
     ]
 
 
-def compose_index(registries: Registries, backend: str, sources: Sequence[BuildRecord]) -> Manifest:
+def compose_index(
+    registries: Registries, backend: Backend, sources: Sequence[BuildRecord]
+) -> Manifest:
     """The release index of one backend: every source's descriptors, in platform order. The
     same sources give the same bytes, so an unchanged re-publish finds its index in place."""
-    entries = [entry for source in sources for entry in _entries(registries, source)]
+    entries = [entry for source in sources for entry in _entries(registries, backend, source)]
     data = {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": entries}
     index = Manifest.from_bytes(json.dumps(data, separators=(",", ":")).encode("utf-8"))
     platforms = sorted(str(d.platform) for d in index.platform_descriptors)
     expected = sorted(s.platform for s in sources)
     if platforms != expected:
         raise PublishError(
-            f"{backend}: the digests hold platforms {', '.join(platforms)}, but the build "
+            f"{backend.name}: the digests hold platforms {', '.join(platforms)}, but the build "
             f"reports say {', '.join(expected)}",
             "rebuild: a report names the wrong platform for its digest",
         )

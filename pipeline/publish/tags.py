@@ -18,8 +18,10 @@ from functools import total_ordering
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import SEMVER_RE, load_yaml
+from pipeline.core.datafile import load_yaml
 from pipeline.core.errors import ConfigError
+from pipeline.core.fields import Fields
+from pipeline.core.version import SEMVER_RE
 from pipeline.oci.image import TAG_RE
 
 TAG_RULES_FILE = Path(__file__).with_name("tags.yaml")
@@ -166,58 +168,35 @@ def _substitute(pattern: str, variables: Mapping[str, str]) -> str:
     return _PLACEHOLDER_RE.sub(value, pattern)
 
 
-def _check_placeholders(text: str, where: str) -> None:
-    for name in _PLACEHOLDER_RE.findall(text):
+def _pattern(spec: Fields, key: str) -> str:
+    pattern: str = spec.text(key, expected="a non-empty pattern")
+    for name in _PLACEHOLDER_RE.findall(pattern):
         if name not in _VARIABLES:
-            raise ConfigError(
-                f"{where}: unknown variable {{{{{name}}}}}", f"known: {', '.join(_VARIABLES)}"
-            )
+            spec.fail(f"unknown variable {{{{{name}}}}}", f"known: {', '.join(_VARIABLES)}")
+    return pattern
 
 
 def parse_tag_rules(data: Any, where: str = TAG_RULES_FILE.name) -> TagRules:
-    if not isinstance(data, dict) or data.get("schema") != 1:
-        raise ConfigError(f"{where}: expected a mapping with schema: 1")
-    unknown_top = set(data) - {"schema", "backend_suffix", "rules"}
-    if unknown_top:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown_top)}")
-    suffix = data.get("backend_suffix")
-    raw_rules = data.get("rules")
-    if not isinstance(suffix, str) or "{{" not in suffix:
-        raise ConfigError(f"{where}: backend_suffix must be a pattern such as '-{{{{suffix}}}}'")
-    _check_placeholders(suffix, f"{where}: backend_suffix")
-    if not isinstance(raw_rules, list) or not raw_rules:
-        raise ConfigError(f"{where}: rules must be a non-empty list")
+    top = Fields(data, where, ("schema", "backend_suffix", "rules"))
+    if top.raw("schema", None) != 1:
+        top.fail("expected a mapping with schema: 1")
+    suffix = _pattern(top, "backend_suffix")
+    if "{{" not in suffix:
+        top.fail("backend_suffix must be a pattern such as '-{{suffix}}'")
     rules = []
-    known = {"pattern", "kind", "prerelease", "requires", "other_backends"}
-    for index, raw in enumerate(raw_rules, 1):
-        at = f"{where}: rule {index}"
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{at} is not a mapping")
-        unknown = set(raw) - known
-        if unknown:
-            raise ConfigError(f"{at}: unknown key(s) {sorted(unknown)}", f"known: {sorted(known)}")
-        pattern = raw.get("pattern")
-        if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(f"{at}: pattern must be a non-empty string")
-        _check_placeholders(pattern, at)
-        try:
-            kind = TagKind(str(raw.get("kind")))
-        except ValueError:
-            raise ConfigError(f"{at}: kind must be immutable or floating") from None
-        prerelease = raw.get("prerelease", False)
-        if not isinstance(prerelease, bool):
-            raise ConfigError(f"{at}: prerelease must be true or false")
-        requires = raw.get("requires")
-        if requires is not None and requires not in _VARIABLES:
-            raise ConfigError(f"{at}: requires must name a variable", f"known: {_VARIABLES}")
-        other = raw.get("other_backends")
-        if other is not None:
-            if not isinstance(other, str) or not other:
-                raise ConfigError(f"{at}: other_backends must be a non-empty pattern")
-            _check_placeholders(other, at)
+    known = ("pattern", "kind", "prerelease", "requires", "other_backends")
+    for spec in top.items("rules", "rule"):
+        spec.no_unknown(known)
+        pattern = _pattern(spec, "pattern")
+        kind = TagKind(spec.choice("kind", [k.value for k in TagKind]))
+        prerelease = spec.boolean("prerelease", default=False)
+        requires = spec.raw("requires", None)
+        if requires is not None:
+            requires = spec.choice("requires", _VARIABLES)
+        other = _pattern(spec, "other_backends") if spec.raw("other_backends", None) else None
         if kind is TagKind.FLOATING and prerelease:
             # A floating tag on a prerelease would move users onto an unreleased build.
-            raise ConfigError(f"{at}: a floating tag cannot apply to prereleases")
+            spec.fail("a floating tag cannot apply to prereleases")
         rules.append(TagRule(pattern, kind, prerelease, requires, other))
     return TagRules(suffix, tuple(rules))
 

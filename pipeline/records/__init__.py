@@ -1,319 +1,50 @@
 """The records stages hand each other: one schema, one writer and one loader each.
 
-    build  -> build/reports/build-<backend>-<arch>.json   (BuildRecord)
-    smoke  -> build/reports/smoke-<backend>-<arch>.json   (SmokeRecord; JUnit beside it on demand)
-    publish-> build/reports/publish.json                   (the plan and what was pushed)
+    sync   -> third_party/llama.cpp/snapshot.json               (Snapshot: records/snapshot.py)
+    build  -> build/reports/build-<backend>-<arch>.json         (BuildRecord: records/images.py)
+    smoke  -> build/reports/smoke-<backend>-<arch>[-<tier>].json (SmokeRecord; JUnit beside it)
+    publish-> build/reports/publish.json                         (PublishRecord: records/publish.py)
 
-(sync's record, snapshot.json, lives with the snapshot model in pipeline/records/snapshot.py.)
-The dataclasses are the schema: a field without a default is a required key, its annotation
-the type its value must have. A missing record is a RecordMissingError, one that is not ours a
-RecordInvalidError, whichever stage reads it. Keys a newer pipeline adds are ignored.
+A record's dataclass is its schema (records/schema.py). A missing record is a
+RecordMissingError, one that is not ours a RecordInvalidError, whichever stage reads it.
 """
 
-from __future__ import annotations
-
-import json
-import types
-import typing
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
-
-from pipeline.core.config import write_json_atomic
-from pipeline.core.errors import RecordInvalidError, RecordMissingError
-from pipeline.oci.image import DIGEST_RE
-
-SCHEMA = 1
-# The smoke tier every backend has (pipeline/matrix/matrix.yaml): it runs on any machine.
-NO_GPU_TIER = "no-gpu"
-# The tier every backend has too: a trained model's answers checked (pipeline/smoke/real.py).
-REAL_TIER = "real"
-Output = Literal["load", "push", "push-by-digest", "oci"]
-OUTPUTS: tuple[Output, ...] = ("load", "push", "push-by-digest", "oci")
-PUSHED_OUTPUTS = frozenset({"push", "push-by-digest"})
-PUBLISH_RECORD = "publish.json"
-
-
-def arch_of(platform: str) -> str:
-    """`linux/arm64` -> `arm64`."""
-    return platform.rsplit("/", 1)[-1]
-
-
-# ------------------------------------------------------------------------ decoding
-
-
-def _type_name(kind: Any) -> str:
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(k) for k in typing.get_args(kind))
-    return "null" if kind is type(None) else getattr(kind, "__name__", str(kind))
-
-
-def _decoded(kind: Any, value: Any) -> Any:
-    """`value` as the annotated `kind`; ValueError when it is not one."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        for option in typing.get_args(kind):
-            try:
-                return _decoded(option, value)
-            except ValueError:
-                continue
-        raise ValueError(kind)
-    if typing.get_origin(kind) is tuple:  # tuple[CheckResult, ...]: a list of nested records
-        (item, _) = typing.get_args(kind)
-        if not isinstance(value, list):
-            raise ValueError(kind)
-        return tuple(_decoded(item, element) for element in value)
-    if isinstance(kind, type) and issubclass(kind, _Record):
-        return kind.from_json(value, "")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    # bool is an int: a size of `true` is not a size.
-    if kind is None or kind is type(None):
-        ok = value is None
-    else:
-        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-    if not ok:
-        raise ValueError(kind)
-    return value
-
-
-R = TypeVar("R", bound="_Record")
-
-
-class _Record:
-    """A record decoded from JSON by its own dataclass fields; `KIND` names it in messages."""
-
-    KIND: ClassVar[str]
-    HINT: ClassVar[str]
-
-    def to_json(self) -> dict[str, Any]:
-        """The record as JSON values (tuples become lists), the schema number first."""
-        data: dict[str, Any] = json.loads(json.dumps(asdict(self)))  # type: ignore[call-overload]
-        if "schema" in data:
-            data = {"schema": data.pop("schema"), **data}
-        return data
-
-    @classmethod
-    def from_json(cls: type[R], data: Any, where: str) -> R:
-        def invalid(what: str) -> RecordInvalidError:
-            return RecordInvalidError(f"{where}: {what} (not a {cls.KIND})", cls.HINT)
-
-        if not isinstance(data, dict):
-            raise invalid("expected a JSON object")
-        hints = typing.get_type_hints(cls)
-        if "schema" in hints and data.get("schema") != SCHEMA:
-            raise RecordInvalidError(
-                f"{where}: schema {data.get('schema')!r}, this pipeline reads schema {SCHEMA}",
-                cls.HINT,
-            )
-        values: dict[str, Any] = {}
-        for spec in fields(cls):  # type: ignore[arg-type]
-            wrong = f"key {spec.name!r} is missing or not {_type_name(hints[spec.name])}"
-            if spec.name not in data:
-                if spec.default is MISSING and spec.default_factory is MISSING:
-                    raise invalid(wrong)
-                continue
-            try:
-                values[spec.name] = _decoded(hints[spec.name], data[spec.name])
-            except (ValueError, RecordInvalidError):
-                raise invalid(wrong) from None
-        record = cls(**values)
-        record.validate(where)
-        return record
-
-    def validate(self, where: str) -> None:
-        """What the types alone do not say (digest syntax, known outputs)."""
-
-
-class _PlatformRecord(_Record):
-    """A record of one backend on one platform, filed as <PREFIX>-<backend>-<arch>.json."""
-
-    PREFIX: ClassVar[str]
-    backend: str
-    platform: str
-
-    @property
-    def arch(self) -> str:
-        return arch_of(self.platform)
-
-    @property
-    def stem(self) -> str:
-        return f"{self.PREFIX}-{self.backend}-{self.arch}"
-
-    @property
-    def filename(self) -> str:
-        return f"{self.stem}.json"
-
-
-# ------------------------------------------------------------------------ the records
-
-
-@dataclass(frozen=True)
-class BuildRecord(_PlatformRecord):
-    """One built image for one (backend, platform).
-
-    `ref` is what `docker run` takes (a tag for --load, name@digest once pushed); `digest` the
-    manifest digest (the pushed per-platform manifest, read back from the registry; for --load
-    the local image's).
-    """
-
-    KIND: ClassVar[str] = "build report"
-    HINT: ClassVar[str] = "rebuild: nox -s build"
-    PREFIX: ClassVar[str] = "build"
-
-    backend: str
-    platform: str  # linux/amd64
-    image: str  # repository name, no tag
-    ref: str
-    digest: str
-    output: str  # load | push | push-by-digest | oci
-    commit: str
-    version: str
-    size_bytes: int | None  # uncompressed (sum of the layers' sizes); None when not local
-    seconds: float
-    cpu_variants: str | None = None
-    compressed_bytes: int | None = None
-    # A single-platform push with attestations is an index (image + provenance manifests):
-    # publish joins that index, not the bare image, so the attestations reach the release.
-    index_digest: str | None = None
-    # The image's CycloneDX SBOM, a file beside this record (images assembled file by file).
-    sbom: str | None = None
-    schema: int = SCHEMA
-
-    @property
-    def pushed(self) -> bool:
-        return self.output in PUSHED_OUTPUTS
-
-    @property
-    def source(self) -> str:
-        """What publish joins into the release index: the pushed index, else the manifest."""
-        return f"{self.image}@{self.index_digest or self.digest}"
-
-    def validate(self, where: str) -> None:
-        if not DIGEST_RE.match(self.digest) or self.output not in OUTPUTS:
-            raise RecordInvalidError(f"{where}: malformed digest or output", self.HINT)
-        if self.index_digest is not None and not DIGEST_RE.match(self.index_digest):
-            raise RecordInvalidError(f"{where}: malformed index_digest", self.HINT)
-
-
-@dataclass(frozen=True)
-class Figure(_Record):
-    """A measured value a check reports (the load check's latencies and tokens/s)."""
-
-    KIND: ClassVar[str] = "smoke figure"
-    HINT: ClassVar[str] = "re-run `nox -s smoke`"
-
-    name: str
-    value: float
-    unit: str
-
-
-@dataclass(frozen=True)
-class CheckResult(_Record):
-    KIND: ClassVar[str] = "smoke check"
-    HINT: ClassVar[str] = "re-run `nox -s smoke`"
-
-    name: str
-    passed: bool
-    seconds: float
-    detail: str = ""
-    skipped: bool = False
-    figures: tuple[Figure, ...] = ()
-
-
-@dataclass(frozen=True)
-class SmokeRecord(_PlatformRecord):
-    """One image on one platform, every check with its verdict; what publish requires."""
-
-    KIND: ClassVar[str] = "smoke report"
-    HINT: ClassVar[str] = "re-run `nox -s smoke`"
-    PREFIX: ClassVar[str] = "smoke"
-
-    image: str
-    digest: str | None
-    backend: str
-    platform: str
-    passed: bool
-    seconds: float
-    checks: tuple[CheckResult, ...] = ()
-    time_to_healthy: float | None = None
-    model: str | None = None
-    # The smoke tier it ran (matrix.yaml): `no-gpu` anywhere, `gpu` where the GPU is visible.
-    tier: str = NO_GPU_TIER
-    schema: int = SCHEMA
-
-    @property
-    def stem(self) -> str:
-        """smoke-<backend>-<arch> for the no-gpu tier, with -<tier> for the others."""
-        base = f"{self.PREFIX}-{self.backend}-{self.arch}"
-        return base if self.tier == NO_GPU_TIER else f"{base}-{self.tier}"
-
-    @property
-    def failed(self) -> list[str]:
-        """Checks that ran and failed (skipped ones are the consequence, not the cause)."""
-        return [c.name for c in self.checks if not c.passed and not c.skipped]
-
-
-# ------------------------------------------------------------------ writing, loading
-
-Record = TypeVar("Record", BuildRecord, SmokeRecord)
-
-
-def write_record(directory: Path, record: BuildRecord | SmokeRecord) -> Path:
-    """Write a record atomically into `directory` (made if needed); its path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / record.filename
-    write_json_atomic(path, record.to_json())
-    path.chmod(0o644)  # an artifact for other stages and CI uploads, no secret in it
-    return path
-
-
-def _load(directory: Path, record: type[Record]) -> list[Record]:
-    records: list[Record] = []
-    for path in sorted(directory.glob(f"{record.PREFIX}-*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RecordInvalidError(
-                f"cannot read {record.KIND} {path}: {exc}", record.HINT
-            ) from None
-        records.append(record.from_json(data, str(path)))
-    return records
-
-
-def load_build_records(directory: Path) -> list[BuildRecord]:
-    """Every build record in `directory`, sorted by file name (none: an empty list)."""
-    return _load(directory, BuildRecord)
-
-
-def load_smoke_records(directory: Path) -> list[SmokeRecord]:
-    """Every smoke record in `directory`, sorted by file name (none: an empty list)."""
-    return _load(directory, SmokeRecord)
-
-
-def find_build_record(
-    records: Iterable[BuildRecord], backend: str, platform: str, directory: Path
-) -> BuildRecord:
-    """The record of one (backend, platform), or RecordMissingError saying how to make it."""
-    for record in records:
-        if record.backend == backend and record.platform == platform:
-            return record
-    raise RecordMissingError(
-        f"no build report for {backend} {platform} in {directory}",
-        f"run: nox -s build -- {arch_of(platform)} --backend {backend}",
-    )
-
-
-def require_build_records(records: Sequence[BuildRecord], directory: Path) -> None:
-    if not records:
-        raise RecordMissingError(
-            f"no build reports (build-*.json) in {directory}",
-            "run `nox -s build -- <arch> --backend <b> --push-by-digest` and `nox -s smoke`",
-        )
-
-
-def write_publish_record(directory: Path, data: Mapping[str, Any]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / PUBLISH_RECORD
-    write_json_atomic(path, {"schema": SCHEMA, **data})
-    return path
+from pipeline.records.images import (
+    NO_GPU_TIER,
+    OUTPUTS,
+    PUSHED_OUTPUTS,
+    REAL_TIER,
+    BuildRecord,
+    CheckResult,
+    Figure,
+    Output,
+    PlatformRecord,
+    SmokeRecord,
+    arch_of,
+    find_build_record,
+    load_build_records,
+    load_smoke_records,
+    require_build_records,
+    write_record,
+)
+from pipeline.records.schema import SCHEMA
+
+__all__ = [
+    "NO_GPU_TIER",
+    "OUTPUTS",
+    "PUSHED_OUTPUTS",
+    "REAL_TIER",
+    "SCHEMA",
+    "BuildRecord",
+    "CheckResult",
+    "Figure",
+    "Output",
+    "PlatformRecord",
+    "SmokeRecord",
+    "arch_of",
+    "find_build_record",
+    "load_build_records",
+    "load_smoke_records",
+    "require_build_records",
+    "write_record",
+]

@@ -18,8 +18,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import COMMIT_RE, Project, load_version, parse_yaml, read_data_file
+from pipeline.core.datafile import parse_yaml, read_data_file
 from pipeline.core.errors import ConfigError, SnapshotError
+from pipeline.core.project import Project
+from pipeline.core.version import COMMIT_RE, load_version
 
 SCHEMA = 1
 PRUNE_RULES_FILE = Path(__file__).parent.parent / "sync" / "prune.yaml"

@@ -8,25 +8,23 @@ a test. A file is rewritten only when its text changed, so its mtime says when i
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.core import console
-from pipeline.core.config import Project, load_version
-from pipeline.core.options import Command, add_render_arguments, resolve_render
-from pipeline.matrix import load_matrix
+from pipeline.core.arguments import Command
 from pipeline.matrix.dockerfile import render_dockerfile
+from pipeline.render.options import RenderOptions, add_render_arguments, resolve_render
+
+__all__ = ["COMMANDS", "render"]
 
 
-def render(project: Project, backends: Sequence[str]) -> list[Path]:
+def render(options: RenderOptions) -> list[Path]:
     """Write the rendered Dockerfile of each backend; their paths."""
-    matrix = load_matrix()
-    version = load_version(project.version_file)
-    chosen = [matrix.backend(name) for name in backends]
+    project = options.project
     project.rendered_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for backend in chosen:
-        text = render_dockerfile(project, matrix, backend, version)
+    for backend in options.backends:
+        text = render_dockerfile(project, options.matrix, backend, options.version)
         path = project.rendered_dockerfile(backend.name)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             tmp = path.with_suffix(".tmp")
@@ -37,9 +35,9 @@ def render(project: Project, backends: Sequence[str]) -> list[Path]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    project, backends = resolve_render(args)
-    for path in render(project, backends):
-        console.out.print(project.shown(path))
+    options = resolve_render(args)
+    for path in render(options):
+        console.out.print(options.project.shown(path))
     return 0
 
 

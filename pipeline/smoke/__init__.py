@@ -4,7 +4,7 @@ Takes the build records (build's hand-off: which image, which digest, which back
 IMAGE named on the command line, and a model (generated, local, or from a Hub), validated
 before any container starts. Each container's life is owned by one context manager
 (pipeline.oci.engine.ServerContainer); each check is named, timed and recorded
-(pipeline/smoke/checks.py). The record, build/reports/smoke-<backend>-<arch>.json (and JUnit
+(pipeline/smoke/run.py). The record, build/reports/smoke-<backend>-<arch>.json (and JUnit
 with --report), is what publish requires before it lets a digest out.
 """
 
@@ -17,17 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import Project
+from pipeline.core.arguments import Command
 from pipeline.core.console import err
 from pipeline.core.errors import ModelError, SmokeError, UsageError
-from pipeline.core.options import (
-    Command,
-    ModelSource,
-    SmokeOptions,
-    add_smoke_arguments,
-    resolve_smoke,
-)
-from pipeline.matrix import Backend, load_matrix
+from pipeline.core.project import Project
+from pipeline.matrix import Backend
 from pipeline.modelfiles.catalogue import catalogue_model, ensure_catalogue_model
 from pipeline.modelfiles.gguf import download_hf_model, ensure_model, validate_gguf
 from pipeline.oci.engine import (
@@ -49,10 +43,13 @@ from pipeline.records import (
     load_build_records,
     write_record,
 )
-from pipeline.smoke import router, tiers  # noqa: F401 (register their checks)
-from pipeline.smoke.checks import ModelMount, SmokeRun, SmokeTarget
+
+# The checks register themselves where they are defined, in this order.
+from pipeline.smoke import checks, router, tiers  # noqa: F401
 from pipeline.smoke.junit import junit_xml, print_record
+from pipeline.smoke.options import ModelSource, SmokeOptions, add_smoke_arguments, resolve_smoke
 from pipeline.smoke.real import run_real
+from pipeline.smoke.run import ModelMount, SmokeRun, SmokeTarget
 from pipeline.smoke.settings import Settings, load_settings
 
 __all__ = ["COMMANDS", "smoke"]
@@ -70,7 +67,7 @@ def resolve_model(
                 "--model/--hf-repo/--preset",
                 "drop the model option, or run another tier",
             )
-        entry = catalogue_model(source.preset or settings.real["model"])
+        entry = catalogue_model(source.preset or settings.real.model)
         if entry.sha256 is None:
             raise ModelError(
                 f"preset {entry.name} is not pinned (no sha256 in the catalogue): smoke runs "
@@ -96,7 +93,7 @@ def resolve_model(
         )
     # Keep the model's own file name inside the container: llama-server names it in /props.
     name = path.name if path.name.endswith(".gguf") else f"{path.name}.gguf"
-    container_path = f"{settings.server['model_dir']}/{name}"
+    container_path = f"{settings.server.model_dir}/{name}"
     return ModelMount(path, info, container_path, label)
 
 
@@ -118,14 +115,15 @@ def _targets(
     digest of a build record naming it, if one does; else the digest it names, if any)."""
     targets = []
     for platform in options.platforms:
-        built = [b for b in builds if b.platform == platform]
+        built = [b for b in builds if b.platform == platform.name]
         if options.image is None:
             reports = options.project.reports_dir
-            record = find_build_record(built, options.backend, platform, reports)
-            targets.append(SmokeTarget(record.ref, platform, record.backend, record.digest))
+            record = find_build_record(built, options.backend.name, platform.name, reports)
+            backend = options.matrix.backend(record.backend)
+            targets.append(SmokeTarget(record.ref, platform, backend, record.digest))
             continue
         named = [b for b in built if b.ref == options.image]
-        backend = named[-1].backend if named else options.backend
+        backend = options.matrix.backend(named[-1].backend) if named else options.backend
         digest = named[-1].digest if named else options.image.partition("@")[2] or None
         targets.append(SmokeTarget(options.image, platform, backend, digest))
     return [_present(client, target) for target in targets]
@@ -137,7 +135,7 @@ def _present(client: Any, target: SmokeTarget) -> SmokeTarget:
     image = local_image(client, target.image)
     if image is None and "@" in target.image:
         registry = split_reference(target.image)[0].registry
-        image = pull(client, target.image, target.platform, registry_credentials(registry))
+        image = pull(client, target.image, target.platform.name, registry_credentials(registry))
     if image is None:
         raise SmokeError(f"image {target.image} not found locally", BUILD_HINT)
     if target.digest is None:  # an image that speaks for itself
@@ -181,7 +179,6 @@ def smoke(options: SmokeOptions, builds: Sequence[BuildRecord]) -> list[SmokeRec
     its run ends. SmokeError afterwards when any check failed."""
     project = options.project
     settings = load_settings()
-    matrix = load_matrix()
     model = resolve_model(project, options.model, settings, options.tier)
     if options.port is not None:
         _ensure_port_free(options.port)
@@ -189,19 +186,19 @@ def smoke(options: SmokeOptions, builds: Sequence[BuildRecord]) -> list[SmokeRec
     records: list[SmokeRecord] = []
     failures = []
     for target in _targets(client, options, builds):
-        backend = matrix.backend(target.backend)
         real = options.tier == REAL_TIER
         # The real tier runs in the environment of the backend's device tier.
-        tier = default_tier(backend) if real or not options.tier else options.tier
+        tier = default_tier(target.backend) if real or not options.tier else options.tier
         shown = f"{REAL_TIER} (on {tier})" if real else tier
-        err.print(f"smoke: {target.image} on {target.platform} with {model.label}, tier {shown}")
+        err.print(
+            f"smoke: {target.image} on {target.platform.name} with {model.label}, tier {shown}"
+        )
         run = SmokeRun(
             client,
-            project,
             target,
-            backend,
             model,
             settings,
+            commit=options.version.llama_cpp.commit,
             tier=tier,
             host_port=options.port,
             healthy_timeout=options.healthy_timeout,
@@ -211,7 +208,7 @@ def smoke(options: SmokeOptions, builds: Sequence[BuildRecord]) -> list[SmokeRec
         print_record(record)
         records.append(record)
         if not record.passed:
-            failures.append(f"{target.platform}: {', '.join(record.failed)}")
+            failures.append(f"{target.platform.name}: {', '.join(record.failed)}")
     if failures:
         raise SmokeError(
             f"smoke failed ({'; '.join(failures)})", "see the table and log lines above"

@@ -13,9 +13,7 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +21,19 @@ import httpx
 
 from pipeline.core.errors import ConfigError
 from pipeline.records import REAL_TIER, Figure, SmokeRecord
-from pipeline.smoke.checks import CheckFailed, Live, Outcome, SmokeRun, require, short
+from pipeline.smoke.run import (
+    CheckFailed,
+    Live,
+    Outcome,
+    Runs,
+    SmokeRun,
+    named,
+    require,
+    short,
+    smoke_check,
+)
+from pipeline.smoke.settings import RealTier
 
-RealCheck = Callable[[SmokeRun, Live, dict[str, Any]], "str | Outcome"]
-REAL_CHECKS: list[tuple[str, RealCheck]] = []
 # Streams ask for a close: llama-server drops a kept-alive connection after a stream.
 CLOSE = {"Connection": "close"}
 # Chat templates the tier may give the server (smoke.yaml's real.chat_template), and where.
@@ -34,12 +41,12 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"
 CONTAINER_TEMPLATES = "/templates"
 
 
-def real_server(real: dict[str, Any]) -> tuple[str, dict[Path, str]]:
+def real_server(real: RealTier) -> tuple[str, dict[Path, str]]:
     """The real tier's llama-server arguments and the chat template's mount (host -> container),
     as smoke.yaml's `real:` asks for them."""
-    name = real.get("chat_template")
+    name = real.chat_template
     if not name:
-        return real["extra_args"], {}
+        return real.extra_args, {}
     host = TEMPLATES_DIR / name
     if not host.is_file():
         raise ConfigError(
@@ -47,57 +54,28 @@ def real_server(real: dict[str, Any]) -> tuple[str, dict[Path, str]]:
             f"known: {', '.join(sorted(p.name for p in TEMPLATES_DIR.glob('*.jinja')))}",
         )
     container = f"{CONTAINER_TEMPLATES}/{name}"
-    return f"{real['extra_args']} --chat-template-file {container}", {host: container}
-
-
-def real_check(name: str) -> Callable[[RealCheck], RealCheck]:
-    def register(check: RealCheck) -> RealCheck:
-        REAL_CHECKS.append((name, check))
-        return check
-
-    return register
+    return f"{real.extra_args} --chat-template-file {container}", {host: container}
 
 
 def run_real(run: SmokeRun) -> SmokeRecord:
     """The real tier's checks on one server container; the record (never raises on a failed
     check)."""
     real = run.settings.real
-    cport = int(run.settings.server["container_port"])
     extra_args, template_mounts = real_server(real)
+    checks = named(real.checks, "smoke.yaml: real.checks", Runs.SERVER)
     env = {
         "LLAMA_MODEL": run.model.container_path,
-        "LLAMA_SERVER_PORT": str(cport),
+        "LLAMA_SERVER_PORT": str(run.settings.server.container_port),
         "LLAMA_SERVER_EXTRA_ARGS": extra_args,
     }
-    known = dict(REAL_CHECKS)
-    unknown = [name for name in real["checks"] if name not in known]
-    if unknown:
-        raise ConfigError(
-            f"smoke.yaml: real.checks names unknown checks {unknown}",
-            f"known: {', '.join(known)}",
-        )
-    checks = [(name, known[name]) for name in real["checks"]]
-    with run.container(
-        env=env,
-        mounts={run.model.host_path: run.model.container_path, **template_mounts},
-        container_port=cport,
-        host_port=run.host_port,
-    ) as box:
-        started = box.started_at
-        if run.check("health", lambda: run.check_health(box)):
-            with httpx.Client(base_url=box.base_url, timeout=run.timing.request) as http:
-                live = Live(box, http)
-                for name, check in checks:
-                    run.check(name, partial(check, run, live, real))
-        else:
-            run.skip([name for name, _ in checks], "the server never became healthy")
-            run.show_logs(box, "server never became healthy")
+    mounts = {run.model.host_path: run.model.container_path, **template_mounts}
+    started, _ = run.serve(checks, env, mounts)
     return run.record(started, REAL_TIER)
 
 
 def chat(
     live: Live,
-    real: dict[str, Any],
+    real: RealTier,
     question: str,
     history: list[dict[str, Any]] | None = None,
     **extra: Any,
@@ -105,10 +83,10 @@ def chat(
     """One chat completion at temperature 0 with the tier's seed (after `history`, earlier turns
     of the conversation); a 4xx or 5xx is a failed check naming the server's own message."""
     body = {
-        "model": real["alias"],
+        "model": real.alias,
         "messages": [*(history or []), {"role": "user", "content": question}],
         "temperature": 0,
-        "seed": real["seed"],
+        "seed": real.seed,
         **extra,
     }
     resp = live.http.post("/v1/chat/completions", json=body)
@@ -160,52 +138,53 @@ def schema_errors(value: Any, schema: dict[str, Any], where: str = "$") -> list[
     return errors
 
 
-@real_check("factual-answer")
-def check_factual(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
-    spec = real["factual"]
-    answer = content_of(chat(live, real, spec["question"], max_tokens=spec["max_tokens"]))
+@smoke_check("factual-answer", Runs.SERVER, named_only=True)
+def check_factual(run: SmokeRun, live: Live) -> str:
+    real = run.settings.real
+    spec = real.factual
+    question, expect = spec.question, spec.expect
+    answer = content_of(chat(live, real, question, max_tokens=spec.max_tokens))
     require(
-        re.search(spec["expect"], answer) is not None,
-        f"{spec['question']!r} answered {short(answer)!r}, expected /{spec['expect']}/",
+        re.search(expect, answer) is not None,
+        f"{question!r} answered {short(answer)!r}, expected /{expect}/",
     )
     return f"{short(answer, 60)!r}"
 
 
-@real_check("json-schema")
-def check_json_schema(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
-    spec = real["json_schema"]
+@smoke_check("json-schema", Runs.SERVER, named_only=True)
+def check_json_schema(run: SmokeRun, live: Live) -> str:
+    real = run.settings.real
+    spec = real.json_schema
+    schema = spec.schema
     response_format = {
         "type": "json_schema",
-        "json_schema": {"name": "answer", "schema": spec["schema"], "strict": True},
+        "json_schema": {"name": "answer", "schema": schema, "strict": True},
     }
     data = chat(
-        live,
-        real,
-        spec["question"],
-        max_tokens=spec["max_tokens"],
-        response_format=response_format,
+        live, real, spec.question, max_tokens=spec.max_tokens, response_format=response_format
     )
     answer = content_of(data)
     try:
         value = json.loads(answer)
     except ValueError:
         raise CheckFailed(f"the reply is not JSON: {short(answer)!r}") from None
-    errors = schema_errors(value, spec["schema"])
+    errors = schema_errors(value, schema)
     require(not errors, f"the reply breaks the schema: {'; '.join(errors)} ({short(answer)})")
     return short(answer, 80)
 
 
-@real_check("json-schema-invalid")
-def check_invalid_schema(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
+@smoke_check("json-schema-invalid", Runs.SERVER, named_only=True)
+def check_invalid_schema(run: SmokeRun, live: Live) -> str:
     # A broken schema from a client is the client's error: a 4xx naming it, and the server
     # goes on serving.
+    real = run.settings.real
     body = {
-        "model": real["alias"],
-        "messages": [{"role": "user", "content": real["json_schema"]["question"]}],
+        "model": real.alias,
+        "messages": [{"role": "user", "content": real.json_schema.question}],
         "max_tokens": 8,
         "response_format": {
             "type": "json_schema",
-            "json_schema": {"name": "broken", "schema": real["invalid_schema"]},
+            "json_schema": {"name": "broken", "schema": real.invalid_schema},
         },
     }
     resp = live.http.post("/v1/chat/completions", json=body)
@@ -217,28 +196,31 @@ def check_invalid_schema(run: SmokeRun, live: Live, real: dict[str, Any]) -> str
     return f"HTTP {resp.status_code}: {server_message(resp)}"
 
 
-@real_check("grammar")
-def check_grammar(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
-    spec = real["grammar"]
-    data = chat(live, real, spec["question"], max_tokens=spec["max_tokens"], grammar=spec["gbnf"])
+@smoke_check("grammar", Runs.SERVER, named_only=True)
+def check_grammar(run: SmokeRun, live: Live) -> str:
+    real = run.settings.real
+    spec = real.grammar
+    matches = spec.matches
+    data = chat(live, real, spec.question, max_tokens=spec.max_tokens, grammar=spec.gbnf)
     answer = content_of(data)
     require(
-        re.fullmatch(spec["matches"], answer) is not None,
-        f"the reply {answer!r} does not match the grammar (/{spec['matches']}/)",
+        re.fullmatch(matches, answer) is not None,
+        f"the reply {answer!r} does not match the grammar (/{matches}/)",
     )
     return repr(answer)
 
 
-@real_check("tool-call")
-def check_tool_call(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
-    spec = real["tool_call"]
-    tool = spec["tool"]
+@smoke_check("tool-call", Runs.SERVER, named_only=True)
+def check_tool_call(run: SmokeRun, live: Live) -> str:
+    real = run.settings.real
+    spec = real.tool_call
+    tool = spec.tool
     data = chat(
         live,
         real,
-        spec["question"],
-        history=spec.get("example", []),
-        max_tokens=spec["max_tokens"],
+        spec.question,
+        history=spec.example,
+        max_tokens=spec.max_tokens,
         tools=[tool],
         tool_choice="required",
     )
@@ -262,14 +244,12 @@ def check_tool_call(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
     return f"{name}({json.dumps(arguments)})"
 
 
-def stream_events(
-    live: Live, real: dict[str, Any], question: str, max_tokens: int, **extra: Any
-) -> Any:
+def stream_events(live: Live, real: RealTier, question: str, max_tokens: int, **extra: Any) -> Any:
     body = {
-        "model": real["alias"],
+        "model": real.alias,
         "messages": [{"role": "user", "content": question}],
         "temperature": 0,
-        "seed": real["seed"],
+        "seed": real.seed,
         "max_tokens": max_tokens,
         "stream": True,
         **extra,
@@ -277,14 +257,15 @@ def stream_events(
     return live.http.stream("POST", "/v1/chat/completions", json=body, headers=CLOSE)
 
 
-@real_check("stream-usage")
-def check_stream_usage(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
-    spec = real["stream"]
+@smoke_check("stream-usage", Runs.SERVER, named_only=True)
+def check_stream_usage(run: SmokeRun, live: Live) -> str:
+    real = run.settings.real
+    question, max_tokens = real.stream.question, real.stream.max_tokens
     text: list[str] = []
     usage: dict[str, Any] | None = None
     last = ""
     options = {"stream_options": {"include_usage": True}}
-    with stream_events(live, real, spec["question"], spec["max_tokens"], **options) as resp:
+    with stream_events(live, real, question, max_tokens, **options) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith("data:"):
@@ -304,48 +285,52 @@ def check_stream_usage(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
     streamed = "".join(text).strip()
     require(bool(streamed), "no content was streamed")
     completion = usage["completion_tokens"]
-    require(0 < completion <= spec["max_tokens"], f"usage.completion_tokens is {completion}")
+    require(0 < completion <= max_tokens, f"usage.completion_tokens is {completion}")
     require(usage["total_tokens"] == usage["prompt_tokens"] + completion, f"usage {usage}")
     return f"{len(streamed)} characters streamed, usage {usage['prompt_tokens']}+{completion}"
 
 
-@real_check("stream-cancel")
-def check_stream_cancel(run: SmokeRun, live: Live, real: dict[str, Any]) -> str:
-    spec = real["cancel"]
+@smoke_check("stream-cancel", Runs.SERVER, named_only=True)
+def check_stream_cancel(run: SmokeRun, live: Live) -> str:
+    real = run.settings.real
+    question, max_tokens = real.cancel.question, real.cancel.max_tokens
+    after = real.cancel.after_chunks
     chunks = 0
-    with stream_events(live, real, spec["question"], spec["max_tokens"]) as resp:
+    with stream_events(live, real, question, max_tokens) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if line.startswith("data:") and line.strip() != "data: [DONE]":
                 chunks += 1
-            if chunks >= spec["after_chunks"]:
+            if chunks >= after:
                 break  # leaving the block closes the connection mid-stream
-    require(chunks >= spec["after_chunks"], f"the stream ended after {chunks} chunks")
+    require(chunks >= after, f"the stream ended after {chunks} chunks")
     started = time.perf_counter()
-    answer = content_of(chat(live, real, real["factual"]["question"], max_tokens=8))
+    answer = content_of(chat(live, real, real.factual.question, max_tokens=8))
     took = time.perf_counter() - started
     return f"hung up after {chunks} chunks; the next request answered in {took:.2f} s ({answer!r})"
 
 
-@real_check("load")
-def check_load(run: SmokeRun, live: Live, real: dict[str, Any]) -> Outcome:
-    spec = real["load"]
-    within = float(spec["within"]) * (run.timing.request / run.settings.timing["native"].request)
-    deadline = time.monotonic() + within
+@smoke_check("load", Runs.SERVER, named_only=True)
+def check_load(run: SmokeRun, live: Live) -> Outcome:
+    real = run.settings.real
+    spec = real.load
+    clients, requests = spec.clients, spec.requests
+    scale = run.timing.request / run.settings.timing["native"].request
+    deadline = time.monotonic() + spec.within * scale
     latencies: list[float] = []
     tokens: list[int] = []
     errors: list[str] = []
     lock = threading.Lock()
     body = {
-        "model": real["alias"],
-        "messages": [{"role": "user", "content": spec["question"]}],
-        "max_tokens": spec["max_tokens"],
+        "model": real.alias,
+        "messages": [{"role": "user", "content": spec.question}],
+        "max_tokens": spec.max_tokens,
         "temperature": 0.7,
     }
 
     def client(index: int) -> None:
         with httpx.Client(base_url=live.box.base_url, timeout=run.timing.request) as http:
-            for request in range(spec["requests"]):
+            for request in range(requests):
                 if time.monotonic() > deadline:
                     with lock:
                         errors.append(f"client {index}: out of time at request {request}")
@@ -364,10 +349,10 @@ def check_load(run: SmokeRun, live: Live, real: dict[str, Any]) -> Outcome:
                     tokens.append(completion)
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=spec["clients"]) as pool:
-        list(pool.map(client, range(spec["clients"])))
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(client, range(clients)))
     wall = time.perf_counter() - started
-    total = spec["clients"] * spec["requests"]
+    total = clients * requests
     require(not errors, f"{len(errors)} of {total} requests failed: {short(errors[:3])}")
     require(len(latencies) == total, f"{len(latencies)} of {total} requests answered")
     cuts = statistics.quantiles(latencies, n=20)
@@ -382,7 +367,7 @@ def check_load(run: SmokeRun, live: Live, real: dict[str, Any]) -> Outcome:
         Figure("wall", round(wall, 3), "s"),
     )
     detail = (
-        f"{spec['clients']} clients x {spec['requests']} requests in {wall:.1f} s, 0 errors, "
+        f"{clients} clients x {requests} requests in {wall:.1f} s, 0 errors, "
         f"p50 {p50:.2f} s, p95 {p95:.2f} s, {rate:.0f} tokens/s generated"
     )
     return Outcome(detail, figures)

@@ -11,12 +11,12 @@ import httpx
 
 from pipeline.modelfiles.gguf import generate_model, preset
 from pipeline.oci.engine import ServerExited
-from pipeline.smoke.checks import CheckFailed, SmokeRun, entrypoint_check, require, short
+from pipeline.smoke.run import CheckFailed, Runs, SmokeRun, require, short, smoke_check
 
 MODELS_DIR = "/models-dir"
 
 
-@entrypoint_check("router-mode")
+@smoke_check("router-mode", Runs.CONTAINER)
 def check_router_mode(run: SmokeRun) -> str:
     with tempfile.TemporaryDirectory(prefix="router-") as tmp:
         directory = Path(tmp)

@@ -1,17 +1,21 @@
-"""Smoke's own data (pipeline/smoke/smoke.yaml): timing bounds, what the server is asked, the local
-Hub. What differs per backend (environment, timing scale, device log) is matrix.yaml's."""
+"""Smoke's own data (smoke.yaml, beside this file): timing bounds, what the server is asked, the
+local Hub, the real tier. What differs per backend (environment, timing scale, device log) is
+matrix.yaml's. Read once through the typed field reader; a check's own parameters (the real
+tier's questions) are read through it too, key by key, when the check runs."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import load_yaml
-from pipeline.core.errors import ConfigError
+from pipeline.core.datafile import load_yaml
+from pipeline.core.fields import Fields
 from pipeline.matrix import host_platform
 
 SETTINGS_FILE = Path(__file__).with_name("smoke.yaml")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
 @dataclass(frozen=True)
@@ -37,22 +41,184 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """The main server container: its port, alias, arguments and environment."""
+
+    container_port: int
+    alias: str
+    extra_args: str
+    run_args: tuple[str, ...]
+    env: dict[str, str]
+    model_dir: str
+
+
+@dataclass(frozen=True)
+class Requests:
+    prompt: str
+    n_predict: int
+    chat_message: str
+    embed_input: str
+    roundtrip: str
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A question and how long its answer may be."""
+
+    question: str
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Factual(Ask):
+    expect: str  # a regular expression the answer must match
+
+
+@dataclass(frozen=True)
+class SchemaAsk(Ask):
+    schema: dict[str, Any]  # a JSON schema, passed to the server as it is
+
+
+@dataclass(frozen=True)
+class GrammarAsk(Ask):
+    gbnf: str
+    matches: str  # a regular expression every answer the grammar allows matches
+
+
+@dataclass(frozen=True)
+class ToolAsk(Ask):
+    example: list[dict[str, Any]]  # earlier turns of the conversation, as the API takes them
+    tool: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CancelAsk(Ask):
+    after_chunks: int  # chunks read before the client hangs up
+
+
+@dataclass(frozen=True)
+class Load(Ask):
+    clients: int
+    requests: int  # per client
+    within: float  # seconds for all of it (native; emulated scaled)
+
+
+@dataclass(frozen=True)
+class RealTier:
+    """The real tier: its model and server, the checks it runs in order, and what each asks."""
+
+    model: str
+    alias: str
+    extra_args: str
+    chat_template: str | None
+    seed: int
+    checks: tuple[str, ...]
+    factual: Factual
+    json_schema: SchemaAsk
+    invalid_schema: dict[str, Any]  # a schema the server must refuse (4xx)
+    grammar: GrammarAsk
+    tool_call: ToolAsk
+    stream: Ask
+    cancel: CancelAsk
+    load: Load
+
+
+def _ask(spec: Fields) -> dict[str, Any]:
+    return {"question": spec.text("question"), "max_tokens": spec.integer("max_tokens", minimum=1)}
+
+
+def _regex(spec: Fields, key: str) -> str:
+    pattern: str = spec.text(key)
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        spec.fail(f"{key} /{pattern}/ is not a regular expression: {exc}")
+    return pattern
+
+
+def _real(real: Fields) -> RealTier:
+    def section(key: str, *extra: str) -> Fields:
+        return real.sub(key, ("question", "max_tokens", *extra))
+
+    factual = section("factual", "expect")
+    schema = section("json_schema", "schema")
+    grammar = section("grammar", "gbnf", "matches")
+    tool = section("tool_call", "example", "tool")
+    cancel = section("cancel", "after_chunks")
+    load = section("load", "clients", "requests", "within")
+    return RealTier(
+        model=real.text("model"),
+        alias=real.text("alias"),
+        extra_args=real.text("extra_args"),
+        chat_template=real.optional_text("chat_template"),
+        seed=real.integer("seed"),
+        checks=real.strings("checks", _NAME_RE),
+        factual=Factual(**_ask(factual), expect=_regex(factual, "expect")),
+        json_schema=SchemaAsk(**_ask(schema), schema=schema.mapping("schema")),
+        invalid_schema=real.mapping("invalid_schema"),
+        grammar=GrammarAsk(
+            **_ask(grammar), gbnf=grammar.text("gbnf"), matches=_regex(grammar, "matches")
+        ),
+        tool_call=ToolAsk(
+            **_ask(tool),
+            example=tool.typed("example", list, "a list of messages", default=[]),
+            tool=tool.mapping("tool"),
+        ),
+        stream=Ask(**_ask(section("stream"))),
+        cancel=CancelAsk(**_ask(cancel), after_chunks=cancel.integer("after_chunks", minimum=1)),
+        load=Load(
+            **_ask(load),
+            clients=load.integer("clients", minimum=1),
+            requests=load.integer("requests", minimum=1),
+            within=load.number("within", above=0),
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     timing: dict[str, Timing]
-    server: dict[str, Any]
-    requests: dict[str, Any]
-    hub: dict[str, Any]
-    real: dict[str, Any]
+    server: ServerSettings
+    requests: Requests
+    hub_repo: str
+    real: RealTier
 
     def timing_for(self, platform: str) -> Timing:
         """`native` on this machine's platform, `emulated` (QEMU, ten times slower) else."""
         return self.timing["native" if platform == host_platform() else "emulated"]
 
 
+def _timing(spec: Fields) -> Timing:
+    return Timing(*(spec.number(key, above=0) for key in Timing.__dataclass_fields__))
+
+
 def load_settings(path: Path = SETTINGS_FILE) -> Settings:
-    data = load_yaml(path)
-    try:
-        timing = {name: Timing(**values) for name, values in data["timing"].items()}
-        return Settings(timing, data["server"], data["requests"], data["hub"], data["real"])
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"cannot load smoke settings {path.name}: {exc}") from None
+    top = Fields(load_yaml(path), path.name, ("timing", "server", "requests", "hub", "real"))
+    keys = tuple(Timing.__dataclass_fields__)
+    timing = {name: _timing(spec) for name, spec in top.entries("timing", keys)}
+    missing = {"native", "emulated"} - set(timing)
+    if missing:
+        top.fail(f"timing: missing {', '.join(sorted(missing))}")
+    server = top.sub("server", tuple(ServerSettings.__dataclass_fields__))
+    requests = top.sub("requests", tuple(Requests.__dataclass_fields__))
+    hub = top.sub("hub", ("repo",))
+    return Settings(
+        timing=timing,
+        server=ServerSettings(
+            container_port=server.integer("container_port", minimum=1),
+            alias=server.text("alias"),
+            extra_args=server.text("extra_args"),
+            run_args=server.strings("run_args"),
+            env=server.string_map("env"),
+            model_dir=server.text("model_dir"),
+        ),
+        requests=Requests(
+            prompt=requests.text("prompt"),
+            n_predict=requests.integer("n_predict", minimum=1),
+            chat_message=requests.text("chat_message"),
+            embed_input=requests.text("embed_input"),
+            roundtrip=requests.text("roundtrip"),
+        ),
+        hub_repo=hub.text("repo"),
+        real=_real(top.sub("real")),
+    )

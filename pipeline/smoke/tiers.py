@@ -8,8 +8,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.oci.elf import TRIPLETS
-from pipeline.records import arch_of
-from pipeline.smoke.checks import SmokeRun, require, short, tier_check
+from pipeline.smoke.run import Runs, SmokeRun, require, short, smoke_check
 
 
 def refusal(run: SmokeRun, env: dict[str, str], mounts: dict[Path, str] | None = None) -> list[str]:
@@ -24,7 +23,7 @@ def refusal(run: SmokeRun, env: dict[str, str], mounts: dict[Path, str] | None =
     return lines
 
 
-@tier_check("gpu-refusal")
+@smoke_check("gpu-refusal", Runs.CONTAINER, named_only=True)
 def check_gpu_refusal(run: SmokeRun) -> str:
     # Without a GPU a CUDA image would serve from its CPU kernels at a fraction of the
     # speed: unless LLAMA_ALLOW_CPU=1, it refuses, naming how to give it the GPU.
@@ -34,14 +33,14 @@ def check_gpu_refusal(run: SmokeRun) -> str:
     return line
 
 
-@tier_check("old-driver-refusal")
+@smoke_check("old-driver-refusal", Runs.CONTAINER, named_only=True)
 def check_old_driver_refusal(run: SmokeRun) -> str:
     # The container toolkit mounts libcuda.so.<driver version>: an old one, mounted here.
     cuda = run.backend.cuda
     require(cuda is not None, f"{run.backend.name} is not a CUDA backend")
     assert cuda is not None
     old = "535.104.05"
-    triplet = TRIPLETS[arch_of(run.target.platform)]
+    triplet = TRIPLETS[run.target.platform.arch]
     with tempfile.TemporaryDirectory(prefix="old-driver-") as tmp:
         fake = Path(tmp) / f"libcuda.so.{old}"
         fake.write_bytes(b"")

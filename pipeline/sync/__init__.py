@@ -20,17 +20,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from pipeline.core import console
-from pipeline.core.config import LlamaCppPin, Project, load_version, save_version, write_json_atomic
+from pipeline.core.arguments import Command
+from pipeline.core.datafile import write_json_atomic
 from pipeline.core.errors import SnapshotError
-from pipeline.core.options import (
-    BumpOptions,
-    Command,
-    SyncOptions,
-    add_bump_arguments,
-    add_sync_arguments,
-    resolve_bump,
-    resolve_sync,
-)
+from pipeline.core.project import Project
+from pipeline.core.version import LlamaCppPin, load_version, save_version
 from pipeline.records.snapshot import (
     PruneRules,
     Snapshot,
@@ -42,6 +36,14 @@ from pipeline.records.snapshot import (
     read_snapshot_file,
     verify_tree,
     walk_tree,
+)
+from pipeline.sync.options import (
+    BumpOptions,
+    SyncOptions,
+    add_bump_arguments,
+    add_sync_arguments,
+    resolve_bump,
+    resolve_sync,
 )
 from pipeline.sync.remote import git_detail, gitpython, redact, remote_error, resolve_ref, run_git
 from pipeline.sync.swap import (

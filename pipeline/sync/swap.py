@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from pipeline.core import console
-from pipeline.core.config import Project
+from pipeline.core.project import Project
 
 STAGING_PREFIX = ".sync-"
 # Told each named step of a sync as it is reached (tests interrupt or kill a sync right there).

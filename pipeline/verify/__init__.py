@@ -18,15 +18,15 @@ from typing import Any
 from rich.table import Table
 
 from pipeline.core import console
-from pipeline.core.config import write_json_atomic
+from pipeline.core.arguments import Command
+from pipeline.core.datafile import write_json_atomic
 from pipeline.core.errors import VerifyError
-from pipeline.core.options import Command, VerifyOptions, add_verify_arguments, resolve_verify
-from pipeline.matrix import load_matrix
-from pipeline.matrix.dockerfile import LABEL_PREFIX
+from pipeline.matrix import Matrix
 from pipeline.oci.buildx import docker_config
 from pipeline.oci.cosign import SBOM_PREDICATE, SMOKE_PREDICATE, Cosign, verifier_from_env
-from pipeline.oci.image import split_reference
+from pipeline.oci.image import LABEL_PREFIX, split_reference
 from pipeline.oci.registry import RegistryClient, registry_credentials
+from pipeline.verify.options import VerifyOptions, add_verify_arguments, resolve_verify
 
 __all__ = ["COMMANDS", "verify"]
 
@@ -86,9 +86,9 @@ def _sbom_listed(statements: list[dict[str, Any]], platform: str, digest: str) -
     raise VerifyError(f"{platform} {digest[:19]}…: no SBOM attestation for {platform}")
 
 
-def _needs_sbom(labels: Mapping[str, str]) -> bool:
+def _needs_sbom(matrix: Matrix, labels: Mapping[str, str]) -> bool:
     """Images assembled file by file (a scratch runtime) ship an SBOM; others need none."""
-    backend = load_matrix().backends.get(labels.get(f"{LABEL_PREFIX}.backend", ""))
+    backend = matrix.backends.get(labels.get(f"{LABEL_PREFIX}.backend", ""))
     return backend is not None and backend.runtime.kind == "scratch"
 
 
@@ -114,7 +114,7 @@ def verify(options: VerifyOptions) -> VerifyRecord:
             verdict = PlatformVerdict(image.platform, image.digest)
             smokes = cosign.statements(verifier, ref, SMOKE_PREDICATE)
             verdict.smoke = _smoke_passed(smokes, image.platform, image.digest)
-            if _needs_sbom(image.labels):
+            if _needs_sbom(options.matrix, image.labels):
                 boms = cosign.statements(verifier, ref, SBOM_PREDICATE)
                 verdict.sbom = _sbom_listed(boms, image.platform, image.digest)
             else:

@@ -19,9 +19,9 @@ from pathlib import Path
 from pipeline.bench.builds import appended_definition, build_record, salted_dockerfile
 from pipeline.bench.core import MB, Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.core.config import Project, load_version, save_version
 from pipeline.core.errors import RemoteError, UsageError
-from pipeline.core.options import SyncOptions
+from pipeline.core.project import Project
+from pipeline.core.version import load_version, save_version
 from pipeline.oci.ccache import ccache_bytes, ccache_hits
 
 GOAL_FRESH_RUNNER_RATIO = 0.25
@@ -124,7 +124,7 @@ def measure(bench: Bench) -> Measured:
     bumped_commit = _git("rev-parse", "HEAD", cwd=mirror)
     bumped = bumped_project(bench, project, bumped_commit)
     with bench.locked("sync bumped"):
-        bumped_snapshot = bench.stages.sync(SyncOptions(bumped, f"file://{mirror}"))
+        bumped_snapshot = bench.stages.sync(bumped, f"file://{mirror}", True)
     # The next release's runner: nothing of its own, but what the previous one exported: the
     # layers its registry cache holds (mode=max: every stage; the lab's local layer cache of
     # that build stands in for importing them) and the compiler cache. A fresh compiler-cache

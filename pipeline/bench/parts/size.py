@@ -12,9 +12,9 @@ from typing import Any
 from pipeline.bench.core import MB, Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
 from pipeline.core.errors import BuildError
-from pipeline.matrix.dockerfile import LABEL_PREFIX
 from pipeline.modelfiles.gguf import ensure_model
 from pipeline.oci.engine import image_sizes
+from pipeline.oci.image import LABEL_PREFIX
 from pipeline.records import load_build_records
 
 GPU_LABEL = f"{LABEL_PREFIX}.gpu-architectures"

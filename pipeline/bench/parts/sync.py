@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 from pipeline.bench.core import MB, Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
-from pipeline.core.options import SyncOptions
 from pipeline.records.snapshot import check_snapshot
 
 GOAL_NOOP_SYNC_S = 1.0
@@ -27,14 +26,14 @@ def measure(bench: Bench) -> Measured:
     kept: dict[str, int] = {}
     for side in ("ours", "upstream"):
         project = bench.root(side)
-        options = SyncOptions(project, bench.remote, prune=side == "ours")
+        prune = side == "ours"
         cold, noop, check = [], [], []
         with bench.locked(f"sync {side}"):
             for _ in range(max(1, min(bench.repeats, 3))):
                 shutil.rmtree(project.root / "third_party", ignore_errors=True)
-                cold.append(_timed(bench.stages.sync, options))
+                cold.append(_timed(bench.stages.sync, project, bench.remote, prune))
             for _ in range(bench.repeats):
-                noop.append(_timed(bench.stages.sync, options))
+                noop.append(_timed(bench.stages.sync, project, bench.remote, prune))
             for _ in range(bench.repeats):
                 check.append(_timed(check_snapshot, project))
         kept[side] = check_snapshot(project).total_bytes
