@@ -92,7 +92,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff and mypy."""
-    # bench too: mypy follows pipeline.bench_report into matplotlib.
+    # bench too: mypy follows pipeline.bench.report into matplotlib.
     session.install("-q", "-e", ".[lint,test,bench]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.images import SmokeImage
-from fixtures.lab import REPO_ROOT, copy_project
+from fixtures.lab import REPO_ROOT, copy_project, require_lab
 
 from pipeline.bench import upstream as bench_upstream
 from pipeline.bench.builds import (
@@ -366,8 +366,7 @@ def test_the_appended_definition_compiles_cleanly_in_c_and_cpp(
     compile (warning-free, as ggml's C11 and llama's C++17) and change the object file."""
     from pipeline.bench.builds import appended_definition
 
-    if shutil.which(compiler) is None:
-        pytest.skip(f"{compiler} is not installed on this machine")
+    require_lab(shutil.which(compiler) is not None, compiler)
     source = tmp_path / f"unit{suffix}"
     source.write_bytes(b"int unit(void) { return 1; }\n")
     objects = []

@@ -53,7 +53,7 @@ from pipeline.records.snapshot import check_snapshot
 
 MATRIX = load_matrix()
 VERSION = load_version(REPO_ROOT / "version.json")
-ENTRYPOINT = REPO_ROOT / "dockerfiles" / "entrypoint.sh"
+ENTRYPOINT = REPO_ROOT / "dockerfiles" / "image" / "entrypoint.sh"
 QEMU_AARCH64 = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 
 
@@ -162,7 +162,7 @@ def test_buildx_command_line() -> None:
     assert args[:3] == ["docker", "buildx", "build"]
     joined = " ".join(args)
     assert f"--file {REPO_ROOT}/dockerfiles/rendered/cpu.Dockerfile" in joined
-    assert f"--build-context support={REPO_ROOT}/dockerfiles" in joined
+    assert f"--build-context support={REPO_ROOT}/dockerfiles/image" in joined
     assert "--platform linux/arm64" in joined
     for arg in (
         f"LLAMA_CPP_COMMIT={PINNED_COMMIT}",
@@ -300,7 +300,7 @@ def test_a_stale_rendered_dockerfile_is_refused_before_docker(
     """A template edited without `nox -s render`: build says so, and builds nothing."""
     root = copy_project(tmp_path / "project")
     (root / "third_party").symlink_to(lab_project.third_party.parent)
-    template = root / "dockerfiles" / "base.Dockerfile.j2"
+    template = root / "dockerfiles" / "templates" / "base.Dockerfile.j2"
     template.write_text(template.read_text() + "# an edit nobody rendered\n")
     monkeypatch.setenv("PIPELINE_ROOT", str(root))
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")  # never reached
@@ -546,11 +546,10 @@ def test_cuda_flags_configure_against_the_machine_toolkit(
     """cmake configure only (no compile) with the cuda13 image's flags and the host's nvcc (a
     CUDA 13 toolkit here)."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    if not Path(nvcc).is_file():
-        pytest.skip("no CUDA toolkit (nvcc) on this machine: the cuda flags are not configured")
+    require_lab(Path(nvcc).is_file(), "a CUDA toolkit (nvcc) to configure the cuda flags with")
     cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed on this machine")
+    require_lab(cmake is not None, "cmake")
+    assert cmake is not None
     cuda = MATRIX.backend("cuda13")
     flags = [f"-D{k}={v}" for k, v in configure_flags(MATRIX, cuda)]
     variants = MATRIX.cpu_variant_set(cuda.cpu_variants).cmake_flags["amd64"]

@@ -39,10 +39,15 @@ def valid() -> dict[str, Any]:
     }
 
 
-def test_the_repository_pin_is_valid() -> None:
+def test_the_repository_pin_is_valid_and_written_in_version_json_only() -> None:
     info = load_version(REPO_ROOT / "version.json")
     assert info.llama_cpp.commit == PINNED_COMMIT
     assert info.llama_cpp.repository == DEFAULT_REPOSITORY
+    # Provision, the fixtures and the workflows read it from there: no second copy to forget.
+    readers = [".ci/provision", ".ci/lab", "tests/fixtures/lab.py", "noxfile.py"]
+    readers += [str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / ".github").rglob("*.yml")]
+    for reader in readers:
+        assert info.llama_cpp.commit not in (REPO_ROOT / reader).read_text(), reader
 
 
 def test_a_valid_file_loads() -> None:

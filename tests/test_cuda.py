@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.lab import TEST_CPU_VARIANTS, build_lock, copy_project
+from fixtures.lab import TEST_CPU_VARIANTS, build_lock, copy_project, require_lab
 
 from pipeline.build.options import BuildOptions
 from pipeline.build.sbom import sbom_files
@@ -135,8 +135,7 @@ def test_publish_requires_the_gpu_tier_unless_the_release_had_no_gpu_runner(
     smokes: list[SmokeRecord] = [
         s for s in load_smoke_records(lab_project.reports_dir) if s.backend == "cuda13"
     ]
-    if not smokes:
-        pytest.skip("needs the no-gpu smoke report (test_the_no_gpu_tier_passes_without_a_gpu)")
+    require_lab(bool(smokes), "the no-gpu smoke report (test_the_no_gpu_tier_passes_without_a_gpu)")
     root = copy_project(tmp_path / "project")
     monkeypatch.setenv("PIPELINE_ROOT", str(root))
     for no_gpu_runner in (False, True):

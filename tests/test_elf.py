@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from fixtures.lab import require_lab
 
 from pipeline.oci.elf import ImageTree, closure_gaps, describe_gaps, read_dynamic
 
@@ -26,8 +27,10 @@ def needed_by_readelf(path: Path) -> list[str]:
 def ls_closure() -> dict[str, Path]:
     """/bin/ls and the libraries it needs, by the name the loader looks for."""
     ls = Path(shutil.which("ls") or "/bin/ls").resolve()
-    if shutil.which("readelf") is None or not Path(f"/lib/{TRIPLET}").is_dir():
-        pytest.skip(f"needs readelf and an {TRIPLET} userland (this test reads real ELF files)")
+    require_lab(
+        shutil.which("readelf") is not None and Path(f"/lib/{TRIPLET}").is_dir(),
+        f"readelf and an {TRIPLET} userland (this test reads real ELF files)",
+    )
     files = {"ls": ls}
     queue = [ls]
     while queue:

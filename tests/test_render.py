@@ -20,6 +20,7 @@ from pipeline.matrix.dockerfile import current_dockerfile, render_dockerfile
 from pipeline.render import render
 from pipeline.render.options import RenderOptions
 
+IMAGE_FILES = REPO_ROOT / "dockerfiles" / "image"
 BACKENDS = ["cpu", "vulkan", "cuda", "cuda13", "rocm"]
 
 
@@ -234,7 +235,12 @@ def test_shellcheck_is_clean(script: str) -> None:
     require_lab(shellcheck is not None, "shellcheck (.ci/provision installs it)")
     assert shellcheck is not None
     result = subprocess.run(
-        [shellcheck, "--shell=sh", "--severity=style", str(REPO_ROOT / "dockerfiles" / script)],
+        [
+            shellcheck,
+            "--shell=sh",
+            "--severity=style",
+            str(REPO_ROOT / "dockerfiles" / "image" / script),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -244,7 +250,7 @@ def test_shellcheck_is_clean(script: str) -> None:
 
 def test_undefined_template_values_are_errors(tmp_path: Path, matrix: Matrix) -> None:
     project = Project(copy_project(tmp_path / "project"))
-    template = project.dockerfiles_dir / "cpu.Dockerfile.j2"
+    template = project.templates_dir / "cpu.Dockerfile.j2"
     # Inside a block: a child template renders nothing outside its blocks.
     template.write_text(
         template.read_text()

@@ -34,15 +34,17 @@ from pipeline.core.arguments import resolve_remote
 from pipeline.core.errors import ConfigError, RemoteError, SnapshotError, ToolMissingError
 from pipeline.core.project import Project
 from pipeline.core.version import load_version
-from pipeline.records.snapshot import (
+from pipeline.records.prune import (
     PRUNE_RULES_FILE,
     PruneRules,
-    Snapshot,
-    check_snapshot,
     glob_to_regex,
     load_prune_rules,
-    load_snapshot,
     parse_prune_rules,
+)
+from pipeline.records.snapshot import (
+    Snapshot,
+    check_snapshot,
+    load_snapshot,
 )
 from pipeline.sync.options import BumpOptions, SyncOptions
 

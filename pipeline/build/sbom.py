@@ -1,7 +1,7 @@
 """The SBOM of an image assembled file by file: CycloneDX 1.6 from its build's inventory.
 
 The cpu image's rootfs stage records every file it puts in the image and where it came from
-(dockerfiles/inventory.sh: a Debian package and version, a PyPI wheel (NVIDIA's CUDA
+(dockerfiles/image/inventory.sh: a Debian package and version, a PyPI wheel (NVIDIA's CUDA
 libraries), llama.cpp at the pinned commit, or this project); nothing is guessed by a
 scanner. Each package is a component holding its files (with their SHA-256), licences are SPDX
 expressions (pipeline/build/licences.yaml fills in what the copyright files do not say). The same
@@ -20,7 +20,8 @@ from typing import Any
 from urllib.parse import quote
 
 from pipeline.core.datafile import load_yaml, write_json_atomic
-from pipeline.core.errors import BuildError, ConfigError
+from pipeline.core.errors import BuildError
+from pipeline.core.fields import Fields
 
 LICENCES_FILE = Path(__file__).with_name("licences.yaml")
 SPEC_VERSION = "1.6"
@@ -49,10 +50,8 @@ class Licences:
 
 
 def load_licences(path: Path = LICENCES_FILE) -> Licences:
-    data = load_yaml(path)
-    if not isinstance(data, dict) or set(data) != {"dep5", "packages", "origins"}:
-        raise ConfigError(f"{path.name}: expected the mappings dep5, packages and origins")
-    return Licences(dict(data["dep5"]), dict(data["packages"]), dict(data["origins"]))
+    top = Fields(load_yaml(path), path.name, ("dep5", "packages", "origins"))
+    return Licences(top.string_map("dep5"), top.string_map("packages"), top.string_map("origins"))
 
 
 def read_inventory(path: Path) -> list[InventoryEntry]:

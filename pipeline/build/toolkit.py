@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.core.datafile import load_yaml
-from pipeline.core.errors import BuildError, ConfigError
+from pipeline.core.errors import BuildError
+from pipeline.core.fields import Fields
 from pipeline.core.pypi import Pin, cache_dir, pip_download, sha256_of
 from pipeline.matrix import Backend, TargetPlatform
 
@@ -34,16 +35,12 @@ FETCH_HINT = (
 
 
 def load_wheels(backend: str, arch: str, path: Path = WHEELS_FILE) -> list[Pin]:
-    data = load_yaml(path)
-    where = f"{path.name}: {backend}.{arch}"
-    entries = (data.get(backend) or {}).get(arch) if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{where}: no wheels pinned", "pin the toolkit's wheels there")
+    top = Fields(load_yaml(path), path.name)
+    per_arch = top.sub(backend, expected="a mapping of architectures to wheels")
     wheels = []
-    for entry in entries:
-        if not isinstance(entry, dict) or set(entry) != {"name", "version", "file", "sha256"}:
-            raise ConfigError(f"{where}: each wheel needs exactly name, version, file, sha256")
-        wheels.append(Pin(*(str(entry[k]) for k in ("name", "version", "file", "sha256"))))
+    for entry in per_arch.items(arch, "wheel"):
+        entry.no_unknown(Pin.KEYS)
+        wheels.append(Pin.read(entry))
     return wheels
 
 

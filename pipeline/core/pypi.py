@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.fields import Fields
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,18 @@ class Pin:
     version: str
     file: str
     sha256: str
+
+    KEYS: ClassVar[tuple[str, ...]] = ("name", "version", "file", "sha256")
+
+    @classmethod
+    def read(cls, spec: Fields) -> Pin:
+        """A pin as data files write it: name, version, file and its 64-hex sha256."""
+        return cls(
+            spec.text("name"),
+            spec.text("version"),
+            spec.text("file"),
+            spec.text("sha256", SHA256_RE),
+        )
 
 
 def cache_dir(kind: str) -> Path:

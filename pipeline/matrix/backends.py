@@ -41,7 +41,7 @@ class CpuVariantSet:
     host_only: bool = False  # compiled for the building machine's CPU: local, never released
     # arch -> ((cpuinfo flag, ggml option), ...): options the builder sets from /proc/cpuinfo
     cpuinfo_options: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
-    # CMake targets compiled at -O1 instead of Release's -O3 (dockerfiles/quick-targets.cmake)
+    # CMake targets compiled at -O1 instead of Release's -O3 (dockerfiles/image/quick-targets.cmake)
     quick_targets: tuple[str, ...] = ()
 
 

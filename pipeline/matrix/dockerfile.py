@@ -59,7 +59,7 @@ def render_dockerfile(
     project: Project, matrix: Matrix, backend: Backend, version: VersionInfo
 ) -> str:
     """The Dockerfile text of one backend."""
-    env = _environment(project.dockerfiles_dir)
+    env = _environment(project.templates_dir)
     try:
         template = env.get_template(backend.template)
         text = template.render(
@@ -72,7 +72,7 @@ def render_dockerfile(
     except jinja2.TemplateNotFound as exc:
         raise ConfigError(
             f"template {exc.name} for backend {backend.name!r} not found in "
-            f"{project.dockerfiles_dir}",
+            f"{project.templates_dir}",
             "check the backend's 'template' key in pipeline/matrix/matrix.yaml",
         ) from None
     except jinja2.TemplateSyntaxError as exc:

@@ -10,10 +10,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pipeline.core.datafile import load_yaml
 from pipeline.core.errors import ConfigError
+from pipeline.core.fields import Fields
 from pipeline.matrix import Matrix
 
 RULES_FILE = Path(__file__).with_name("host-backends.yaml")
@@ -40,28 +40,21 @@ class Detection:
 
 
 def load_rules(path: Path = RULES_FILE) -> tuple[Rule, ...]:
-    data = load_yaml(path)
-    if not isinstance(data, list) or not data:
-        raise ConfigError(f"{path.name}: expected a list of rules")
+    top = Fields({"rules": load_yaml(path)}, path.name)
     rules = []
-    for index, spec in enumerate(data):
-        where = f"{path.name}: rule {index + 1}"
-        if not isinstance(spec, dict) or "backend" not in spec or set(spec) - _KEYS:
-            raise ConfigError(f"{where}: expected backend and any of {', '.join(sorted(_KEYS))}")
-        lists: dict[str, Any] = {
-            k: tuple(str(v) for v in spec.get(k) or ()) for k in ("paths", "commands", "drivers")
-        }
+    for spec in top.items("rules", "rule"):
+        spec.no_unknown(_KEYS)
         rules.append(
             Rule(
-                str(spec["backend"]),
-                lists["paths"],
-                lists["commands"],
-                lists["drivers"],
-                bool(spec.get("cuda")),
+                spec.text("backend"),
+                spec.strings("paths", default=()),
+                spec.strings("commands", default=()),
+                spec.strings("drivers", default=()),
+                spec.boolean("cuda", default=False),
             )
         )
     if rules[-1].paths or rules[-1].commands:
-        raise ConfigError(f"{path.name}: the last rule is the fallback: a backend and nothing else")
+        top.fail("the last rule is the fallback: a backend and nothing else")
     return tuple(rules)
 
 

@@ -14,11 +14,11 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pipeline.core.datafile import load_yaml
-from pipeline.core.errors import ConfigError, ModelError
-from pipeline.core.pypi import Pin, cache_dir, pip_download, sha256_of
+from pipeline.core.errors import ModelError
+from pipeline.core.fields import Fields
+from pipeline.core.pypi import SHA256_RE, Pin, cache_dir, pip_download, sha256_of
 
 CATALOGUE_FILE = Path(__file__).with_name("catalogue.yaml")
 MODEL_CACHE_ENV = "LLAMA_IMAGES_MODEL_CACHE"
@@ -27,7 +27,7 @@ FETCH_HINT = (
     f"put the file into ${MODEL_CACHE_ENV} by hand"
 )
 TASKS = ("chat", "code", "embeddings")
-_FIELDS = {
+_FIELDS = (
     "file",
     "sha256",
     "size",
@@ -38,7 +38,7 @@ _FIELDS = {
     "licence",
     "purpose",
     "source",
-}
+)
 
 
 @dataclass(frozen=True)
@@ -106,78 +106,53 @@ class Catalogue:
         return self.models[name]
 
 
-def _positive(spec: Mapping[str, Any], key: str, where: str) -> int:
-    value = spec[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{where}.{key} is {value!r}, expected a whole number > 0")
-    return value
+def _source(spec: Fields) -> tuple[WheelSource | None, HubSource | None]:
+    source = spec.sub("source", ("pypi", "hub"))
+    if len(source.data) != 1:
+        source.fail("needs exactly one of pypi, hub")
+    if source.has("pypi"):
+        pypi = source.sub("pypi", (*Pin.KEYS, "member"))
+        return WheelSource(Pin.read(pypi), pypi.text("member")), None
+    hub = source.sub("hub", ("repo", "revision", "file"))
+    return None, HubSource(hub.text("repo"), hub.text("revision"), hub.text("file"))
 
 
-def _exact_keys(spec: Any, keys: set[str], where: str) -> dict[str, Any]:
-    if not isinstance(spec, dict) or set(spec) != keys:
-        raise ConfigError(f"{where} needs exactly the keys {', '.join(sorted(keys))}")
-    return spec
-
-
-def _source(spec: Any, where: str) -> tuple[WheelSource | None, HubSource | None]:
-    if not isinstance(spec, dict) or len(spec) != 1 or not set(spec) <= {"pypi", "hub"}:
-        raise ConfigError(f"{where}.source needs one of pypi, hub")
-    if "pypi" in spec:
-        pypi = _exact_keys(
-            spec["pypi"], {"name", "version", "file", "sha256", "member"}, f"{where}.source.pypi"
-        )
-        pin = Pin(*(str(pypi[k]) for k in ("name", "version", "file", "sha256")))
-        return WheelSource(pin, str(pypi["member"])), None
-    hub = _exact_keys(spec["hub"], {"repo", "revision", "file"}, f"{where}.source.hub")
-    return None, HubSource(str(hub["repo"]), str(hub["revision"]), str(hub["file"]))
-
-
-def _model(name: str, spec: Any, where: str) -> CatalogueModel:
-    where = f"{where}: {name}"
-    spec = _exact_keys(spec, _FIELDS, where)
-    pypi, hub = _source(spec["source"], where)
-    sha256 = spec["sha256"]
+def _model(name: str, spec: Fields) -> CatalogueModel:
+    for key in _FIELDS:
+        spec.raw(key)  # every key present (sha256 may be null)
+    pypi, hub = _source(spec)
+    sha256 = spec.optional_text("sha256", SHA256_RE)
     if sha256 is None and pypi is not None:
-        raise ConfigError(f"{where}.sha256: a wheel's model is pinned by its sha256")
-    if sha256 is not None and not (isinstance(sha256, str) and len(sha256) == 64):
-        raise ConfigError(f"{where}.sha256 is {sha256!r}, expected 64 hex digits or null")
-    if spec["task"] not in TASKS:
-        raise ConfigError(f"{where}.task is {spec['task']!r}, expected one of {', '.join(TASKS)}")
-    context = _positive(spec, "context", where)
-    if context > _positive(spec, "context_length", where):
-        raise ConfigError(f"{where}.context {context} exceeds its context_length")
+        spec.fail("sha256: a wheel's model is pinned by its sha256")
+    context = spec.integer("context", minimum=1)
+    context_length = spec.integer("context_length", minimum=1)
+    if context > context_length:
+        spec.fail(f"context {context} exceeds its context_length")
     return CatalogueModel(
         name=name,
-        file=str(spec["file"]),
+        file=spec.text("file"),
         sha256=sha256,
-        size=_positive(spec, "size", where),
-        context_length=spec["context_length"],
+        size=spec.integer("size", minimum=1),
+        context_length=context_length,
         context=context,
-        kv_bytes_per_token=_positive(spec, "kv_bytes_per_token", where),
-        task=spec["task"],
-        licence=str(spec["licence"]),
-        purpose=" ".join(str(spec["purpose"]).split()),
+        kv_bytes_per_token=spec.integer("kv_bytes_per_token", minimum=1),
+        task=spec.choice("task", TASKS),
+        licence=spec.text("licence"),
+        purpose=" ".join(spec.text("purpose").split()),
         pypi=pypi,
         hub=hub,
     )
 
 
 def load_catalogue(path: Path = CATALOGUE_FILE) -> Catalogue:
-    data = _exact_keys(load_yaml(path), {"recommend", "models"}, path.name)
-    models = data["models"]
-    if not isinstance(models, dict) or not models:
-        raise ConfigError(f"{path.name}: models: expected a mapping of preset names")
-    rules = _exact_keys(
-        data["recommend"], {"share", "overhead_bytes", "task"}, f"{path.name}: recommend"
-    )
-    if not 0 < float(rules["share"]) <= 1 or rules["task"] not in TASKS:
-        raise ConfigError(f"{path.name}: recommend: share in (0, 1] and a task of {TASKS}")
+    top = Fields(load_yaml(path), path.name, ("recommend", "models"))
+    rules = top.sub("recommend", ("share", "overhead_bytes", "task"))
     return Catalogue(
-        {str(name): _model(str(name), spec, path.name) for name, spec in models.items()},
+        {name: _model(name, spec) for name, spec in top.entries("models", _FIELDS)},
         RecommendRules(
-            float(rules["share"]),
-            _positive(rules, "overhead_bytes", f"{path.name}: recommend"),
-            rules["task"],
+            rules.number("share", above=0, at_most=1),
+            rules.integer("overhead_bytes", minimum=1),
+            rules.choice("task", TASKS),
         ),
     )
 

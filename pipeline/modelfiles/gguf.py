@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.datafile import load_yaml
-from pipeline.core.errors import ConfigError, ModelError
+from pipeline.core.errors import ModelError
+from pipeline.core.fields import Fields
 from pipeline.core.project import Project
 
 GGUF_MAGIC = b"GGUF"
@@ -146,17 +147,17 @@ class ModelSpec:
 
 
 def load_presets(path: Path = PRESETS_FILE) -> dict[str, ModelSpec]:
-    data = load_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path.name}: expected a mapping of preset name to model shape")
-    known = {f.name for f in fields(ModelSpec)}
+    """models.yaml: preset name -> the shape of a generated model (ModelSpec checks values)."""
+    known = [f.name for f in fields(ModelSpec)]
     presets: dict[str, ModelSpec] = {}
-    for name, values in data.items():
-        if not isinstance(values, dict) or set(values) - known:
-            raise ConfigError(
-                f"{path.name}: preset {name!r} must be a mapping with keys from {sorted(known)}"
-            )
-        presets[str(name)] = ModelSpec(**values)
+    for name, spec in Fields(load_yaml(path), path.name).entries(known=known):
+        presets[name] = ModelSpec(
+            **{
+                key: spec.text(key) if key == "dtype" else spec.integer(key, minimum=0)
+                for key in known
+                if spec.has(key)
+            }
+        )
     return presets
 
 

@@ -1,4 +1,4 @@
-"""The vendor snapshot: prune rules, the content manifest and digest, and snapshot.json.
+"""The vendor snapshot (sync's record): snapshot.json, the content manifest and its digest.
 
 Everything here is offline and git-free, so the build stage can verify a snapshot cheaply:
 `load_snapshot` reads snapshot.json, `check_snapshot` also re-hashes the files against it.
@@ -11,118 +11,26 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.datafile import parse_yaml, read_data_file
-from pipeline.core.errors import ConfigError, SnapshotError
+from pipeline.core.errors import SnapshotError
+from pipeline.core.fields import Fields
 from pipeline.core.project import Project
 from pipeline.core.version import COMMIT_RE, load_version
+from pipeline.records.prune import PruneRules, load_prune_rules
 
 SCHEMA = 1
-PRUNE_RULES_FILE = Path(__file__).parent.parent / "sync" / "prune.yaml"
 SYNC_HINT = "run nox -s sync"
 # How the content digest is made, recorded in snapshot.json so a reader can recompute it.
 DIGEST_ALGORITHM = (
     "sha256 over '<kind> <sha256 of bytes> <path>\\n' per file, sorted by relative POSIX path; "
     "kind is file, exec (owner-executable) or link (sha256 of the link target)"
 )
-
-
-# --------------------------------------------------------------------------- prune rules
-
-
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """`*` stays in one path segment, `**` spans segments, `?` is one character.
-
-    A match also covers everything beneath the matched path; a trailing `/` restricts the
-    pattern to directories (so `docs/` removes the tree, never a file named `docs`).
-    """
-    directory_only = pattern.endswith("/")
-    body = pattern.rstrip("/")
-    out: list[str] = []
-    i = 0
-    while i < len(body):
-        if body.startswith("**/", i):
-            out.append("(?:[^/]+/)*")
-            i += 3
-        elif body.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif body[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif body[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(body[i]))
-            i += 1
-    tail = "/.+" if directory_only else "(?:/.+)?"
-    return re.compile("^" + "".join(out) + tail + "$")
-
-
-@dataclass(frozen=True)
-class PruneRules:
-    """Globs of paths no image build needs (`remove`), with exceptions (`keep`)."""
-
-    remove: tuple[str, ...]
-    keep: tuple[str, ...]
-    digest: str  # sha256 of the YAML file's bytes: snapshot.json records which rules made it
-    # All patterns of a list as one alternation: one regex call per path, not sixty.
-    _remove_any: re.Pattern[str] | None = field(repr=False, compare=False, default=None)
-    _keep_any: re.Pattern[str] | None = field(repr=False, compare=False, default=None)
-
-    @classmethod
-    def from_patterns(cls, remove: Iterable[str], keep: Iterable[str], digest: str) -> PruneRules:
-        remove, keep = tuple(remove), tuple(keep)
-
-        def any_of(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
-            if not patterns:
-                return None
-            return re.compile("|".join(f"(?:{glob_to_regex(p).pattern})" for p in patterns))
-
-        return cls(remove, keep, digest, any_of(remove), any_of(keep))
-
-    def removes(self, relpath: str) -> bool:
-        if self._remove_any is None or not self._remove_any.match(relpath):
-            return False
-        return self._keep_any is None or not self._keep_any.match(relpath)
-
-
-def _check_pattern(pattern: Any, where: str) -> str:
-    if not isinstance(pattern, str) or not pattern.strip("/ "):
-        raise ConfigError(f"{where}: {pattern!r} is not a glob (expected a string like 'docs/')")
-    if pattern.startswith("/") or "\\" in pattern or ".." in pattern.split("/"):
-        raise ConfigError(
-            f"{where}: {pattern!r} must be a relative POSIX path glob without '..' or '\\'"
-        )
-    return pattern
-
-
-def parse_prune_rules(data: Any, digest: str, where: str = "prune.yaml") -> PruneRules:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: top level must be a mapping with 'remove' and 'keep'")
-    unknown = set(data) - {"remove", "keep"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (expected remove, keep)")
-    lists: dict[str, list[str]] = {}
-    for key in ("remove", "keep"):
-        value = data.get(key, [] if key == "keep" else None)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: key '{key}' must be a list of globs")
-        lists[key] = [_check_pattern(p, f"{where}: {key}") for p in value]
-    return PruneRules.from_patterns(lists["remove"], lists["keep"], digest)
-
-
-def load_prune_rules(path: Path = PRUNE_RULES_FILE) -> PruneRules:
-    text = read_data_file(path, "restore it from the repository")
-    digest = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return parse_prune_rules(parse_yaml(text, path.name), digest, path.name)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -250,7 +158,7 @@ class Snapshot:
     author: str  # "Name <email>"
     ref: str | None
     pruned: bool
-    prune_rules_digest: str | None  # sha256 of pipeline/sync/prune.yaml, None when not pruned
+    prune_rules_digest: str | None  # sha256 of pipeline/records/prune.yaml, None when not pruned
     removed_count: int
     removed_bytes: int
     file_count: int
@@ -300,53 +208,36 @@ class Snapshot:
         }
 
 
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "repository": (str,),
-    "commit": (str,),
-    "commit_date": (str,),
-    "author": (str,),
-    "ref": (str, type(None)),
-    "pruned": (bool,),
-    "prune_rules_digest": (str, type(None)),
-    "removed_count": (int,),
-    "removed_bytes": (int,),
-    "file_count": (int,),
-    "total_bytes": (int,),
-    "content_digest": (str,),
-    "fetched_from": (str,),
-    "files": (dict,),
-}
-
-
 def parse_snapshot(data: Any, where: str) -> Snapshot:
-    def bad(what: str) -> SnapshotError:
-        return SnapshotError(f"{where} is malformed: {what}", SYNC_HINT)
+    def bad(message: str, hint: str | None = None) -> SnapshotError:
+        return SnapshotError(message.replace(f"{where}: ", f"{where} is malformed: ", 1), hint)
 
-    if not isinstance(data, dict):
-        raise bad("top level is not an object")
-    if data.get("schema") != SCHEMA:
-        raise bad(f"schema is {data.get('schema')!r}, expected {SCHEMA}")
-    values: dict[str, Any] = {}
-    for key, types in _FIELD_TYPES.items():
-        if key not in data:
-            raise bad(f"missing key '{key}'")
-        value = data[key]
-        # bool is an int subclass: a count must not be true/false.
-        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-            raise bad(f"key '{key}' is {type(value).__name__}")
-        values[key] = value
-    if not COMMIT_RE.match(values["commit"]):
-        raise bad("key 'commit' is not a 40-hex sha")
+    spec = Fields(data, where, expected="an object", error=bad, hint=SYNC_HINT)
+    if spec.raw("schema", None) != SCHEMA:
+        spec.fail(f"schema is {spec.raw('schema', None)!r}, expected {SCHEMA}")
+    values: dict[str, Any] = {
+        "repository": spec.text("repository"),
+        "commit": spec.text("commit", COMMIT_RE, expected="a 40-hex sha"),
+        "commit_date": spec.text("commit_date"),
+        "author": spec.text("author", allow_empty=True),
+        "ref": spec.optional_text("ref"),
+        "pruned": spec.boolean("pruned"),
+        "prune_rules_digest": spec.optional_text("prune_rules_digest"),
+        "removed_count": spec.integer("removed_count", minimum=0),
+        "removed_bytes": spec.integer("removed_bytes", minimum=0),
+        "file_count": spec.integer("file_count", minimum=0),
+        "total_bytes": spec.integer("total_bytes", minimum=0),
+        "content_digest": spec.text("content_digest"),
+        "fetched_from": spec.text("fetched_from"),
+    }
     try:
         datetime.fromisoformat(values["commit_date"])
     except ValueError:
-        raise bad("key 'commit_date' is not an ISO 8601 date") from None
-    files = values["files"]
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise bad("key 'files' must map paths to '<kind> <sha256>' strings")
+        spec.fail("key 'commit_date' is not an ISO 8601 date")
+    files = spec.string_map("files")
     if len(files) != values["file_count"] or content_digest(files) != values["content_digest"]:
-        raise bad("its file list does not match its file_count/content_digest")
-    return Snapshot(**values)
+        spec.fail("its file list does not match its file_count/content_digest")
+    return Snapshot(**values, files=files)
 
 
 def read_snapshot_file(path: Path) -> Snapshot:
@@ -406,7 +297,7 @@ def check_snapshot(
         current = (rules or load_prune_rules()).digest
         if snapshot.prune_rules_digest != current:
             raise SnapshotError(
-                "pipeline/sync/prune.yaml changed since the snapshot was made", SYNC_HINT
+                "pipeline/records/prune.yaml changed since the snapshot was made", SYNC_HINT
             )
     try:
         diff = verify_tree(project.vendor_dir, snapshot, advance)

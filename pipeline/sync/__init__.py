@@ -1,8 +1,8 @@
 """`nox -s sync` and `nox -s bump`: the pinned llama.cpp source as a verified vendor snapshot.
 
 sync: shallow-fetch exactly the pinned commit (GitPython) into a staging directory beside
-third_party/llama.cpp/vendor, check out, verify HEAD, drop .git, prune (pipeline/sync/prune.yaml),
-hash, write snapshot.json (the record build reads), then swap it in with renames. Interrupts
+third_party/llama.cpp/vendor, check out, verify HEAD, drop .git, prune (records/prune.yaml), hash,
+write snapshot.json (the record build reads), then swap it in with renames. Interrupts
 (Ctrl-C, SIGTERM) leave the previous snapshot untouched; a run killed outright (SIGKILL) is
 repaired by the next one. bump: move version.json's pin to a ref on the remote; does not sync.
 """
@@ -25,12 +25,11 @@ from pipeline.core.datafile import write_json_atomic
 from pipeline.core.errors import SnapshotError
 from pipeline.core.project import Project
 from pipeline.core.version import LlamaCppPin, load_version, save_version
+from pipeline.records.prune import PruneRules, load_prune_rules
 from pipeline.records.snapshot import (
-    PruneRules,
     Snapshot,
     check_snapshot,
     content_digest,
-    load_prune_rules,
     load_snapshot,
     manifest,
     read_snapshot_file,

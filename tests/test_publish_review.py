@@ -1,0 +1,156 @@
+"""The publish plan's pure part, without the lab: `review` reads build and smoke records against
+each other, version.json and the matrix, and says what may be published and what refuses it.
+No registry, no Docker: these run wherever the test suite runs (pull requests included)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from fixtures.lab import REPO_ROOT
+
+from pipeline.core.errors import UsageError
+from pipeline.core.project import Project
+from pipeline.publish.options import PublishOptions
+from pipeline.publish.plan import review
+from pipeline.records import BuildRecord, CheckResult, SmokeRecord
+from pipeline.records.publish import PublishRecord, load_publish_record
+
+VERSION = json.loads((REPO_ROOT / "version.json").read_text())
+COMMIT = VERSION["llama_cpp"]["commit"]
+FAILED_CHAT = CheckResult("chat", False, 1.0)
+DIGESTS = {"linux/amd64": "sha256:" + "a" * 64, "linux/arm64": "sha256:" + "b" * 64}
+
+
+def build(backend: str, platform: str, **changes: object) -> BuildRecord:
+    record = BuildRecord(
+        backend=backend,
+        platform=platform,
+        image="127.0.0.1:5000/acme/llama-server",
+        ref=f"127.0.0.1:5000/acme/llama-server@{DIGESTS[platform]}",
+        digest=DIGESTS[platform],
+        output="push-by-digest",
+        commit=COMMIT,
+        version=VERSION["version"],
+        size_bytes=None,
+        seconds=1.0,
+        cpu_variants="all",
+    )
+    return replace(record, **changes)  # type: ignore[arg-type]
+
+
+def smoke(record: BuildRecord, tier: str = "no-gpu", **changes: object) -> SmokeRecord:
+    passed = SmokeRecord(
+        image=record.ref,
+        digest=record.digest,
+        backend=record.backend,
+        platform=record.platform,
+        passed=True,
+        seconds=1.0,
+        checks=(CheckResult("health", True, 0.1),),
+        tier=tier,
+    )
+    return replace(passed, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def options(tmp_path: Path) -> PublishOptions:
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO_ROOT / "version.json", root / "version.json")
+    return PublishOptions.named(Project(root), env={}, no_sign=True)
+
+
+def cpu_release() -> tuple[list[BuildRecord], list[SmokeRecord]]:
+    builds = [build("cpu", p) for p in DIGESTS]
+    return builds, [smoke(b) for b in builds]
+
+
+def test_a_smoke_tested_release_passes_review(options: PublishOptions) -> None:
+    builds, smokes = cpu_release()
+    checked = review(options, builds, smokes)
+    assert checked.refusals == ()
+    (group,) = checked.groups
+    assert group.backend.name == "cpu"
+    assert [s.platform for s in group.sources] == ["linux/amd64", "linux/arm64"]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        (lambda b, s: (b, s[1:]), "cpu linux/amd64 (sha256:aaaaaaaaaaaa…) has no smoke report"),
+        (
+            lambda b, s: (b, [replace(s[0], passed=False, checks=(FAILED_CHAT,)), s[1]]),
+            "failed its smoke test (chat)",
+        ),
+        (
+            lambda b, s: (b, [replace(s[0], digest="sha256:" + "0" * 64), s[1]]),
+            "its smoke report tested another digest",
+        ),
+        (lambda b, s: ([replace(b[0], output="load"), b[1]], s), "so no registry holds it"),
+        (lambda b, s: ([replace(b[0], version="0.0.9"), b[1]], s), "version.json says"),
+        (lambda b, s: ([b[0]], s), "missing linux/arm64"),
+        (
+            lambda b, s: ([replace(b[0], cpu_variants="host"), b[1]], s),
+            "--cpu-variants host, for the building machine's CPU only",
+        ),
+        (lambda b, s: ([*b, b[0]], s), "two build reports for cpu linux/amd64"),
+    ],
+    ids=["no-smoke", "failed", "other-digest", "unpushed", "stale", "partial", "host", "twice"],
+)
+def test_what_refuses_a_publish_is_named(
+    options: PublishOptions, spoil: object, expected: str
+) -> None:
+    builds, smokes = spoil(*cpu_release())  # type: ignore[operator]
+    refusals = review(options, builds, smokes).refusals
+    assert any(expected in refusal.message for refusal in refusals), refusals
+    # The same release unspoilt passes: the refusal comes from the spoiling alone.
+    assert review(options, *cpu_release()).refusals == ()
+
+
+def test_gpu_backends_need_their_gpu_tier_unless_the_release_had_no_gpu_runner(
+    options: PublishOptions,
+) -> None:
+    builds = [build("cuda13", p) for p in DIGESTS]
+    smokes = [smoke(b) for b in builds]
+    (refusal,) = review(options, builds, smokes).refusals
+    assert "tier gpu, has no smoke report" in refusal.message
+    without = replace(options, no_gpu_runner=True)
+    checked = review(without, builds, smokes)
+    assert checked.refusals == ()
+    assert "published on its no-gpu smoke tier only" in " ".join(checked.notes)
+    assert review(options, builds, [*smokes, *(smoke(b, "gpu") for b in builds)]).refusals == ()
+    # rocm publishes on nothing less than a GPU smoke.
+    rocm = [build("rocm", "linux/amd64")]
+    (refusal,) = review(without, rocm, [smoke(rocm[0])]).refusals
+    assert "publish_without_gpu: null" in refusal.message
+
+
+def test_the_default_backend_comes_first_and_backends_can_be_chosen(
+    options: PublishOptions,
+) -> None:
+    builds, smokes = cpu_release()
+    vulkan = [build("vulkan", p) for p in DIGESTS]
+    everything = review(options, [*vulkan, *builds], [*smokes, *(smoke(b) for b in vulkan)])
+    assert [g.backend.name for g in everything.groups] == ["cpu", "vulkan"]
+    only = replace(options, backends=(options.matrix.backend("vulkan"),))
+    assert [g.backend.name for g in review(only, [*vulkan, *builds], smokes).groups] == ["vulkan"]
+    rocm = replace(options, backends=(options.matrix.backend("rocm"),))
+    with pytest.raises(UsageError, match="no build reports for backend"):
+        review(rocm, builds, smokes)
+
+
+def test_a_publish_record_written_before_the_refactor_still_loads() -> None:
+    """tests/data/records-0.1.0/publish.json: written by the publish code of 13e29dc (its
+    PublishOutcome.record and write_publish_record, a plain dict before publish.json had a typed
+    record) for a two-platform cpu release; read by the one loader, written back the same."""
+    data = REPO_ROOT / "tests" / "data" / "records-0.1.0"
+    record = load_publish_record(data)
+    assert isinstance(record, PublishRecord) and record.verified and not record.dry_run
+    (backend,) = record.backends
+    assert backend.backend == "cpu" and backend.index and backend.index.startswith("sha256:")
+    assert [t.tag for t in backend.tags] == ["0.1.0", "0.1", "0", "latest", "sha-0c1e570"]
+    assert record.to_json() == json.loads((data / "publish.json").read_text())
