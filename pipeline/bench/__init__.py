@@ -74,19 +74,7 @@ def print_table(parts: Sequence[PartResult]) -> None:
 def run_bench(options: BenchOptions, stages: StageFunctions) -> list[PartResult]:
     """Measure the parts asked for; report.json (and the renderings) rewritten after each."""
     commit = options.commit
-    bench = Bench(
-        project=options.project,
-        report_dir=options.report_dir,
-        remote=options.remote,
-        commit=commit,
-        stages=stages,
-        lock=options.lock,
-        repeats=options.repeats,
-        qemu_minutes=options.qemu_minutes,
-        touch=options.touch,
-        upstream_rebuild_minutes=options.upstream_rebuild_minutes,
-        sides=options.sides,
-    )
+    bench = Bench(options, commit, stages)
     bench.reload()
     machine = machine_info()
     done: list[PartResult] = []

@@ -7,8 +7,9 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
+from typing import Any
 
-from pipeline.bench.core import Bench, BenchBuild
+from pipeline.bench.core import Bench, BenchBuild, ColdBuild
 from pipeline.core.console import err
 from pipeline.core.project import Project
 from pipeline.oci.buildx import run_buildx
@@ -79,40 +80,23 @@ def salted_dockerfile(
     return path
 
 
-def build_record(
-    bench: Bench,
-    name: str,
-    project: Project,
-    snapshot: Snapshot,
-    *,
-    platform: str,
-    tag: str,
-    dockerfile: Path,
-    no_cache: bool,
-    limit: float | None = None,
-    oci_path: Path | None = None,
-    ccache_from: Path | None = None,
-    ccache_to: Path | None = None,
-) -> BuildRecord:
+def build_record(bench: Bench, name: str, request: BenchBuild, snapshot: Snapshot) -> BuildRecord:
     """Our cpu image through the build stage (`nox -s build -- <arch> --load --tag <tag>`, in
     its release configuration: every CPU variant) and its record (`.seconds`: buildx's);
-    BuildTimedOut past `limit`. With `oci_path`, written there as an OCI layout tarball
-    (`--oci PATH`: the release's exporter, timestamps rewritten) instead of loaded."""
-    request = BenchBuild(
-        project,
-        platform,
-        tag,
-        dockerfile,
-        no_cache,
-        time_limit=limit,
-        oci_path=oci_path,
-        ccache_from=ccache_from,
-        ccache_to=ccache_to,
-    )
+    BuildTimedOut past the request's time limit. With an `oci_path`, written there as an OCI
+    layout tarball (`--oci PATH`: the release's exporter, timestamps rewritten) instead."""
     with bench.locked(name):
-        err.print(f"bench: {name} (the build stage, {dockerfile.name}), log {project.logs_dir}")
-        record = bench.stages.build(request, snapshot)
-    return record
+        logs = request.project.logs_dir
+        err.print(f"bench: {name} (the build stage, {request.dockerfile.name}), log {logs}")
+        return bench.stages.build(request, snapshot)
+
+
+def warm_again(cold: ColdBuild, project: Project, **extra: Any) -> BenchBuild:
+    """The build part's cold cpu amd64 build, again: its tag and its salted Dockerfile (so its
+    cache mounts, which the cold build filled), the layer cache allowed."""
+    assert cold.salt is not None
+    dockerfile = salted_dockerfile(project, cold.salt)
+    return BenchBuild(project, "linux/amd64", cold.tag, dockerfile, no_cache=False, **extra)
 
 
 def build_other(bench: Bench, name: str, command: list[str], limit: float | None = None) -> float:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench.lock import lab_lock
+from pipeline.bench.options import BenchOptions
 from pipeline.bench.report import Metric, PartResult, parse_report
 from pipeline.core.errors import ConfigError, RecordInvalidError, SmokeError
 from pipeline.core.project import Project
@@ -94,17 +95,9 @@ class ColdBuild:
 class Bench:
     """One benchmark run: its options' facts, the stages it drives, what parts hand on."""
 
-    project: Project
-    report_dir: Path
-    remote: str
+    options: BenchOptions
     commit: str
     stages: StageFunctions
-    lock: Path | None
-    repeats: int
-    qemu_minutes: float
-    touch: str
-    upstream_rebuild_minutes: float | None
-    sides: tuple[str, ...] = ("ours", "upstream")
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     previous: dict[str, PartResult] = field(default_factory=dict)
     done: dict[str, Measured] = field(default_factory=dict)
@@ -116,7 +109,7 @@ class Bench:
 
     @property
     def work(self) -> Path:
-        return self.report_dir / "work"
+        return self.options.report_dir / "work"
 
     @property
     def client(self) -> Any:
@@ -125,18 +118,18 @@ class Bench:
         return self._client
 
     def log(self, name: str) -> Path:
-        return self.report_dir / "logs" / f"{name}.log"
+        return self.options.report_dir / "logs" / f"{name}.log"
 
     def tag(self, side: str, what: str) -> str:
         return f"{TAG_PREFIX}/{side}:{what}-{self.short}"
 
     def locked(self, what: str) -> contextlib.AbstractContextManager[None]:
-        return lab_lock(self.lock, what)
+        return lab_lock(self.options.lock, what)
 
     def reload(self) -> None:
         """Re-read report.json: another bench run (one side of a part) may have written it."""
         self.previous = {
-            p.name: p for p in load_previous(self.report_dir) if p.commit == self.commit
+            p.name: p for p in load_previous(self.options.report_dir) if p.commit == self.commit
         }
 
     def detail(self, part: str, key: str) -> Any:
@@ -185,19 +178,19 @@ class Bench:
         arm64 build then use the templates the cold build used."""
         root = self.work / side
         root.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(self.project.version_file, root / "version.json")
+        shutil.copy2(self.options.project.version_file, root / "version.json")
         target = root / "dockerfiles"
         if side == "ours" and (refresh or not target.is_dir()):
             if target.exists():
                 shutil.rmtree(target)
-            shutil.copytree(self.project.dockerfiles_dir, target)
+            shutil.copytree(self.options.project.dockerfiles_dir, target)
         return Project(root)
 
     def sync(self, side: str, *, refresh: bool = False) -> tuple[Project, Snapshot]:
         """The work root of `side` with its snapshot (pruned for ours, whole for upstream)."""
         project = self.root(side, refresh=refresh)
         with self.locked(f"sync {side}"):
-            snapshot = self.stages.sync(project, self.remote, side == "ours")
+            snapshot = self.stages.sync(project, self.options.remote, side == "ours")
         return project, snapshot
 
     def image_for(self, side: str) -> tuple[str | None, str]:
@@ -208,7 +201,7 @@ class Bench:
             return built.tag, "built by this benchmark's build part"
         if side == "ours":
             with contextlib.suppress(RecordInvalidError):  # an unreadable one names no image
-                for record in reversed(load_build_records(self.project.reports_dir)):
+                for record in reversed(load_build_records(self.options.project.reports_dir)):
                     if (record.backend, record.platform) == ("cpu", "linux/amd64") and (
                         self.has_image(record.ref)
                     ):

@@ -13,19 +13,21 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.arguments import switch
 from pipeline.core.errors import UsageError
 from pipeline.core.project import Project
-from pipeline.core.version import COMMIT_RE, VersionInfo, load_version
+from pipeline.core.version import COMMIT_RE
 from pipeline.matrix import Backend, CpuVariantSet, Matrix, TargetPlatform, load_matrix
 from pipeline.matrix.choose import (
+    Resolved,
     backend_argument,
     backends_named,
     gpu_architectures_named,
+    platforms_argument,
     platforms_named,
 )
 from pipeline.records import Output
@@ -34,12 +36,9 @@ _BUILD_ARG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
-class BuildOptions:
+class BuildOptions(Resolved):
     """Everything `nox -s build` was asked, resolved (see `BuildOptions.named`)."""
 
-    project: Project
-    matrix: Matrix = field(repr=False)
-    version: VersionInfo
     platforms: tuple[TargetPlatform, ...]
     backends: tuple[Backend, ...]
     output: Output = "load"
@@ -75,14 +74,12 @@ class BuildOptions:
     ) -> BuildOptions:
         """Options from names (as a command line or a test gives them), resolved against the
         matrix and the project's version.json; every other field as given."""
-        matrix = matrix or load_matrix()
+        inputs = Resolved.load(project, matrix)
         options = cls(
-            project=project,
-            matrix=matrix,
-            version=load_version(project.version_file),
-            platforms=platforms_named(platforms, matrix),
-            backends=backends_named(backends, matrix),
-            cpu_variants=matrix.cpu_variant_set(cpu_variants) if cpu_variants else None,
+            **vars(inputs),
+            platforms=platforms_named(platforms, inputs.matrix),
+            backends=backends_named(backends, inputs.matrix),
+            cpu_variants=inputs.matrix.cpu_variant_set(cpu_variants) if cpu_variants else None,
             gpu_architectures=gpu_architectures_named(gpu_architectures),
             **rest,
         )
@@ -99,12 +96,7 @@ def _check_build_args(build_args: Sequence[tuple[str, str]]) -> None:
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "platforms",
-        nargs="*",
-        metavar="ARCH|PLATFORM",
-        help="amd64, arm64, or linux/<arch> (default: this machine's)",
-    )
+    platforms_argument(parser)
     backend_argument(
         parser, "backends (default: the matrix's default; auto: the one this host's GPU calls for)"
     )
@@ -203,12 +195,12 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="rebuild these Dockerfile stages without the cache (e.g. rootfs, runtime)",
     )
-    switch(parser, "--no-cache", "rebuild every stage without the layer cache")
     switch(
         parser,
         "--attest",
         "with --push/--push-by-digest: max-mode provenance attestations in the pushed index",
     )
+    switch(parser, "--no-cache", "rebuild every stage without the layer cache")
 
 
 def resolve_build(args: argparse.Namespace) -> BuildOptions:

@@ -29,12 +29,12 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 class Pin:
     """One distribution file: what pip is asked for, and the sha256 it must have."""
 
+    KEYS: ClassVar[tuple[str, ...]] = ("name", "version", "file", "sha256")
+
     name: str
     version: str
     file: str
     sha256: str
-
-    KEYS: ClassVar[tuple[str, ...]] = ("name", "version", "file", "sha256")
 
     @classmethod
     def read(cls, spec: Fields) -> Pin:

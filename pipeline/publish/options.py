@@ -15,21 +15,17 @@ from typing import Any
 from pipeline.core.arguments import switch
 from pipeline.core.errors import ConfigError
 from pipeline.core.project import Project
-from pipeline.core.version import VersionInfo, load_version
-from pipeline.matrix import Backend, Matrix, load_matrix
-from pipeline.matrix.choose import backend_argument, backends_named
+from pipeline.matrix import Backend
+from pipeline.matrix.choose import Resolved, backend_argument, backends_named
 from pipeline.oci.image import ImageName
 from pipeline.oci.registry import RetryPolicy
 from pipeline.publish.tags import TagRules, load_tag_rules
 
 
 @dataclass(frozen=True)
-class PublishOptions:
+class PublishOptions(Resolved):
     """What `nox -s publish` was asked, resolved (see `PublishOptions.named`)."""
 
-    project: Project
-    matrix: Matrix = field(repr=False)
-    version: VersionInfo
     rules: TagRules = field(repr=False)
     target: ImageName  # the repository tags go to
     dry_run: bool = False
@@ -59,20 +55,17 @@ class PublishOptions:
         env: Mapping[str, str] | None = None,
         **rest: Any,
     ) -> PublishOptions:
-        matrix = load_matrix()
-        version = load_version(project.version_file)
+        inputs = Resolved.load(project)
         env = dict(os.environ) if env is None else dict(env)
-        check_release_tag(version.version, release_tag, env)
-        target = ImageName.parse(image or version.image)
+        check_release_tag(inputs.version.version, release_tag, env)
+        target = ImageName.parse(image or inputs.version.image)
         if registry:
             target = ImageName(registry.rstrip("/"), target.repository)
         return cls(
-            project=project,
-            matrix=matrix,
-            version=version,
+            **vars(inputs),
             rules=load_tag_rules(),
             target=target,
-            backends=backends_named(backends, matrix) if backends else (),
+            backends=backends_named(backends, inputs.matrix) if backends else (),
             env=env,
             **rest,
         )

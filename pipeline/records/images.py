@@ -113,8 +113,7 @@ class Figure(Record):
 
 @dataclass(frozen=True)
 class CheckResult(Record):
-    KIND: ClassVar[str] = "smoke check"
-    HINT: ClassVar[str] = "re-run `nox -s smoke`"
+    """One check's verdict, how long it took, what it saw, and what it measured."""
 
     name: str
     passed: bool
@@ -122,6 +121,9 @@ class CheckResult(Record):
     detail: str = ""
     skipped: bool = False
     figures: tuple[Figure, ...] = ()
+
+    KIND: ClassVar[str] = "smoke check"
+    HINT: ClassVar[str] = "re-run `nox -s smoke`"
 
 
 @dataclass(frozen=True)

@@ -59,17 +59,17 @@ class PublishRecord(Record):
     KIND: ClassVar[str] = "publish report"
     HINT: ClassVar[str] = _HINT
 
+    backends: tuple[PublishedBackend, ...]
     version: str
     commit: str
     repository: str
     dry_run: bool
     force: bool
-    notes: tuple[str, ...]
-    backends: tuple[PublishedBackend, ...]
-    pushed: tuple[str, ...]
     verified: bool
     seconds: float
+    notes: tuple[str, ...]
     phases: dict[str, float]
+    pushed: tuple[str, ...]
     schema: int = SCHEMA
 
     def validate(self, where: str) -> None:

@@ -4,26 +4,24 @@ against the matrix, with the version.json they are rendered from."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.core.project import Project
-from pipeline.core.version import VersionInfo, load_version
-from pipeline.matrix import Backend, Matrix, load_matrix
-from pipeline.matrix.choose import backend_argument, backends_named
+from pipeline.matrix import Backend
+from pipeline.matrix.choose import Resolved, backend_argument, backends_named
 
 
 @dataclass(frozen=True)
-class RenderOptions:
-    project: Project
-    matrix: Matrix = field(repr=False)
-    version: VersionInfo
+class RenderOptions(Resolved):
     backends: tuple[Backend, ...]
 
     @classmethod
     def named(cls, project: Project, backends: str | None = None) -> RenderOptions:
-        matrix = load_matrix()
-        chosen = backends_named(backends, matrix) if backends else tuple(matrix.backends.values())
-        return cls(project, matrix, load_version(project.version_file), chosen)
+        inputs = Resolved.load(project)
+        every = tuple(inputs.matrix.backends.values())
+        return cls(
+            **vars(inputs), backends=backends_named(backends, inputs.matrix) if backends else every
+        )
 
 
 def add_render_arguments(parser: argparse.ArgumentParser) -> None:

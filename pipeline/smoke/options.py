@@ -12,9 +12,8 @@ from typing import Any
 from pipeline.core.arguments import port_number, positive_seconds
 from pipeline.core.errors import UsageError
 from pipeline.core.project import Project
-from pipeline.core.version import VersionInfo, load_version
-from pipeline.matrix import Backend, Matrix, TargetPlatform, load_matrix
-from pipeline.matrix.choose import backends_named, platforms_named
+from pipeline.matrix import Backend, Matrix, TargetPlatform
+from pipeline.matrix.choose import Resolved, backends_named, platforms_named
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,7 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
-class SmokeOptions:
-    project: Project
-    matrix: Matrix = field(repr=False)
-    version: VersionInfo
+class SmokeOptions(Resolved):
     platforms: tuple[TargetPlatform, ...]
     backend: Backend
     image: str | None = None  # None: the images the build records name
@@ -54,13 +50,11 @@ class SmokeOptions:
         **rest: Any,
     ) -> SmokeOptions:
         """Options from names, resolved against the matrix and version.json."""
-        matrix = matrix or load_matrix()
+        inputs = Resolved.load(project, matrix)
         return cls(
-            project=project,
-            matrix=matrix,
-            version=load_version(project.version_file),
-            platforms=platforms_named(platforms, matrix),
-            backend=backends_named(backend, matrix)[0],
+            **vars(inputs),
+            platforms=platforms_named(platforms, inputs.matrix),
+            backend=backends_named(backend, inputs.matrix)[0],
             **rest,
         )
 

@@ -75,7 +75,7 @@ def run_real(run: SmokeRun) -> SmokeRecord:
 
 def chat(
     live: Live,
-    real: RealTier,
+    run: SmokeRun,
     question: str,
     history: list[dict[str, Any]] | None = None,
     **extra: Any,
@@ -83,10 +83,10 @@ def chat(
     """One chat completion at temperature 0 with the tier's seed (after `history`, earlier turns
     of the conversation); a 4xx or 5xx is a failed check naming the server's own message."""
     body = {
-        "model": real.alias,
+        "model": run.settings.real.alias,
         "messages": [*(history or []), {"role": "user", "content": question}],
         "temperature": 0,
-        "seed": real.seed,
+        "seed": run.settings.real.seed,
         **extra,
     }
     resp = live.http.post("/v1/chat/completions", json=body)
@@ -140,10 +140,9 @@ def schema_errors(value: Any, schema: dict[str, Any], where: str = "$") -> list[
 
 @smoke_check("factual-answer", Runs.SERVER, named_only=True)
 def check_factual(run: SmokeRun, live: Live) -> str:
-    real = run.settings.real
-    spec = real.factual
+    spec = run.settings.real.factual
     question, expect = spec.question, spec.expect
-    answer = content_of(chat(live, real, question, max_tokens=spec.max_tokens))
+    answer = content_of(chat(live, run, question, max_tokens=spec.max_tokens))
     require(
         re.search(expect, answer) is not None,
         f"{question!r} answered {short(answer)!r}, expected /{expect}/",
@@ -153,15 +152,14 @@ def check_factual(run: SmokeRun, live: Live) -> str:
 
 @smoke_check("json-schema", Runs.SERVER, named_only=True)
 def check_json_schema(run: SmokeRun, live: Live) -> str:
-    real = run.settings.real
-    spec = real.json_schema
+    spec = run.settings.real.json_schema
     schema = spec.schema
     response_format = {
         "type": "json_schema",
         "json_schema": {"name": "answer", "schema": schema, "strict": True},
     }
     data = chat(
-        live, real, spec.question, max_tokens=spec.max_tokens, response_format=response_format
+        live, run, spec.question, max_tokens=spec.max_tokens, response_format=response_format
     )
     answer = content_of(data)
     try:
@@ -177,14 +175,13 @@ def check_json_schema(run: SmokeRun, live: Live) -> str:
 def check_invalid_schema(run: SmokeRun, live: Live) -> str:
     # A broken schema from a client is the client's error: a 4xx naming it, and the server
     # goes on serving.
-    real = run.settings.real
     body = {
-        "model": real.alias,
-        "messages": [{"role": "user", "content": real.json_schema.question}],
+        "model": run.settings.real.alias,
+        "messages": [{"role": "user", "content": run.settings.real.json_schema.question}],
         "max_tokens": 8,
         "response_format": {
             "type": "json_schema",
-            "json_schema": {"name": "broken", "schema": real.invalid_schema},
+            "json_schema": {"name": "broken", "schema": run.settings.real.invalid_schema},
         },
     }
     resp = live.http.post("/v1/chat/completions", json=body)
@@ -198,10 +195,9 @@ def check_invalid_schema(run: SmokeRun, live: Live) -> str:
 
 @smoke_check("grammar", Runs.SERVER, named_only=True)
 def check_grammar(run: SmokeRun, live: Live) -> str:
-    real = run.settings.real
-    spec = real.grammar
+    spec = run.settings.real.grammar
     matches = spec.matches
-    data = chat(live, real, spec.question, max_tokens=spec.max_tokens, grammar=spec.gbnf)
+    data = chat(live, run, spec.question, max_tokens=spec.max_tokens, grammar=spec.gbnf)
     answer = content_of(data)
     require(
         re.fullmatch(matches, answer) is not None,
@@ -212,12 +208,11 @@ def check_grammar(run: SmokeRun, live: Live) -> str:
 
 @smoke_check("tool-call", Runs.SERVER, named_only=True)
 def check_tool_call(run: SmokeRun, live: Live) -> str:
-    real = run.settings.real
-    spec = real.tool_call
+    spec = run.settings.real.tool_call
     tool = spec.tool
     data = chat(
         live,
-        real,
+        run,
         spec.question,
         history=spec.example,
         max_tokens=spec.max_tokens,
@@ -244,12 +239,12 @@ def check_tool_call(run: SmokeRun, live: Live) -> str:
     return f"{name}({json.dumps(arguments)})"
 
 
-def stream_events(live: Live, real: RealTier, question: str, max_tokens: int, **extra: Any) -> Any:
+def stream_events(live: Live, run: SmokeRun, question: str, max_tokens: int, **extra: Any) -> Any:
     body = {
-        "model": real.alias,
+        "model": run.settings.real.alias,
         "messages": [{"role": "user", "content": question}],
         "temperature": 0,
-        "seed": real.seed,
+        "seed": run.settings.real.seed,
         "max_tokens": max_tokens,
         "stream": True,
         **extra,
@@ -259,13 +254,12 @@ def stream_events(live: Live, real: RealTier, question: str, max_tokens: int, **
 
 @smoke_check("stream-usage", Runs.SERVER, named_only=True)
 def check_stream_usage(run: SmokeRun, live: Live) -> str:
-    real = run.settings.real
-    question, max_tokens = real.stream.question, real.stream.max_tokens
+    question, max_tokens = run.settings.real.stream.question, run.settings.real.stream.max_tokens
     text: list[str] = []
     usage: dict[str, Any] | None = None
     last = ""
     options = {"stream_options": {"include_usage": True}}
-    with stream_events(live, real, question, max_tokens, **options) as resp:
+    with stream_events(live, run, question, max_tokens, **options) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith("data:"):
@@ -292,11 +286,10 @@ def check_stream_usage(run: SmokeRun, live: Live) -> str:
 
 @smoke_check("stream-cancel", Runs.SERVER, named_only=True)
 def check_stream_cancel(run: SmokeRun, live: Live) -> str:
-    real = run.settings.real
-    question, max_tokens = real.cancel.question, real.cancel.max_tokens
-    after = real.cancel.after_chunks
+    question, max_tokens = run.settings.real.cancel.question, run.settings.real.cancel.max_tokens
+    after = run.settings.real.cancel.after_chunks
     chunks = 0
-    with stream_events(live, real, question, max_tokens) as resp:
+    with stream_events(live, run, question, max_tokens) as resp:
         resp.raise_for_status()
         for line in resp.iter_lines():
             if line.startswith("data:") and line.strip() != "data: [DONE]":
@@ -305,15 +298,14 @@ def check_stream_cancel(run: SmokeRun, live: Live) -> str:
                 break  # leaving the block closes the connection mid-stream
     require(chunks >= after, f"the stream ended after {chunks} chunks")
     started = time.perf_counter()
-    answer = content_of(chat(live, real, real.factual.question, max_tokens=8))
+    answer = content_of(chat(live, run, run.settings.real.factual.question, max_tokens=8))
     took = time.perf_counter() - started
     return f"hung up after {chunks} chunks; the next request answered in {took:.2f} s ({answer!r})"
 
 
 @smoke_check("load", Runs.SERVER, named_only=True)
 def check_load(run: SmokeRun, live: Live) -> Outcome:
-    real = run.settings.real
-    spec = real.load
+    spec = run.settings.real.load
     clients, requests = spec.clients, spec.requests
     scale = run.timing.request / run.settings.timing["native"].request
     deadline = time.monotonic() + spec.within * scale
@@ -322,7 +314,7 @@ def check_load(run: SmokeRun, live: Live) -> Outcome:
     errors: list[str] = []
     lock = threading.Lock()
     body = {
-        "model": real.alias,
+        "model": run.settings.real.alias,
         "messages": [{"role": "user", "content": spec.question}],
         "max_tokens": spec.max_tokens,
         "temperature": 0.7,

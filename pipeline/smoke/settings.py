@@ -6,9 +6,9 @@ tier's questions) are read through it too, key by key, when the check runs."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline.core.datafile import load_yaml
 from pipeline.core.fields import Fields
@@ -18,8 +18,9 @@ SETTINGS_FILE = Path(__file__).with_name("smoke.yaml")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
-@dataclass(frozen=True)
-class Timing:
+class Timing(NamedTuple):
+    """Upper bounds in seconds (the HEALTHCHECK interval asked of Docker besides)."""
+
     healthy: float
     request: float
     exit: float
@@ -37,7 +38,7 @@ class Timing:
         )
 
     def with_healthy(self, seconds: float | None) -> Timing:
-        return self if seconds is None else replace(self, healthy=seconds)
+        return self if seconds is None else self._replace(healthy=seconds)
 
 
 @dataclass(frozen=True)
@@ -189,12 +190,12 @@ class Settings:
 
 
 def _timing(spec: Fields) -> Timing:
-    return Timing(*(spec.number(key, above=0) for key in Timing.__dataclass_fields__))
+    return Timing(*(spec.number(key, above=0) for key in Timing._fields))
 
 
 def load_settings(path: Path = SETTINGS_FILE) -> Settings:
     top = Fields(load_yaml(path), path.name, ("timing", "server", "requests", "hub", "real"))
-    keys = tuple(Timing.__dataclass_fields__)
+    keys = tuple(Timing._fields)
     timing = {name: _timing(spec) for name, spec in top.entries("timing", keys)}
     missing = {"native", "emulated"} - set(timing)
     if missing:

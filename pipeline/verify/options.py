@@ -9,16 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pipeline.core.project import Project
-from pipeline.core.version import load_version
-from pipeline.matrix import Matrix, load_matrix
+from pipeline.matrix.choose import Resolved
 
 
 @dataclass(frozen=True)
-class VerifyOptions:
+class VerifyOptions(Resolved):
     """What `nox -s verify` checks, and against which signer."""
 
-    project: Project
-    matrix: Matrix = field(repr=False)
     image: str  # name[:tag] or name@sha256:…
     key: str | None = None  # the public key (default: $COSIGN_PUBLIC_KEY)
     identity: str | None = None  # keyless: a regex the signing certificate's identity matches
@@ -27,12 +24,8 @@ class VerifyOptions:
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "image",
-        nargs="?",
-        metavar="IMAGE[:TAG|@DIGEST]",
-        help="the published image (default: version.json's image at its version)",
-    )
+    image = "the published image (default: version.json's image at its version)"
+    parser.add_argument("image", nargs="?", metavar="IMAGE[:TAG|@DIGEST]", help=image)
     parser.add_argument("--key", metavar="PUB", help="public key (default: $COSIGN_PUBLIC_KEY)")
     parser.add_argument(
         "--identity", metavar="REGEX", help="keyless: the signing workflow's identity (a regex)"
@@ -41,11 +34,13 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_verify(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> VerifyOptions:
-    project = Project.discover()
-    image = args.image
-    if image is None:
-        info = load_version(project.version_file)
-        image = f"{info.image}:{info.version}"
+    inputs = Resolved.load(Project.discover())
+    image = args.image or f"{inputs.version.image}:{inputs.version.version}"
     return VerifyOptions(
-        project, load_matrix(), image, args.key, args.identity, args.issuer, dict(env)
+        **vars(inputs),
+        image=image,
+        key=args.key,
+        identity=args.identity,
+        issuer=args.issuer,
+        env=dict(env),
     )

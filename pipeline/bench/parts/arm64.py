@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pipeline.bench import upstream as up
 from pipeline.bench.builds import build_record, ninja_progress, salted_dockerfile
-from pipeline.bench.core import Bench, Measured
+from pipeline.bench.core import Bench, BenchBuild, Measured
 from pipeline.bench.report import Figure, Goal, Metric
 from pipeline.core.errors import BuildTimedOut, UsageError
 from pipeline.oci.image import split_reference
@@ -27,39 +27,24 @@ def measure(bench: Bench) -> Measured:
     if not amd64:
         raise UsageError("arm64 compares with the amd64 cold build: run `--only build,arm64`")
     project, snapshot = bench.sync("ours")
-    cross = build_record(
-        bench,
-        "build-ours-arm64-cold",
-        project,
-        snapshot,
-        platform="linux/arm64",
-        tag=bench.tag("ours", "cpu-arm64"),
-        dockerfile=salted_dockerfile(project, f"bench-{bench.run_id}-arm64"),
-        no_cache=True,
-    ).seconds
-    limit = bench.qemu_minutes * 60
+    salted = salted_dockerfile(project, f"bench-{bench.run_id}-arm64")
+    request = BenchBuild(project, "linux/arm64", bench.tag("ours", "cpu-arm64"), salted, True)
+    cross = build_record(bench, "build-ours-arm64-cold", request, snapshot).seconds
+    limit = bench.options.qemu_minutes * 60
     qemu_s: float | None = None
     if not _has_platform(up.LAB_BASE, "linux/arm64"):
         qemu = Figure.missing(f"not run: {up.LAB_BASE} has no linux/arm64 image")
     else:
         emulated = salted_dockerfile(project, f"bench-{bench.run_id}-arm64-qemu", emulated=True)
         try:
-            qemu_s = build_record(
-                bench,
-                "build-ours-arm64-qemu",
-                project,
-                snapshot,
-                platform="linux/arm64",
-                tag=bench.tag("ours", "cpu-arm64-qemu"),
-                dockerfile=emulated,
-                no_cache=True,
-                limit=limit,
-            ).seconds
+            tag = bench.tag("ours", "cpu-arm64-qemu")
+            request = BenchBuild(project, "linux/arm64", tag, emulated, True, time_limit=limit)
+            qemu_s = build_record(bench, "build-ours-arm64-qemu", request, snapshot).seconds
             qemu = Figure.of(qemu_s)
         except BuildTimedOut:
             reached = ninja_progress(project.logs_dir / "build-cpu-arm64.log")
             qemu = Figure.missing(
-                f"did not finish in {bench.qemu_minutes:g} min (reached {reached})"
+                f"did not finish in {bench.options.qemu_minutes:g} min (reached {reached})"
             )
     metrics = (
         Metric(
@@ -82,6 +67,6 @@ def measure(bench: Bench) -> Measured:
     )
     notes = (
         "the QEMU reference build is our Dockerfile with `--platform=$BUILDPLATFORM` replaced by "
-        f"`$TARGETPLATFORM`, bounded at {bench.qemu_minutes:g} min",
+        f"`$TARGETPLATFORM`, bounded at {bench.options.qemu_minutes:g} min",
     )
     return Measured(metrics, notes, {"cross_s": cross, "qemu_s": qemu_s, "qemu_limit_s": limit})

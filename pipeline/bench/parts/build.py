@@ -13,7 +13,7 @@ from pipeline.bench.builds import (
     compile_time_by_target,
     salted_dockerfile,
 )
-from pipeline.bench.core import Bench, ColdBuild, Measured
+from pipeline.bench.core import Bench, BenchBuild, ColdBuild, Measured
 from pipeline.bench.report import Figure, Goal, Metric
 from pipeline.core.process import utc_now
 
@@ -23,24 +23,16 @@ GOAL_BUILD_RATIO = 0.5
 def measure(bench: Bench) -> Measured:
     details: dict[str, Any] = {}
     substitutions: list[str] = []
-    if "ours" in bench.sides:
+    if "ours" in bench.options.sides:
         project, snapshot = bench.sync("ours", refresh=True)
         salt = f"bench-{bench.run_id}-amd64"
         tag = bench.tag("ours", "cpu-amd64")
-        seconds = build_record(
-            bench,
-            "build-ours-amd64-cold",
-            project,
-            snapshot,
-            platform="linux/amd64",
-            tag=tag,
-            dockerfile=salted_dockerfile(project, salt),
-            no_cache=True,
-        ).seconds
+        request = BenchBuild(project, "linux/amd64", tag, salted_dockerfile(project, salt), True)
+        seconds = build_record(bench, "build-ours-amd64-cold", request, snapshot).seconds
         details["ours"] = ColdBuild(tag, seconds, utc_now(), salt).to_json()
         log = (project.logs_dir / "build-cpu-amd64.log").read_text(errors="replace")
         details["ours_compile_by_target"] = compile_time_by_target(log)
-    if "upstream" in bench.sides:
+    if "upstream" in bench.options.sides:
         theirs, _ = bench.sync("upstream")
         upstream = up.prepare(theirs.vendor_dir, bench.work)
         tag = bench.tag("upstream", "server")
@@ -53,7 +45,7 @@ def measure(bench: Bench) -> Measured:
     bench.reload()
     earlier = bench.previous.get("build")
     for side in ("ours", "upstream"):
-        if side not in bench.sides and earlier and earlier.details.get(side):
+        if side not in bench.options.sides and earlier and earlier.details.get(side):
             details[side] = earlier.details[side]
     if not substitutions and earlier:
         substitutions = list(earlier.details.get("upstream_substitutions", []))

@@ -16,8 +16,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.bench.builds import appended_definition, build_record, salted_dockerfile
-from pipeline.bench.core import MB, Bench, Measured
+from pipeline.bench.builds import appended_definition, build_record, salted_dockerfile, warm_again
+from pipeline.bench.core import MB, Bench, BenchBuild, Measured
 from pipeline.bench.report import Figure, Goal, Metric
 from pipeline.core.errors import RemoteError, UsageError
 from pipeline.core.project import Project
@@ -106,21 +106,13 @@ def measure(bench: Bench) -> Measured:
     shutil.rmtree(carried, ignore_errors=True)
     # The previous release's runner: its build, then what release.yml saves.
     build_record(
-        bench,
-        "fresh-runner-export",
-        project,
-        snapshot,
-        platform="linux/amd64",
-        tag=ours_cold.tag,
-        dockerfile=salted_dockerfile(project, ours_cold.salt),
-        no_cache=False,
-        ccache_to=carried,
+        bench, "fresh-runner-export", warm_again(ours_cold, project, ccache_to=carried), snapshot
     )
     carried_bytes = ccache_bytes(carried / "cpu-amd64")
     files = sources(project.vendor_dir)
     chosen = bump_choice(files)
     salt = f"{bench.run_id}{int(time.time())}"
-    mirror = synthetic_bump(bench.remote, snapshot.commit, chosen, bench.work, salt)
+    mirror = synthetic_bump(bench.options.remote, snapshot.commit, chosen, bench.work, salt)
     bumped_commit = _git("rev-parse", "HEAD", cwd=mirror)
     bumped = bumped_project(bench, project, bumped_commit)
     with bench.locked("sync bumped"):
@@ -130,17 +122,16 @@ def measure(bench: Bench) -> Measured:
     # that build stands in for importing them) and the compiler cache. A fresh compiler-cache
     # mount; every other instruction as the previous build had it, so its layers are the ones
     # a registry cache would give (salting them all would rebuild stages a runner imports).
-    record = build_record(
-        bench,
-        "fresh-runner-bump",
+    fresh = salted_dockerfile(bumped, ours_cold.salt, fresh_ccache=f"fresh-{salt}")
+    request = BenchBuild(
         bumped,
-        bumped_snapshot,
-        platform="linux/amd64",
-        tag=bench.tag("ours", "cpu-amd64-bumped"),
-        dockerfile=salted_dockerfile(bumped, ours_cold.salt, fresh_ccache=f"fresh-{salt}"),
+        "linux/amd64",
+        bench.tag("ours", "cpu-amd64-bumped"),
+        fresh,
         no_cache=False,
         ccache_from=carried,
     )
+    record = build_record(bench, "fresh-runner-bump", request, bumped_snapshot)
     log = (bumped.logs_dir / "build-cpu-amd64.log").read_text(errors="replace")
     hits = ccache_hits(log)
     rate = Figure.of(hits[0] / hits[1]) if hits and hits[1] else Figure.missing("no ccache stats")

@@ -15,7 +15,7 @@ from pipeline.bench.builds import (
     build_other,
     build_record,
     ninja_progress,
-    salted_dockerfile,
+    warm_again,
 )
 from pipeline.bench.core import Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
@@ -41,7 +41,7 @@ def touched(path: Path, salt: str) -> Iterator[None]:
 
 def _upstream_warm(bench: Bench, salt: str) -> Figure:
     """Upstream's warm rebuild, bounded by --upstream-rebuild-minutes (0: not run)."""
-    limit = bench.upstream_rebuild_minutes
+    limit = bench.options.upstream_rebuild_minutes
     if limit == 0:
         return Figure.missing(
             "not run (--upstream-rebuild-minutes 0): its Dockerfile has no compiler cache, so "
@@ -53,7 +53,7 @@ def _upstream_warm(bench: Bench, salt: str) -> Figure:
     theirs, _ = bench.sync("upstream")
     upstream = up.prepare(theirs.vendor_dir, bench.work)
     name = "rebuild-upstream-amd64"
-    with touched(theirs.vendor_dir / bench.touch, salt):
+    with touched(theirs.vendor_dir / bench.options.touch, salt):
         try:
             command = up.build_command(upstream, cold.tag, no_cache=False)
             return Figure.of(
@@ -72,17 +72,9 @@ def measure(bench: Bench) -> Measured:
     # The snapshot record is taken before the touch: it is what the build is told it builds.
     project, snapshot = bench.sync("ours")
     salt = f"{bench.run_id}{int(time.time())}"
-    with touched(project.vendor_dir / bench.touch, salt):
-        ours_warm = build_record(
-            bench,
-            "rebuild-ours-amd64",
-            project,
-            snapshot,
-            platform="linux/amd64",
-            tag=ours_cold.tag,
-            dockerfile=salted_dockerfile(project, ours_cold.salt),
-            no_cache=False,
-        ).seconds
+    with touched(project.vendor_dir / bench.options.touch, salt):
+        again = warm_again(ours_cold, project)
+        ours_warm = build_record(bench, "rebuild-ours-amd64", again, snapshot).seconds
     upstream_warm = _upstream_warm(bench, salt)
     upstream_ratio = (
         Figure.of(upstream_warm.values[0] / upstream_cold.seconds)
@@ -92,7 +84,7 @@ def measure(bench: Bench) -> Measured:
     metrics = (
         Metric(
             "rebuild.warm",
-            f"warm rebuild after touching {bench.touch}",
+            f"warm rebuild after touching {bench.options.touch}",
             "s",
             Figure.of(ours_warm),
             upstream_warm,
@@ -107,9 +99,9 @@ def measure(bench: Bench) -> Measured:
         ),
     )
     notes = (
-        f"one line appended to {bench.touch} in both trees (a definition: a comment would be a "
-        "ccache hit), restored afterwards; upstream's Dockerfile has no compiler cache, so its "
-        "`COPY . .` change recompiles everything",
+        f"one line appended to {bench.options.touch} in both trees (a definition: a comment "
+        "would be a ccache hit), restored afterwards; upstream's Dockerfile has no compiler "
+        "cache, so its `COPY . .` change recompiles everything",
     )
     return Measured(
         metrics, notes, {"ours_warm_s": ours_warm, "upstream_warm_s": upstream_warm.value}

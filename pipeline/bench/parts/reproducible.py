@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench.builds import build_record, salted_dockerfile
-from pipeline.bench.core import Bench, Measured
+from pipeline.bench.core import Bench, BenchBuild, Measured
 from pipeline.bench.report import Figure, Goal, Metric
 from pipeline.oci.image import OciLayout
 
@@ -144,17 +144,10 @@ def measure(bench: Bench) -> Measured:
         salt = f"repro-{bench.run_id}-{n}"
         layout = out / f"cpu-amd64-{n}.tar"
         layout.unlink(missing_ok=True)
-        record = build_record(
-            bench,
-            f"reproducible-cold-{n}",
-            project,
-            snapshot,
-            platform=PLATFORM,
-            tag=bench.tag("ours", f"repro-{n}"),
-            dockerfile=salted_dockerfile(project, salt),
-            no_cache=True,
-            oci_path=layout,
-        )
+        salted = salted_dockerfile(project, salt)
+        tag = bench.tag("ours", f"repro-{n}")
+        request = BenchBuild(project, PLATFORM, tag, salted, True, oci_path=layout)
+        record = build_record(bench, f"reproducible-cold-{n}", request, snapshot)
         layouts.append(layout)
         seconds.append(record.seconds)
     difference = compare_layouts(layouts[0], layouts[1])

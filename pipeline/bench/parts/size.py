@@ -49,7 +49,7 @@ def loaded_files(pid: int, exclude: Sequence[str] = ("/models/",)) -> dict[str, 
 
 
 def measure(bench: Bench) -> Measured:
-    model = ensure_model(bench.project)
+    model = ensure_model(bench.options.project)
     sizes: dict[str, dict[str, Figure]] = {}
     details: dict[str, Any] = {}
     for side in ("ours", "upstream"):
@@ -118,7 +118,7 @@ def _cuda_size(bench: Bench) -> tuple[tuple[Metric, ...], tuple[str, ...], dict[
     record = next(
         (
             r
-            for r in load_build_records(bench.project.reports_dir)
+            for r in load_build_records(bench.options.project.reports_dir)
             if (r.backend, r.platform) == ("cuda13", "linux/amd64") and bench.has_image(r.ref)
         ),
         None,

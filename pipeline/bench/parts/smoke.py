@@ -44,7 +44,9 @@ def measure(bench: Bench) -> Measured:
             # A failing image (upstream's: none of our entrypoint knobs) is timed once, to its
             # verdict; repeating a minute of health timeouts would measure nothing more.
             if passed:
-                runs = [_run(bench, root, image) for _ in range(max(1, min(bench.repeats, 3)))]
+                runs = [
+                    _run(bench, root, image) for _ in range(max(1, min(bench.options.repeats, 3)))
+                ]
                 times, verdicts = [s for s, _ in runs], [v for _, v in runs]
         failed = verdicts.count(False)
         note = (
@@ -59,7 +61,7 @@ def measure(bench: Bench) -> Measured:
     if "ours" in details:
         ours = details["ours"]["image"]
         with bench.locked("smoke-real"):
-            repeats = range(max(1, min(bench.repeats, 3)))
+            repeats = range(max(1, min(bench.options.repeats, 3)))
             runs = [_run(bench, root, ours, REAL_TIER) for _ in repeats]
         failed = [v for _, v in runs].count(False)
         note = f"failed {failed} of {len(runs)} runs" if failed else ""

@@ -29,12 +29,12 @@ def measure(bench: Bench) -> Measured:
         prune = side == "ours"
         cold, noop, check = [], [], []
         with bench.locked(f"sync {side}"):
-            for _ in range(max(1, min(bench.repeats, 3))):
+            for _ in range(max(1, min(bench.options.repeats, 3))):
                 shutil.rmtree(project.root / "third_party", ignore_errors=True)
-                cold.append(_timed(bench.stages.sync, project, bench.remote, prune))
-            for _ in range(bench.repeats):
-                noop.append(_timed(bench.stages.sync, project, bench.remote, prune))
-            for _ in range(bench.repeats):
+                cold.append(_timed(bench.stages.sync, project, bench.options.remote, prune))
+            for _ in range(bench.options.repeats):
+                noop.append(_timed(bench.stages.sync, project, bench.options.remote, prune))
+            for _ in range(bench.options.repeats):
                 check.append(_timed(check_snapshot, project))
         kept[side] = check_snapshot(project).total_bytes
         figures[side] = {

@@ -98,7 +98,7 @@ def measure(bench: Bench) -> Measured:
         ]
         build_other(bench, "build-native", command)
     models = {
-        "bench": ensure_model(bench.project, preset("bench")),
+        "bench": ensure_model(bench.options.project, preset("bench")),
         "real": ensure_catalogue_model(catalogue_model(REAL_MODEL)),
     }
     upstream_image, upstream_origin = bench.image_for("upstream")
@@ -116,7 +116,7 @@ def measure(bench: Bench) -> Measured:
                 bench.server(image, model, threads=threads) as server,
             ):
                 _completion(server.base_url)  # warm-up: page the weights in, repack kernels
-                runs = max(1, min(bench.repeats, 3))
+                runs = max(1, min(bench.options.repeats, 3))
                 results.setdefault(name, {})[side] = [
                     _completion(server.base_url) for _ in range(runs)
                 ]
