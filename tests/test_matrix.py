@@ -86,10 +86,10 @@ def test_cuda_backends_share_one_template_and_say_what_they_need(matrix: Matrix)
         assert backend.smoke.host_libraries == ("libcuda.so.1",)
         assert set(backend.smoke.tiers) == {"no-gpu", "gpu"}
         assert backend.smoke.tiers["gpu"].gpus and not backend.smoke.tiers["no-gpu"].gpus
-        assert backend.smoke.required(gpu_runner=True) == ("no-gpu", "gpu")
-        assert backend.smoke.required(gpu_runner=False) == ("no-gpu",)
+        assert backend.smoke.required(gpu_runner=True) == ("no-gpu", "gpu", "real")
+        assert backend.smoke.required(gpu_runner=False) == ("no-gpu", "real")
     assert matrix.backend("rocm").smoke.required(gpu_runner=False) is None
-    assert matrix.backend("cpu").smoke.required(gpu_runner=False) == ("no-gpu",)
+    assert matrix.backend("cpu").smoke.required(gpu_runner=False) == ("no-gpu", "real")
 
 
 @pytest.mark.parametrize(

@@ -64,9 +64,14 @@ def options(tmp_path: Path) -> PublishOptions:
     return PublishOptions.named(Project(root), env={}, no_sign=True)
 
 
+def tiers(builds: list[BuildRecord], *names: str) -> list[SmokeRecord]:
+    """A passed smoke record of each build in each tier named."""
+    return [smoke(b, tier) for tier in names for b in builds]
+
+
 def cpu_release() -> tuple[list[BuildRecord], list[SmokeRecord]]:
     builds = [build("cpu", p) for p in DIGESTS]
-    return builds, [smoke(b) for b in builds]
+    return builds, tiers(builds, "no-gpu", "real")
 
 
 def test_a_smoke_tested_release_passes_review(options: PublishOptions) -> None:
@@ -82,6 +87,7 @@ def test_a_smoke_tested_release_passes_review(options: PublishOptions) -> None:
     ("spoil", "expected"),
     [
         (lambda b, s: (b, s[1:]), "cpu linux/amd64 (sha256:aaaaaaaaaaaa…) has no smoke report"),
+        (lambda b, s: (b, s[:2]), "cpu linux/amd64 (sha256:aaaaaaaaaaaa…), tier real, has no"),
         (
             lambda b, s: (b, [replace(s[0], passed=False, checks=(FAILED_CHAT,)), s[1]]),
             "failed its smoke test (chat)",
@@ -99,7 +105,17 @@ def test_a_smoke_tested_release_passes_review(options: PublishOptions) -> None:
         ),
         (lambda b, s: ([*b, b[0]], s), "two build reports for cpu linux/amd64"),
     ],
-    ids=["no-smoke", "failed", "other-digest", "unpushed", "stale", "partial", "host", "twice"],
+    ids=[
+        "no-smoke",
+        "no-real",
+        "failed",
+        "other-digest",
+        "unpushed",
+        "stale",
+        "partial",
+        "host",
+        "twice",
+    ],
 )
 def test_what_refuses_a_publish_is_named(
     options: PublishOptions, spoil: object, expected: str
@@ -115,17 +131,17 @@ def test_gpu_backends_need_their_gpu_tier_unless_the_release_had_no_gpu_runner(
     options: PublishOptions,
 ) -> None:
     builds = [build("cuda13", p) for p in DIGESTS]
-    smokes = [smoke(b) for b in builds]
+    smokes = tiers(builds, "no-gpu", "real")
     (refusal,) = review(options, builds, smokes).refusals
     assert "tier gpu, has no smoke report" in refusal.message
     without = replace(options, no_gpu_runner=True)
     checked = review(without, builds, smokes)
     assert checked.refusals == ()
     assert "published on its no-gpu smoke tier only" in " ".join(checked.notes)
-    assert review(options, builds, [*smokes, *(smoke(b, "gpu") for b in builds)]).refusals == ()
+    assert review(options, builds, [*smokes, *tiers(builds, "gpu")]).refusals == ()
     # rocm publishes on nothing less than a GPU smoke.
     rocm = [build("rocm", "linux/amd64")]
-    (refusal,) = review(without, rocm, [smoke(rocm[0])]).refusals
+    (refusal,) = review(without, rocm, tiers(rocm, "no-gpu", "real")).refusals
     assert "publish_without_gpu: null" in refusal.message
 
 
@@ -134,7 +150,7 @@ def test_the_default_backend_comes_first_and_backends_can_be_chosen(
 ) -> None:
     builds, smokes = cpu_release()
     vulkan = [build("vulkan", p) for p in DIGESTS]
-    everything = review(options, [*vulkan, *builds], [*smokes, *(smoke(b) for b in vulkan)])
+    everything = review(options, [*vulkan, *builds], [*smokes, *tiers(vulkan, "no-gpu", "real")])
     assert [g.backend.name for g in everything.groups] == ["cpu", "vulkan"]
     only = replace(options, backends=(options.matrix.backend("vulkan"),))
     assert [g.backend.name for g in review(only, [*vulkan, *builds], smokes).groups] == ["vulkan"]

@@ -30,7 +30,7 @@ from pipeline.modelfiles.catalogue import (
 from pipeline.oci.engine import ServerContainer, docker_client
 from pipeline.records import REAL_TIER, SmokeRecord
 from pipeline.smoke import resolve_model
-from pipeline.smoke.real import real_server, run_real, schema_errors
+from pipeline.smoke.real import real_server, run_real, schema_errors, wrong_values
 from pipeline.smoke.run import SmokeRun, SmokeTarget
 from pipeline.smoke.settings import load_settings
 
@@ -103,14 +103,30 @@ def test_the_tool_template_renders_as_the_models_own_without_tools(real_gguf: Pa
 
 def test_schema_errors_name_each_breach() -> None:
     schema = load_settings().real.json_schema.schema
-    assert schema_errors({"city": "Tokyo", "country": "Japan"}, schema) == []
-    assert schema_errors({"city": "Tokyo"}, schema) == ["$.country is missing"]
-    assert schema_errors({"city": 3, "country": "", "x": 1}, schema) == [
+    assert schema_errors({"capital": "Tokyo", "country": "Japan"}, schema) == []
+    assert schema_errors({"capital": "Tokyo"}, schema) == ["$.country is missing"]
+    assert schema_errors({"capital": 3, "country": "", "x": 1}, schema) == [
         "$.x is not in the schema",
-        "$.city is int, not string",
         "$.country is shorter than 1",
+        "$.capital is int, not string",
     ]
     assert schema_errors([], schema) == ["$ is list, not object"]
+
+
+def test_structured_values_are_checked_not_only_their_shape() -> None:
+    """The garbage a schema alone lets through (seen: the 135M model asked for Japan's
+    capital answers `{"country": "JAPAN", "capital": "JAPAN"}`) fails on its values."""
+    (france, *_) = load_settings().real.json_schema.questions
+    assert wrong_values({"country": "FRANCE", "capital": "Paris"}, france.expect) == []
+    assert wrong_values({"country": "France", "capital": "FRANCE"}, france.expect) == [
+        "capital is 'FRANCE', expected /Paris/"
+    ]
+    assert wrong_values({"country": "France", "capital": "Paris, France"}, france.expect) == [
+        "capital is 'Paris, France', expected /Paris/"
+    ]
+    assert wrong_values({"country": "France"}, france.expect) == [
+        "capital is None, expected /Paris/"
+    ]
 
 
 def test_a_model_with_other_bytes_is_refused_before_any_container_starts(
@@ -232,7 +248,13 @@ def test_each_real_check_can_fail(project: Project, cpu_amd64: SmokeImage, real_
     tier = settings.real
     real = replace(
         tier,
-        factual=replace(tier.factual, expect=r"\bLondon\b"),
+        factual=replace(
+            tier.factual,
+            questions=(
+                replace(tier.factual.questions[0], expect=r"\bLondon\b"),
+                *tier.factual.questions[1:],
+            ),
+        ),
         grammar=replace(tier.grammar, matches="^purple$"),
         json_schema=replace(tier.json_schema, max_tokens=3),  # cut short: not JSON
         # Asked cold, the 135M model writes prose, no call.
@@ -276,7 +298,7 @@ def test_the_official_openai_client_against_the_image(
         box.wait_healthy(box.base_url, 60)
         client = openai.OpenAI(base_url=f"{box.base_url}/v1", api_key="unused", max_retries=0)
         ask = {"model": real.alias, "temperature": 0, "seed": real.seed}
-        question = [{"role": "user", "content": real.factual.question}]
+        question = [{"role": "user", "content": real.factual.questions[0].question}]
 
         chat = client.chat.completions.create(messages=question, max_tokens=16, **ask)
         assert "Paris" in (chat.choices[0].message.content or "")
@@ -298,7 +320,7 @@ def test_the_official_openai_client_against_the_image(
 
         schema = real.json_schema
         reply = client.chat.completions.create(
-            messages=[{"role": "user", "content": schema.question}],
+            messages=[{"role": "user", "content": schema.questions[0].question}],
             max_tokens=schema.max_tokens,
             response_format={
                 "type": "json_schema",
@@ -306,9 +328,9 @@ def test_the_official_openai_client_against_the_image(
             },
             **ask,
         )
-        assert (
-            schema_errors(json.loads(reply.choices[0].message.content or ""), schema.schema) == []
-        )
+        value = json.loads(reply.choices[0].message.content or "")
+        assert schema_errors(value, schema.schema) == []
+        assert wrong_values(value, schema.questions[0].expect) == [], value
 
         # Tools: the client sends them (after the tier's example turn) and parses the call.
         tool = real.tool_call

@@ -104,7 +104,9 @@ def test_reads_indexes_platform_manifests_and_labels(
             labels = summary.images[0].labels
             assert labels["org.opencontainers.image.revision"] == release.commit
             assert labels["org.opencontainers.image.version"] == "1.0.0"
-            assert client.version_label("src", digest) == (digest, "1.0.0")
+            labels = client.labels("src", digest)
+            assert labels is not None and labels[0] == digest
+            assert labels[1]["org.opencontainers.image.version"] == "1.0.0"
         assert client.manifest_digest("src", "no-such-tag") is None
         assert client.manifest("nothing/here", "latest") is None
 

@@ -65,8 +65,9 @@ def test_kinds() -> None:
         "1.2": TagKind.FLOATING,
         "1": TagKind.FLOATING,
         "latest": TagKind.FLOATING,
-        "b1": TagKind.IMMUTABLE,
-        "sha-0c1e570": TagKind.IMMUTABLE,
+        # Upstream builds float forward: a packaging-only release of the pin moves them.
+        "b1": TagKind.FLOATING,
+        "sha-0c1e570": TagKind.FLOATING,
     }
 
 
@@ -115,7 +116,10 @@ def test_decisions() -> None:
 
 
 def rules_data(**changes: Any) -> dict[str, Any]:
+    """tags.yaml with top-level keys changed; `rules`: the stable channel's rules."""
     data: dict[str, Any] = yaml.safe_load(TAG_RULES_FILE.read_text())
+    if "rules" in changes:
+        data["channels"]["stable"] = changes.pop("rules")
     data.update(changes)
     return data
 
@@ -123,7 +127,7 @@ def rules_data(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (rules_data(schema=2), "schema: 1"),
+        (rules_data(schema=1), "schema: 2"),
         (rules_data(default_backend="cpu"), "unknown key(s) 'default_backend'"),
         (rules_data(rules=[{"pattern": "{{nope}}", "kind": "floating"}]), "{{nope}}"),
         (rules_data(rules=[{"pattern": "x", "kind": "sticky"}]), "immutable or floating"),
@@ -145,6 +149,27 @@ def test_a_rule_making_an_invalid_tag_is_rejected() -> None:
     rules = parse_tag_rules(rules_data(rules=[{"pattern": "-{{version}}", "kind": "immutable"}]))
     with pytest.raises(ConfigError, match="not a valid tag"):
         rules.tags_for(SemVer.parse("1.0.0"), "cpu", "", COMMIT, None)
+
+
+def test_the_edge_channel_follows_upstream_builds() -> None:
+    rules = load_tag_rules()
+
+    def edge(backend: str, suffix: str) -> list[str]:
+        planned = rules.tags_for(SemVer.parse("0.1.1"), backend, suffix, COMMIT, "b7", "edge")
+        return [t.name for t in planned]
+
+    assert edge("cpu", "") == ["edge", "b7"]
+    assert edge("vulkan", "vulkan") == ["edge-vulkan", "b7-vulkan"]
+    (moving, _) = rules.tags_for(SemVer.parse("0.1.1"), "cpu", "", COMMIT, "b7", "edge")
+    v = SemVer.parse("0.1.1")
+    # Newer upstream moves edge even at a lower version; an older one leaves it.
+    assert decide(moving, v, INDEX, ExistingTag(OTHER, "0.1.2", 6), llama_build=7).pushes
+    left = decide(moving, v, INDEX, ExistingTag(OTHER, "0.1.0", 8), llama_build=7)
+    assert left.action is Action.LEAVE and "newer upstream b8" in left.reason
+    # The same upstream build: the newer packaging wins, by version.
+    assert decide(moving, v, INDEX, ExistingTag(OTHER, "0.1.0", 7), llama_build=7).pushes
+    same = decide(moving, v, INDEX, ExistingTag(OTHER, "0.1.2", 7), llama_build=7)
+    assert same.action is Action.LEAVE
 
 
 def test_build_metadata_is_left_out_of_tags() -> None:

@@ -283,6 +283,7 @@ FROM scratch AS runtime
 COPY --from=rootfs /rootfs/ /
 
 ARG LLAMA_CPP_COMMIT
+ARG LLAMA_CPP_BUILD_NUMBER
 ARG IMAGE_VERSION
 ARG IMAGE_CREATED
 ARG CPU_VARIANTS
@@ -294,6 +295,7 @@ LABEL org.opencontainers.image.title="llama.cpp server (CPU)" \
       org.opencontainers.image.created="${IMAGE_CREATED}" \
       org.opencontainers.image.licenses="MIT" \
       org.llamacpp-images.backend="cpu" \
+      org.llamacpp-images.llama-build="${LLAMA_CPP_BUILD_NUMBER}" \
       org.llamacpp-images.cpu-variants="${CPU_VARIANTS}"
 ENV PATH=/app:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/home/llama \

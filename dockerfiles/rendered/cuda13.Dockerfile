@@ -310,6 +310,7 @@ FROM scratch AS runtime
 COPY --from=rootfs /rootfs/ /
 
 ARG LLAMA_CPP_COMMIT
+ARG LLAMA_CPP_BUILD_NUMBER
 ARG IMAGE_VERSION
 ARG IMAGE_CREATED
 ARG CPU_VARIANTS
@@ -321,6 +322,7 @@ LABEL org.opencontainers.image.title="llama.cpp server (CUDA 13)" \
       org.opencontainers.image.created="${IMAGE_CREATED}" \
       org.opencontainers.image.licenses="MIT" \
       org.llamacpp-images.backend="cuda13" \
+      org.llamacpp-images.llama-build="${LLAMA_CPP_BUILD_NUMBER}" \
       org.llamacpp-images.cpu-variants="${CPU_VARIANTS}"
 ENV PATH=/app:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/home/llama \

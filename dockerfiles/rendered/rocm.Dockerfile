@@ -277,6 +277,7 @@ COPY --from=builder /out/app/ /app/
 COPY --chmod=0755 --from=support entrypoint.sh /app/entrypoint.sh
 
 ARG LLAMA_CPP_COMMIT
+ARG LLAMA_CPP_BUILD_NUMBER
 ARG IMAGE_VERSION
 ARG IMAGE_CREATED
 ARG CPU_VARIANTS
@@ -288,6 +289,7 @@ LABEL org.opencontainers.image.title="llama.cpp server (ROCm)" \
       org.opencontainers.image.created="${IMAGE_CREATED}" \
       org.opencontainers.image.licenses="MIT" \
       org.llamacpp-images.backend="rocm" \
+      org.llamacpp-images.llama-build="${LLAMA_CPP_BUILD_NUMBER}" \
       org.llamacpp-images.cpu-variants="${CPU_VARIANTS}"
 ENV PATH=/app:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/home/llama \

@@ -88,7 +88,8 @@ class BackendSmoke:
     @property
     def needs_gpu(self) -> bool:
         """Whether publishing it requires a tier that needs a GPU."""
-        return any(self.tiers[t].gpus for t in self.publish_requires)
+        # The real tier (every backend's) runs where the device tier runs.
+        return any(t in self.tiers and self.tiers[t].gpus for t in self.publish_requires)
 
     def required(self, gpu_runner: bool = True) -> tuple[str, ...] | None:
         """The tiers publish requires; None when, without a GPU runner, it must not publish."""

@@ -28,7 +28,6 @@ from pipeline.core.errors import CredentialsError, RegistryError
 from pipeline.oci.image import (
     DIGEST_RE,
     DOCKER_HUB,
-    LABEL_VERSION,
     MANIFEST_ACCEPT,
     Descriptor,
     Manifest,
@@ -507,14 +506,14 @@ class RegistryClient:
         attestations = sum(1 for d in manifest.descriptors if d.is_attestation)
         return ImageSummary(manifest.digest, manifest.media_type, images, attestations)
 
-    def version_label(self, repository: str, reference: str) -> tuple[str, str | None] | None:
-        """(digest, version label of its first image) for a tag; None if the tag is absent."""
+    def labels(self, repository: str, reference: str) -> tuple[str, dict[str, str]] | None:
+        """(digest, labels of its first image) for a tag; None if the tag is absent."""
         manifest = self.manifest(repository, reference)
         if manifest is None:
             return None
         for image in self.platform_images(repository, manifest):
-            return manifest.digest, image.labels.get(LABEL_VERSION)
-        return manifest.digest, None
+            return manifest.digest, dict(image.labels)
+        return manifest.digest, {}
 
 
 def _scope(repository: str, push: bool = False) -> str:

@@ -25,7 +25,7 @@ from pipeline.oci.buildx import docker_config
 from pipeline.oci.cosign import Cosign, Signer
 from pipeline.oci.registry import RegistryClient
 from pipeline.publish.options import PublishOptions, add_publish_arguments, resolve_publish
-from pipeline.publish.plan import PublishPlan, auths_for, make_plan, print_plan, review
+from pipeline.publish.plan import PublishPlan, Review, auths_for, make_plan, print_plan, review
 from pipeline.publish.push import Signing, check_sources, stage_backend, tag_backend, verify
 from pipeline.publish.sources import Registries
 from pipeline.records import (
@@ -89,18 +89,14 @@ def _signing_refusals(
 
 @contextmanager
 def _signing(
-    signer: Signer | None,
-    options: PublishOptions,
-    smokes: Sequence[SmokeRecord],
-    config_dir: Path,
+    signer: Signer | None, options: PublishOptions, checked: Review, config_dir: Path
 ) -> Iterator[Signing | None]:
     if signer is None:
         yield None
         return
     cosign = Cosign(options.env, config_dir)
-    by_key = {(s.backend, s.platform): s for s in smokes}
     with cosign.own_verifier(signer) as own:
-        yield Signing(cosign, signer, own, by_key, options.reports_dir)
+        yield Signing(cosign, signer, own, checked.tested, options.reports_dir)
 
 
 def publish(
@@ -151,7 +147,7 @@ def publish(
         # Stage and sign: every backend's index in place by digest, signed, before any tag
         # moves: nothing is half-published.
         mark = time.monotonic()
-        with _signing(signer, options, smokes, config_dir) as signing:
+        with _signing(signer, options, checked, config_dir) as signing:
             for backend in plan.backends:
                 stage_backend(registries, backend, signing)
         phases["stage"] = time.monotonic() - mark

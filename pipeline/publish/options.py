@@ -19,7 +19,7 @@ from pipeline.matrix import Backend
 from pipeline.matrix.choose import Resolved, backend_argument, backends_named
 from pipeline.oci.image import ImageName
 from pipeline.oci.registry import RetryPolicy
-from pipeline.publish.tags import TagRules, load_tag_rules
+from pipeline.publish.tags import EDGE, STABLE, TagRules, load_tag_rules
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class PublishOptions(Resolved):
     # The release had no GPU runner: GPU backends need what matrix.yaml's publish_without_gpu
     # says instead of their gpu tier (the plan says so).
     no_gpu_runner: bool = False
+    channel: str = STABLE  # whose tag rules (tags.yaml: stable, edge)
 
     @property
     def reports_dir(self) -> Path:
@@ -103,6 +104,12 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     )
     switch(parser, "--force", "overwrite immutable tags that point to another digest (logged)")
     switch(parser, "--no-sign", "publish without cosign signatures and attestations")
+    parser.add_argument(
+        "--channel",
+        choices=(STABLE, EDGE),
+        default=STABLE,
+        help="whose tags: stable (X.Y.Z, latest...; the default) or edge (edge, b<N>: the train)",
+    )
     switch(
         parser,
         "--no-gpu-runner",
@@ -122,4 +129,5 @@ def resolve_publish(args: argparse.Namespace) -> PublishOptions:
         reports=args.reports,
         no_sign=args.no_sign,
         no_gpu_runner=args.no_gpu_runner,
+        channel=args.channel,
     )

@@ -15,12 +15,20 @@ from rich.table import Table
 from pipeline.core import console
 from pipeline.core.errors import PublishError, UsageError
 from pipeline.matrix import Backend
-from pipeline.oci.image import ImageName, Manifest
+from pipeline.oci.image import LABEL_PREFIX, LABEL_VERSION, ImageName, Manifest
 from pipeline.oci.registry import Credentials, RegistryClient, credentials_from_env
 from pipeline.publish.options import PublishOptions
 from pipeline.publish.sources import Registries, compose_index
-from pipeline.publish.tags import Action, ExistingTag, SemVer, TagDecision, TagKind, decide
-from pipeline.records import NO_GPU_TIER, BuildRecord, SmokeRecord
+from pipeline.publish.tags import (
+    Action,
+    ExistingTag,
+    SemVer,
+    TagDecision,
+    TagKind,
+    build_number,
+    decide,
+)
+from pipeline.records import NO_GPU_TIER, REAL_TIER, BuildRecord, SmokeRecord
 from pipeline.records.publish import PublishedBackend, PublishedSource, PublishedTag, PublishRecord
 
 
@@ -40,6 +48,9 @@ class Review:
     groups: tuple[BackendSources, ...]
     refusals: tuple[PublishError, ...]
     notes: tuple[str, ...]
+    # (backend, platform) -> the passed smoke records of its digest, one per required tier:
+    # what each platform image is attested with.
+    tested: Mapping[tuple[str, str], tuple[SmokeRecord, ...]]
 
     @property
     def builds(self) -> list[BuildRecord]:
@@ -68,16 +79,30 @@ def review(
         options.matrix.backend(build.backend)
     groups, incomplete = _group_by_backend(options, chosen)
     refusals = check_reports(options, chosen, smokes) + incomplete
-    notes = []
+    notes: list[str] = []
     if options.no_gpu_runner:
-        notes = [
-            f"{group.backend.name}: published on its {', '.join(tiers)} smoke tier only: the "
-            "release had no GPU runner (matrix.yaml: publish_without_gpu)"
-            for group in groups
-            if group.backend.smoke.needs_gpu
-            and (tiers := group.backend.smoke.required(gpu_runner=False)) is not None
+        for group in groups:
+            tiers = group.backend.smoke.required(gpu_runner=False)
+            if group.backend.smoke.needs_gpu and tiers is not None:
+                device = [t for t in tiers if t != REAL_TIER]
+                real = ", with the real tier run there" if REAL_TIER in tiers else ""
+                notes.append(
+                    f"{group.backend.name}: published on its {', '.join(device)} smoke tier only"
+                    f"{real}: the release had no GPU runner (matrix.yaml: publish_without_gpu)"
+                )
+    tested = {}
+    for build in chosen:
+        tiers = options.matrix.backend(build.backend).smoke.required(not options.no_gpu_runner)
+        passed = [
+            s
+            for s in smokes
+            if (s.backend, s.platform) == (build.backend, build.platform)
+            and s.digest == build.digest
+            and s.passed
+            and s.tier in (tiers or ())
         ]
-    return Review(tuple(groups), tuple(refusals), tuple(notes))
+        tested[(build.backend, build.platform)] = tuple(sorted(passed, key=lambda s: s.stem))
+    return Review(tuple(groups), tuple(refusals), tuple(notes), tested)
 
 
 def check_reports(
@@ -293,26 +318,29 @@ def auths_for(
     return auths
 
 
-def _existing(
+def existing_tag(
     client: RegistryClient,
     repository: str,
     tag: str,
     index: str | None,
-    versions: dict[str, str | None],
+    seen: dict[str, ExistingTag],
 ) -> ExistingTag | None:
-    """What `tag` points to now, with the version label of that image; `versions` caches the
-    label per digest (the floating tags of the last release usually share one index)."""
+    """What `tag` points to now, with the version and upstream build labels of that image;
+    `seen` caches them per digest (the floating tags of a release usually share one index)."""
     digest = client.manifest_digest(repository, tag)
     if digest is None:
         return None
     if digest == index:
         return ExistingTag(digest, None)
-    if digest not in versions:
-        found = client.version_label(repository, digest)
+    if digest not in seen:
+        found = client.labels(repository, digest)
         if found is None:  # deleted between HEAD and GET
             return None
-        versions[digest] = found[1]
-    return ExistingTag(digest, versions[digest])
+        build = found[1].get(f"{LABEL_PREFIX}.llama-build", "")
+        seen[digest] = ExistingTag(
+            digest, found[1].get(LABEL_VERSION), int(build) if build.isdigit() else None
+        )
+    return seen[digest]
 
 
 def make_plan(
@@ -327,11 +355,17 @@ def make_plan(
     version = SemVer.parse(info.version)
     client = registries.client(target.registry)
     plans = []
-    versions: dict[str, str | None] = {}
+    seen: dict[str, ExistingTag] = {}
+    llama_build = build_number(info.llama_cpp.ref)
     for group in groups:
         backend, sources = group.backend, list(group.sources)
         tags = options.rules.tags_for(
-            version, backend.name, backend.tag_suffix, info.llama_cpp.commit, info.llama_cpp.ref
+            version,
+            backend.name,
+            backend.tag_suffix,
+            info.llama_cpp.commit,
+            info.llama_cpp.ref,
+            options.channel,
         )
         pushed = readable and all(s.pushed for s in sources)
         index = compose_index(registries, backend, sources) if pushed else None
@@ -340,9 +374,17 @@ def make_plan(
         for tag in tags:
             existing = None
             if readable:
-                existing = _existing(client, target.repository, tag.name, digest, versions)
+                existing = existing_tag(client, target.repository, tag.name, digest, seen)
             plan.decisions.append(
-                decide(tag, version, digest, existing, options.force, readable=readable)
+                decide(
+                    tag,
+                    version,
+                    digest,
+                    existing,
+                    options.force,
+                    readable=readable,
+                    llama_build=llama_build,
+                )
             )
         plans.append(plan)
     return PublishPlan(

@@ -73,7 +73,8 @@ class Signing:
     cosign: Cosign
     signer: Signer
     own: Verifier | None  # our own public key: what is signed already is not signed again
-    smokes: Mapping[tuple[str, str], SmokeRecord]
+    # (backend, platform) -> the smoke records of its digest, one per tier publish required
+    smokes: Mapping[tuple[str, str], tuple[SmokeRecord, ...]]
     reports_dir: Path
 
     def _needs(self, ref: str, kind: str | None = None) -> bool:
@@ -83,18 +84,28 @@ class Signing:
             return not self.cosign.has_signature(self.own, ref)
         return not self.cosign.has_statement(self.own, ref, kind)
 
+    def _attested_tiers(self, image: str) -> set[str]:
+        """The smoke tiers our own key already attested for `image`."""
+        if self.own is None:
+            return set()
+        statements = self.cosign.statements(self.own, image, SMOKE_PREDICATE)
+        return {str((s.get("predicate") or {}).get("tier")) for s in statements}
+
     def sign_backend(self, plan: BackendPlan) -> None:
-        """The index signed, each platform image attested with its smoke record and SBOM."""
+        """The index signed, each platform image attested with the smoke record of every tier
+        it passed and with its SBOM."""
         index = f"{plan.target}@{plan.pushable.digest}"
         if self._needs(index):
             self.cosign.sign(self.signer, index)
         with tempfile.TemporaryDirectory(prefix="publish-attest-") as tmp:
             for source in plan.sources:
                 image = f"{plan.target}@{source.digest}"
-                smoke = Path(tmp) / f"smoke-{source.arch}.json"
-                record = self.smokes[(source.backend, source.platform)]
-                smoke.write_text(json.dumps(record.to_json()), encoding="utf-8")
-                if self._needs(image, SMOKE_PREDICATE):
+                attested = self._attested_tiers(image)
+                for record in self.smokes[(source.backend, source.platform)]:
+                    if record.tier in attested:
+                        continue
+                    smoke = Path(tmp) / f"{record.stem}.json"
+                    smoke.write_text(json.dumps(record.to_json()), encoding="utf-8")
                     self.cosign.attest(self.signer, image, smoke, SMOKE_PREDICATE)
                 if source.sbom and self._needs(image, SBOM_PREDICATE):
                     sbom = self.reports_dir / source.sbom

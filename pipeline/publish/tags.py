@@ -94,6 +94,18 @@ _VARIABLES = (
 _PLACEHOLDER_RE = re.compile(r"\{\{\s*([a-z0-9_]+)\s*\}\}")
 
 
+class Order(StrEnum):
+    """What moves a floating tag forward: a newer release of this project (`version`), or a
+    newer upstream build first and then a newer release (`llama_build`: the edge channel)."""
+
+    VERSION = "version"
+    LLAMA_BUILD = "llama_build"
+
+
+STABLE = "stable"  # what a promotion moves: releases users pin by version
+EDGE = "edge"  # every upstream release the train proved, newest first
+
+
 @dataclass(frozen=True)
 class TagRule:
     pattern: str
@@ -101,6 +113,7 @@ class TagRule:
     prerelease: bool = False
     requires: str | None = None
     other_backends: str | None = None
+    order: Order = Order.VERSION
 
 
 @dataclass(frozen=True)
@@ -110,12 +123,18 @@ class PlannedTag:
     name: str
     kind: TagKind
     rule: str
+    order: Order = Order.VERSION
 
 
 @dataclass(frozen=True)
 class TagRules:
     backend_suffix: str
-    rules: tuple[TagRule, ...]
+    channels: Mapping[str, tuple[TagRule, ...]]
+
+    @property
+    def rules(self) -> tuple[TagRule, ...]:
+        """The stable channel's rules: what a release gets."""
+        return self.channels[STABLE]
 
     def tags_for(
         self,
@@ -124,9 +143,10 @@ class TagRules:
         suffix: str,
         commit: str,
         llama_ref: str | None,
+        channel: str = STABLE,
     ) -> list[PlannedTag]:
         """Every tag of `backend` (tag suffix `suffix`, "" for the default backend) for this
-        release, in rule order, without duplicates."""
+        release on `channel`, in rule order, without duplicates."""
         variables = {
             "version": str(version),
             "major": str(version.major),
@@ -138,7 +158,7 @@ class TagRules:
             "llama_sha7": commit[:7],
         }
         tags: list[PlannedTag] = []
-        for rule in self.rules:
+        for rule in self.channels[channel]:
             if version.is_prerelease and not rule.prerelease:
                 continue
             if rule.requires and not variables[rule.requires]:
@@ -157,8 +177,13 @@ class TagRules:
                     "tags are 1-128 of [A-Za-z0-9_.-], not starting with . or -",
                 )
             if name not in {t.name for t in tags}:
-                tags.append(PlannedTag(name, rule.kind, rule.pattern))
+                tags.append(PlannedTag(name, rule.kind, rule.pattern, rule.order))
         return tags
+
+
+def build_number(llama_ref: str | None) -> int | None:
+    """`b6543` -> 6543: upstream's build number, when the pin's ref is a release tag."""
+    return int(llama_ref[1:]) if llama_ref and LLAMA_BUILD_RE.match(llama_ref) else None
 
 
 def _substitute(pattern: str, variables: Mapping[str, str]) -> str:
@@ -176,29 +201,37 @@ def _pattern(spec: Fields, key: str) -> str:
     return pattern
 
 
+def _rule(spec: Fields) -> TagRule:
+    spec.no_unknown(("pattern", "kind", "prerelease", "requires", "other_backends", "order"))
+    pattern = _pattern(spec, "pattern")
+    kind = TagKind(spec.choice("kind", [k.value for k in TagKind]))
+    prerelease = spec.boolean("prerelease", default=False)
+    requires = spec.raw("requires", None)
+    if requires is not None:
+        requires = spec.choice("requires", _VARIABLES)
+    other = _pattern(spec, "other_backends") if spec.raw("other_backends", None) else None
+    order = Order(spec.choice("order", [o.value for o in Order], default=Order.VERSION))
+    if kind is TagKind.FLOATING and prerelease:
+        # A floating tag on a prerelease would move users onto an unreleased build.
+        spec.fail("a floating tag cannot apply to prereleases")
+    return TagRule(pattern, kind, prerelease, requires, other, order)
+
+
 def parse_tag_rules(data: Any, where: str = TAG_RULES_FILE.name) -> TagRules:
-    top = Fields(data, where, ("schema", "backend_suffix", "rules"))
-    if top.raw("schema", None) != 1:
-        top.fail("expected a mapping with schema: 1")
+    top = Fields(data, where, ("schema", "backend_suffix", "channels"))
+    if top.raw("schema", None) != 2:
+        top.fail("expected a mapping with schema: 2")
     suffix = _pattern(top, "backend_suffix")
     if "{{" not in suffix:
         top.fail("backend_suffix must be a pattern such as '-{{suffix}}'")
-    rules = []
-    known = ("pattern", "kind", "prerelease", "requires", "other_backends")
-    for spec in top.items("rules", "rule"):
-        spec.no_unknown(known)
-        pattern = _pattern(spec, "pattern")
-        kind = TagKind(spec.choice("kind", [k.value for k in TagKind]))
-        prerelease = spec.boolean("prerelease", default=False)
-        requires = spec.raw("requires", None)
-        if requires is not None:
-            requires = spec.choice("requires", _VARIABLES)
-        other = _pattern(spec, "other_backends") if spec.raw("other_backends", None) else None
-        if kind is TagKind.FLOATING and prerelease:
-            # A floating tag on a prerelease would move users onto an unreleased build.
-            spec.fail("a floating tag cannot apply to prereleases")
-        rules.append(TagRule(pattern, kind, prerelease, requires, other))
-    return TagRules(suffix, tuple(rules))
+    channels = {
+        name: tuple(_rule(spec) for spec in top.sub("channels").items(name, "rule"))
+        for name in top.sub("channels", (STABLE, EDGE)).data
+    }
+    missing = {STABLE, EDGE} - set(channels)
+    if missing:
+        top.fail(f"channels: missing {', '.join(sorted(missing))}")
+    return TagRules(suffix, channels)
 
 
 def load_tag_rules(path: Path = TAG_RULES_FILE) -> TagRules:
@@ -223,10 +256,12 @@ PUSHING = frozenset({Action.CREATE, Action.MOVE, Action.OVERWRITE})
 
 @dataclass(frozen=True)
 class ExistingTag:
-    """What a tag points to in the registry now; version from the image's version label."""
+    """What a tag points to in the registry now; version and upstream build from the image's
+    labels (None where it has none)."""
 
     digest: str
     version: str | None
+    llama_build: int | None = None
 
 
 @dataclass(frozen=True)
@@ -250,10 +285,11 @@ def decide(
     force: bool = False,
     *,
     readable: bool = True,
+    llama_build: int | None = None,
 ) -> TagDecision:
-    """What publishing `version` (as index `target_digest`; None: not known yet, the sources
-    are not pushed) does to one tag, and why. `readable` False: the registry could not be
-    read, so what the tag points to now is unknown."""
+    """What publishing `version` of upstream build `llama_build` (as index `target_digest`;
+    None: not known yet, the sources are not pushed) does to one tag, and why. `readable`
+    False: the registry could not be read, so what the tag points to now is unknown."""
 
     def decision(action: Action, reason: str) -> TagDecision:
         return TagDecision(tag.name, tag.kind, action, reason, existing)
@@ -275,6 +311,11 @@ def decide(
                 "else a conflict",
             )
         return decision(Action.CONFLICT, f"immutable, already {was}")
+    if tag.order is Order.LLAMA_BUILD and existing.llama_build != llama_build:
+        if (existing.llama_build or 0) > (llama_build or 0):
+            return decision(Action.LEAVE, f"stays on newer upstream b{existing.llama_build}")
+        older = f"b{existing.llama_build}" if existing.llama_build else "no upstream build"
+        return decision(Action.MOVE, f"forward from {older} to b{llama_build}")
     current = SemVer.parse_or_none(existing.version)
     if current is None:
         return decision(Action.MOVE, f"from {was}: no semantic version label, taken as older")

@@ -141,34 +141,54 @@ def schema_errors(value: Any, schema: dict[str, Any], where: str = "$") -> list[
 @smoke_check("factual-answer", Runs.SERVER, named_only=True)
 def check_factual(run: SmokeRun, live: Live) -> str:
     spec = run.settings.real.factual
-    question, expect = spec.question, spec.expect
-    answer = content_of(chat(live, run, question, max_tokens=spec.max_tokens))
-    require(
-        re.search(expect, answer) is not None,
-        f"{question!r} answered {short(answer)!r}, expected /{expect}/",
-    )
-    return f"{short(answer, 60)!r}"
+    answers, wrong = [], []
+    for ask in spec.questions:
+        answer = content_of(chat(live, run, ask.question, max_tokens=spec.max_tokens))
+        answers.append(short(answer, 40))
+        if re.search(ask.expect, answer) is None:
+            wrong.append(f"{ask.question!r} answered {short(answer)!r}, expected /{ask.expect}/")
+    require(not wrong, f"{len(wrong)} of {len(spec.questions)} wrong: {'; '.join(wrong)}")
+    return f"{len(spec.questions)} of {len(spec.questions)} right: {' | '.join(answers)}"
+
+
+def wrong_values(value: dict[str, Any], expect: dict[str, str]) -> list[str]:
+    """Which values of a structured reply are not what their expressions say (case aside)."""
+    return [
+        f"{key} is {value.get(key)!r}, expected /{pattern}/"
+        for key, pattern in expect.items()
+        if not isinstance(value.get(key), str)
+        or re.fullmatch(pattern, value[key], re.IGNORECASE) is None
+    ]
 
 
 @smoke_check("json-schema", Runs.SERVER, named_only=True)
 def check_json_schema(run: SmokeRun, live: Live) -> str:
     spec = run.settings.real.json_schema
-    schema = spec.schema
     response_format = {
         "type": "json_schema",
-        "json_schema": {"name": "answer", "schema": schema, "strict": True},
+        "json_schema": {"name": "answer", "schema": spec.schema, "strict": True},
     }
-    data = chat(
-        live, run, spec.question, max_tokens=spec.max_tokens, response_format=response_format
-    )
-    answer = content_of(data)
-    try:
-        value = json.loads(answer)
-    except ValueError:
-        raise CheckFailed(f"the reply is not JSON: {short(answer)!r}") from None
-    errors = schema_errors(value, schema)
-    require(not errors, f"the reply breaks the schema: {'; '.join(errors)} ({short(answer)})")
-    return short(answer, 80)
+    replies, problems = [], []
+    for ask in spec.questions:
+        data = chat(
+            live, run, ask.question, max_tokens=spec.max_tokens, response_format=response_format
+        )
+        answer = content_of(data)
+        try:
+            value = json.loads(answer)
+        except ValueError:
+            problems.append(f"{ask.question!r}: the reply is not JSON: {short(answer)!r}")
+            continue
+        errors = schema_errors(value, spec.schema)
+        if errors:
+            problems.append(f"the reply breaks the schema: {'; '.join(errors)} ({short(answer)})")
+            continue
+        wrong = wrong_values(value, ask.expect)
+        if wrong:
+            problems.append(f"{ask.question!r}: {'; '.join(wrong)}")
+        replies.append(json.dumps(value, separators=(",", ":")))
+    require(not problems, f"{len(problems)} of {len(spec.questions)}: {'; '.join(problems)}")
+    return f"{len(replies)} replies, schema and values right: {' '.join(replies)}"
 
 
 @smoke_check("json-schema-invalid", Runs.SERVER, named_only=True)
@@ -177,7 +197,9 @@ def check_invalid_schema(run: SmokeRun, live: Live) -> str:
     # goes on serving.
     body = {
         "model": run.settings.real.alias,
-        "messages": [{"role": "user", "content": run.settings.real.json_schema.question}],
+        "messages": [
+            {"role": "user", "content": run.settings.real.json_schema.questions[0].question}
+        ],
         "max_tokens": 8,
         "response_format": {
             "type": "json_schema",
@@ -298,7 +320,8 @@ def check_stream_cancel(run: SmokeRun, live: Live) -> str:
                 break  # leaving the block closes the connection mid-stream
     require(chunks >= after, f"the stream ended after {chunks} chunks")
     started = time.perf_counter()
-    answer = content_of(chat(live, run, run.settings.real.factual.question, max_tokens=8))
+    first = run.settings.real.factual.questions[0].question
+    answer = content_of(chat(live, run, first, max_tokens=8))
     took = time.perf_counter() - started
     return f"hung up after {chunks} chunks; the next request answered in {took:.2f} s ({answer!r})"
 

@@ -71,13 +71,32 @@ class Ask:
 
 
 @dataclass(frozen=True)
-class Factual(Ask):
-    expect: str  # a regular expression the answer must match
+class Expected:
+    """A question and what its answer must match (a regular expression)."""
+
+    question: str
+    expect: str
 
 
 @dataclass(frozen=True)
-class SchemaAsk(Ask):
+class Factual:
+    max_tokens: int
+    questions: tuple[Expected, ...]
+
+
+@dataclass(frozen=True)
+class Structured:
+    """A question whose reply must follow `schema`, each value matching its expression."""
+
+    question: str
+    expect: dict[str, str]  # key -> regular expression, matched whole, case aside
+
+
+@dataclass(frozen=True)
+class SchemaAsk:
+    max_tokens: int
     schema: dict[str, Any]  # a JSON schema, passed to the server as it is
+    questions: tuple[Structured, ...]
 
 
 @dataclass(frozen=True)
@@ -141,8 +160,19 @@ def _real(real: Fields) -> RealTier:
     def section(key: str, *extra: str) -> Fields:
         return real.sub(key, ("question", "max_tokens", *extra))
 
-    factual = section("factual", "expect")
-    schema = section("json_schema", "schema")
+    factual = real.sub("factual", ("max_tokens", "questions"))
+    expected = []
+    for ask in factual.items("questions", "question"):
+        ask.no_unknown(("question", "expect"))
+        expected.append(Expected(ask.text("question"), _regex(ask, "expect")))
+    schema = real.sub("json_schema", ("max_tokens", "schema", "questions"))
+    keys = schema.sub("schema").sub("properties").data
+    structured = []
+    for ask in schema.items("questions", "question"):
+        ask.no_unknown(("question", "expect"))
+        values = ask.sub("expect", keys)  # only keys the schema has
+        expect = {key: _regex(values, key) for key in values.data}
+        structured.append(Structured(ask.text("question"), expect))
     grammar = section("grammar", "gbnf", "matches")
     tool = section("tool_call", "example", "tool")
     cancel = section("cancel", "after_chunks")
@@ -154,8 +184,10 @@ def _real(real: Fields) -> RealTier:
         chat_template=real.optional_text("chat_template"),
         seed=real.integer("seed"),
         checks=real.strings("checks", _NAME_RE),
-        factual=Factual(**_ask(factual), expect=_regex(factual, "expect")),
-        json_schema=SchemaAsk(**_ask(schema), schema=schema.mapping("schema")),
+        factual=Factual(factual.integer("max_tokens", minimum=1), tuple(expected)),
+        json_schema=SchemaAsk(
+            schema.integer("max_tokens", minimum=1), schema.mapping("schema"), tuple(structured)
+        ),
         invalid_schema=real.mapping("invalid_schema"),
         grammar=GrammarAsk(
             **_ask(grammar), gbnf=grammar.text("gbnf"), matches=_regex(grammar, "matches")

@@ -61,17 +61,25 @@ class VerifyRecord:
 
 
 def _smoke_passed(statements: list[dict[str, Any]], platform: str, digest: str) -> str:
+    """Every smoke tier attested for this digest: each must say it passed."""
+    passed = []
     for statement in statements:
         predicate = statement.get("predicate") or {}
-        if predicate.get("digest") == digest and predicate.get("platform") == platform:
-            if predicate.get("passed") is True:
-                checks = len(predicate.get("checks") or [])
-                return f"passed {checks} checks ({predicate.get('model') or 'a model'})"
-            raise VerifyError(f"{platform} {digest[:19]}…: its smoke attestation says it failed")
-    raise VerifyError(
-        f"{platform} {digest[:19]}…: no smoke attestation is about this digest",
-        "publish attests each platform image with the smoke report of that same digest",
-    )
+        if predicate.get("digest") != digest or predicate.get("platform") != platform:
+            continue
+        tier = predicate.get("tier") or "no-gpu"
+        if predicate.get("passed") is not True:
+            raise VerifyError(
+                f"{platform} {digest[:19]}…: its {tier} smoke attestation says it failed"
+            )
+        checks = len(predicate.get("checks") or [])
+        passed.append(f"{tier} {checks} checks ({predicate.get('model') or 'a model'})")
+    if not passed:
+        raise VerifyError(
+            f"{platform} {digest[:19]}…: no smoke attestation is about this digest",
+            "publish attests each platform image with the smoke report of that same digest",
+        )
+    return "passed " + ", ".join(sorted(passed))
 
 
 def _sbom_listed(statements: list[dict[str, Any]], platform: str, digest: str) -> str:
