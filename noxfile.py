@@ -64,6 +64,18 @@ def publish(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def track(session: nox.Session) -> None:
+    """The release train: the newest upstream release (or -- REF) built, proven, on edge."""
+    _stage(session, "track")
+
+
+@nox.session(python=PYTHON)
+def promote(session: nox.Session) -> None:
+    """Move the stable tags to a candidate's digests if it passes the gates: -- [CANDIDATE]."""
+    _stage(session, "promote")
+
+
+@nox.session(python=PYTHON)
 def verify(session: nox.Session) -> None:
     """Check a published image's signature, smoke attestations and SBOM: -- IMAGE[:TAG]."""
     _stage(session, "verify")

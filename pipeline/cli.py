@@ -82,6 +82,8 @@ COMMANDS: dict[str, Callable[[], Sequence[Command]]] = {
     "build": _stage_commands("pipeline.build"),
     "smoke": _stage_commands("pipeline.smoke"),
     "publish": _stage_commands("pipeline.publish"),
+    "track": _stage_commands("pipeline.track"),
+    "promote": _stage_commands("pipeline.publish"),
     "verify": _stage_commands("pipeline.verify"),
     "models": _stage_commands("pipeline.models"),
     "bench": _bench_commands,

@@ -236,6 +236,8 @@ def runner_env(
         "GITHUB_REPOSITORY": str(github["repository"]),
         "GITHUB_SHA": str(github["sha"]),
         "GITHUB_WORKFLOW_REF": str(github["workflow_ref"]),
+        "GITHUB_SERVER_URL": "https://github.com",
+        "GITHUB_API_URL": "https://api.github.com",
         "RUNNER_OS": "Linux",
         "RUNNER_TEMP": str(job_home / "temp"),
         # The runner's own /tmp.
@@ -323,6 +325,14 @@ def checkout(job: Job, inputs: Mapping[str, str]) -> str:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
             count += 1
+    # A repository at one commit holding those files, as the action leaves one (at the run's
+    # commit, with history as deep as fetch-depth: 1).
+    git = ["git", "-C", str(job.workspace), "-c", "user.name=replay", "-c", "user.email=r@x"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run(
+        [*git, "commit", "-q", "-m", f"the run's commit {job.env['GITHUB_SHA']}"], check=True
+    )
     return f"checked out {count} files into {job.workspace}"
 
 
@@ -405,12 +415,19 @@ def upload_artifact(store: Path) -> Action:
     def upload(job: Job, inputs: Mapping[str, str]) -> str:
         paths = [job.workspace / p.strip() for p in inputs["path"].splitlines() if p.strip()]
         found = [p for p in paths if p.is_file()]
-        if len(found) < len(paths) and inputs.get("if-no-files-found", "warn") == "error":
-            missing = ", ".join(str(p.relative_to(job.workspace)) for p in paths if p not in found)
+        # A directory: every file in it, named relative to it (one directory) or to the paths'
+        # common parent (several).
+        found += [f for p in paths if p.is_dir() for f in sorted(p.rglob("*")) if f.is_file()]
+        given = [p for p in paths if p.is_file() or p.is_dir()]
+        if len(given) < len(paths) and inputs.get("if-no-files-found", "warn") == "error":
+            missing = ", ".join(str(p.relative_to(job.workspace)) for p in paths if p not in given)
             raise ReplayStepError(f"no file at {missing}")
         if not found:
             return "no files to upload"
-        root = Path(os.path.commonpath([p.parent for p in found]))
+        if len(given) == 1 and given[0].is_dir():
+            root = given[0]
+        else:
+            root = Path(os.path.commonpath([p.parent for p in found]))
         target = store / inputs["name"]
         if target.exists():
             raise ReplayStepError(f"an artifact named {inputs['name']} exists already")
@@ -428,12 +445,17 @@ def download_artifact(store: Path) -> Action:
     `path` (merged when merge-multiple, else one directory per artifact)."""
 
     def download(job: Job, inputs: Mapping[str, str]) -> str:
+        target = job.workspace / inputs.get("path", ".")
+        if "name" in inputs:  # one artifact, its files straight into `path`
+            if not (store / inputs["name"]).is_dir():
+                raise ReplayStepError(f"no artifact named {inputs['name']}")
+            shutil.copytree(store / inputs["name"], target, dirs_exist_ok=True)
+            return f"downloaded {inputs['name']}"
         names = sorted(
             d.name
             for d in store.iterdir()
             if d.is_dir() and fnmatch.fnmatch(d.name, inputs.get("pattern", "*"))
         )
-        target = job.workspace / inputs.get("path", ".")
         for name in names:
             into = target if inputs.get("merge-multiple") == "true" else target / name
             shutil.copytree(store / name, into, dirs_exist_ok=True)

@@ -20,11 +20,11 @@ from fixtures.images import SmokeImage
 from fixtures.lab import REPO_ROOT, require_lab
 
 from pipeline.cli import main
-from pipeline.core.version import load_version
+from pipeline.core.version import SemVer, load_version
 from pipeline.matrix import load_matrix
 from pipeline.modelfiles.catalogue import catalogue_model
 from pipeline.oci.engine import free_port
-from pipeline.publish.tags import SemVer, TagKind, load_tag_rules
+from pipeline.oci.tags import TagKind, load_tag_rules
 
 COMPOSE = REPO_ROOT / "compose.yaml"
 PRESET = "smollm2-135m"

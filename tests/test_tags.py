@@ -1,4 +1,4 @@
-"""The tag rules of pipeline/publish/tags.yaml and the per-tag decision, as pure functions."""
+"""The tag rules of pipeline/oci/tags.yaml and the per-tag decision, as pure functions."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import yaml
 
 from pipeline.core.errors import ConfigError
-from pipeline.publish.tags import (
+from pipeline.core.version import SemVer
+from pipeline.oci.tags import (
     TAG_RULES_FILE,
     Action,
     ExistingTag,
     PlannedTag,
-    SemVer,
     TagKind,
     decide,
     load_tag_rules,

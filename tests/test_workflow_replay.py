@@ -55,6 +55,8 @@ from replay import (
     upload_artifact,
 )
 
+from pipeline.modelfiles.catalogue import MODEL_CACHE_ENV, model_cache
+
 REPOSITORY = "acme/llama-server-images"
 
 
@@ -153,7 +155,11 @@ def test_the_release_workflow_replayed_in_the_lab(
 
     secret_values = {"REGISTRY_USERNAME": user[0], "REGISTRY_PASSWORD": user[1]}
     per_job_env = {
-        "build": {"LLAMA_CPP_REMOTE": f"file://{upstream_mirror}"},
+        # The model for the real tier from the lab's cache (a runner downloads it).
+        "build": {
+            "LLAMA_CPP_REMOTE": f"file://{upstream_mirror}",
+            MODEL_CACHE_ENV: str(model_cache()),
+        },
         "publish": cosign_keys.signing_env(),
     }
 
@@ -205,9 +211,11 @@ def test_the_release_workflow_replayed_in_the_lab(
     artifacts = tmp_path / "artifacts-tag-push"
     records = [json.loads(p.read_text()) for p in artifacts.glob("reports-*/build-*.json")]
     smokes = [json.loads(p.read_text()) for p in artifacts.glob("reports-*/smoke-*.json")]
-    assert len(records) == len(smokes) == 2
+    assert len(records) == 2 and len(smokes) == 4  # per platform: the no-gpu and real tiers
     pushed = {r["platform"]: r["digest"] for r in records}
-    assert {s["platform"]: s["digest"] for s in smokes} == pushed
+    for tier in ("no-gpu", "real"):
+        tested = [s for s in smokes if s["tier"] == tier]
+        assert {s["platform"]: s["digest"] for s in tested} == pushed, tier
     assert all(s["passed"] for s in smokes)
     assert all(
         len(list(artifacts.glob(f"reports-cpu-{a}/sbom-*.cdx.json"))) == 1

@@ -22,6 +22,9 @@ ARG IMAGE_VERSION=0.1.0
 ARG IMAGE_CREATED=
 # ggml CPU kernels: all | baseline | host (see pipeline/matrix/matrix.yaml).
 ARG CPU_VARIANTS=all
+# More apt sources the shipped packages may come from (one line each; the train's own, e.g. a
+# security update's repository); empty: the base image's sources alone.
+ARG EXTRA_APT_SOURCES=
 
 # ---- snapshot-check: the context must hold the commit this image says it is built from.
 FROM --platform=$BUILDPLATFORM ${BUILDER_IMAGE} AS snapshot-check
@@ -96,6 +99,7 @@ FROM scratch AS ccache-seed
 FROM --platform=$BUILDPLATFORM ${BUILDER_IMAGE} AS builder
 ARG BUILDARCH
 ARG TARGETARCH
+ARG EXTRA_APT_SOURCES
 # Compilers for the target (native or crossbuild-essential), build tools, the target's -dev
 # packages through Debian multiarch, and the target's static busybox (unpacked, never run
 # here). apt's downloads and lists live in cache mounts, so nothing of them lands in a layer.
@@ -105,6 +109,10 @@ RUN --mount=type=cache,id=apt-cache-cpu-$BUILDARCH,target=/var/cache/apt,sharing
 set -eu
 rm -f /etc/apt/apt.conf.d/docker-clean
 echo 'Binary::apt::APT::Keep-Downloaded-Packages "true";' >/etc/apt/apt.conf.d/99keep-downloads
+if [ -n "$EXTRA_APT_SOURCES" ]; then
+    printf '%s\n' "$EXTRA_APT_SOURCES" >/etc/apt/sources.list.d/extra.list
+fi
+
 dpkg --add-architecture "$TARGETARCH"
 apt-get update
 if [ "$TARGETARCH" = "$BUILDARCH" ]; then

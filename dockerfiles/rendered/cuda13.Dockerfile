@@ -25,6 +25,9 @@ ARG IMAGE_CREATED=
 ARG CPU_VARIANTS=all
 # GPU targets compiled in (`nox -s build -- --gpu-architectures`); the image's label says which.
 ARG GPU_ARCHITECTURES=75;80;86;89;90;100;120
+# More apt sources the shipped packages may come from (one line each; the train's own, e.g. a
+# security update's repository); empty: the base image's sources alone.
+ARG EXTRA_APT_SOURCES=
 # ggml's CUDA flash-attention kernels, ON in every release; OFF only in CI's budget build (they
 # are a third of the CUDA compile), and the image's label says which.
 ARG CUDA_FLASH_ATTENTION=ON
@@ -102,6 +105,7 @@ FROM scratch AS ccache-seed
 FROM ${BUILDER_IMAGE} AS builder
 ARG BUILDARCH
 ARG TARGETARCH
+ARG EXTRA_APT_SOURCES
 # Compilers for the target (native or crossbuild-essential), build tools, the target's -dev
 # packages through Debian multiarch, and the target's static busybox (unpacked, never run
 # here). apt's downloads and lists live in cache mounts, so nothing of them lands in a layer.
@@ -111,6 +115,10 @@ RUN --mount=type=cache,id=apt-cache-cuda13-$BUILDARCH,target=/var/cache/apt,shar
 set -eu
 rm -f /etc/apt/apt.conf.d/docker-clean
 echo 'Binary::apt::APT::Keep-Downloaded-Packages "true";' >/etc/apt/apt.conf.d/99keep-downloads
+if [ -n "$EXTRA_APT_SOURCES" ]; then
+    printf '%s\n' "$EXTRA_APT_SOURCES" >/etc/apt/sources.list.d/extra.list
+fi
+
 dpkg --add-architecture "$TARGETARCH"
 apt-get update
 if [ "$TARGETARCH" = "$BUILDARCH" ]; then

@@ -26,6 +26,9 @@ ARG IMAGE_CREATED=
 ARG CPU_VARIANTS=all
 # GPU targets compiled in (`nox -s build -- --gpu-architectures`); the image's label says which.
 ARG GPU_ARCHITECTURES=gfx908;gfx90a;gfx942;gfx1030;gfx1100;gfx1101;gfx1102;gfx1150;gfx1151;gfx1200;gfx1201
+# More apt sources the shipped packages may come from (one line each; the train's own, e.g. a
+# security update's repository); empty: the base image's sources alone.
+ARG EXTRA_APT_SOURCES=
 
 # ---- snapshot-check: the context must hold the commit this image says it is built from.
 FROM --platform=$BUILDPLATFORM ${BUILDER_IMAGE} AS snapshot-check
@@ -100,6 +103,7 @@ FROM scratch AS ccache-seed
 FROM ${BUILDER_IMAGE} AS builder
 ARG BUILDARCH
 ARG TARGETARCH
+ARG EXTRA_APT_SOURCES
 # Compilers for the target (native or crossbuild-essential), build tools, the target's -dev
 # packages through Debian multiarch, and the target's static busybox (unpacked, never run
 # here). apt's downloads and lists live in cache mounts, so nothing of them lands in a layer.
@@ -109,6 +113,10 @@ RUN --mount=type=cache,id=apt-cache-rocm-$BUILDARCH,target=/var/cache/apt,sharin
 set -eu
 rm -f /etc/apt/apt.conf.d/docker-clean
 echo 'Binary::apt::APT::Keep-Downloaded-Packages "true";' >/etc/apt/apt.conf.d/99keep-downloads
+if [ -n "$EXTRA_APT_SOURCES" ]; then
+    printf '%s\n' "$EXTRA_APT_SOURCES" >/etc/apt/sources.list.d/extra.list
+fi
+
 dpkg --add-architecture "$TARGETARCH"
 apt-get update
 if [ "$TARGETARCH" = "$BUILDARCH" ]; then
@@ -257,6 +265,7 @@ COPY --from=ccache-collect /ccache/ /
 # ---- runtime
 FROM ${RUNTIME_IMAGE} AS runtime
 ARG TARGETARCH
+ARG EXTRA_APT_SOURCES
 COPY --from=builder /opt/busybox/bin/busybox /usr/local/bin/busybox
 # Versions follow the base image's release; pin the base by digest to pin them.
 # hadolint ignore=DL3008
@@ -264,8 +273,13 @@ RUN --mount=type=cache,id=apt-cache-rocm-runtime-$TARGETARCH,target=/var/cache/a
     --mount=type=cache,id=apt-lists-rocm-runtime-$TARGETARCH,target=/var/lib/apt/lists,sharing=locked <<'EOF'
 set -eu
 rm -f /etc/apt/apt.conf.d/docker-clean
+if [ -n "$EXTRA_APT_SOURCES" ]; then
+    printf '%s\n' "$EXTRA_APT_SOURCES" >/etc/apt/sources.list.d/extra.list
+fi
+
 apt-get update
 apt-get install -y --no-install-recommends libgomp1 libssl3t64 ca-certificates
+rm -f /etc/apt/sources.list.d/extra.list
 useradd --uid 10001 --user-group --create-home \
     --home-dir /home/llama --shell /usr/sbin/nologin llama
 ln -s busybox /usr/local/bin/wget

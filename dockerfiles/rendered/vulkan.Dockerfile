@@ -23,6 +23,9 @@ ARG IMAGE_VERSION=0.1.0
 ARG IMAGE_CREATED=
 # ggml CPU kernels: all | baseline | host (see pipeline/matrix/matrix.yaml).
 ARG CPU_VARIANTS=all
+# More apt sources the shipped packages may come from (one line each; the train's own, e.g. a
+# security update's repository); empty: the base image's sources alone.
+ARG EXTRA_APT_SOURCES=
 
 # ---- snapshot-check: the context must hold the commit this image says it is built from.
 FROM --platform=$BUILDPLATFORM ${BUILDER_IMAGE} AS snapshot-check
@@ -97,6 +100,7 @@ FROM scratch AS ccache-seed
 FROM --platform=$BUILDPLATFORM ${BUILDER_IMAGE} AS builder
 ARG BUILDARCH
 ARG TARGETARCH
+ARG EXTRA_APT_SOURCES
 # Compilers for the target (native or crossbuild-essential), build tools, the target's -dev
 # packages through Debian multiarch, and the target's static busybox (unpacked, never run
 # here). apt's downloads and lists live in cache mounts, so nothing of them lands in a layer.
@@ -106,6 +110,10 @@ RUN --mount=type=cache,id=apt-cache-vulkan-$BUILDARCH,target=/var/cache/apt,shar
 set -eu
 rm -f /etc/apt/apt.conf.d/docker-clean
 echo 'Binary::apt::APT::Keep-Downloaded-Packages "true";' >/etc/apt/apt.conf.d/99keep-downloads
+if [ -n "$EXTRA_APT_SOURCES" ]; then
+    printf '%s\n' "$EXTRA_APT_SOURCES" >/etc/apt/sources.list.d/extra.list
+fi
+
 dpkg --add-architecture "$TARGETARCH"
 apt-get update
 if [ "$TARGETARCH" = "$BUILDARCH" ]; then
@@ -258,6 +266,7 @@ COPY --from=ccache-collect /ccache/ /
 # ---- runtime
 FROM ${RUNTIME_IMAGE} AS runtime
 ARG TARGETARCH
+ARG EXTRA_APT_SOURCES
 COPY --from=builder /opt/busybox/bin/busybox /usr/local/bin/busybox
 # Versions follow the base image's release; pin the base by digest to pin them.
 # hadolint ignore=DL3008
@@ -265,8 +274,13 @@ RUN --mount=type=cache,id=apt-cache-vulkan-runtime-$TARGETARCH,target=/var/cache
     --mount=type=cache,id=apt-lists-vulkan-runtime-$TARGETARCH,target=/var/lib/apt/lists,sharing=locked <<'EOF'
 set -eu
 rm -f /etc/apt/apt.conf.d/docker-clean
+if [ -n "$EXTRA_APT_SOURCES" ]; then
+    printf '%s\n' "$EXTRA_APT_SOURCES" >/etc/apt/sources.list.d/extra.list
+fi
+
 apt-get update
 apt-get install -y --no-install-recommends libvulkan1 mesa-vulkan-drivers libgomp1 libssl3t64 ca-certificates
+rm -f /etc/apt/sources.list.d/extra.list
 useradd --uid 10001 --user-group --create-home \
     --home-dir /home/llama --shell /usr/sbin/nologin llama
 ln -s busybox /usr/local/bin/wget

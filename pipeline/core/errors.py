@@ -119,6 +119,12 @@ class RecordInvalidError(PipelineError):
     exit_code = 15
 
 
+class GateError(PipelineError):
+    """A promotion refused: a gate held the candidate against the stable release and failed."""
+
+    exit_code = 17
+
+
 class Interrupted(PipelineError):
     """Ctrl-C or SIGTERM: the stage cleaned up and stopped."""
 

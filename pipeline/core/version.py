@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import total_ordering
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,70 @@ IMAGE_RE = re.compile(
 )
 # A git URL or path: one line of printable characters (it is rendered into Dockerfiles).
 _REPOSITORY_RE = re.compile(r"^[^\x00-\x20\x7f]+$")
+LLAMA_BUILD_RE = re.compile(r"^b\d+$")
 _REF_RE = re.compile(r"^[^\x00-\x20\x7f~^:?*\[\\]+$")
+
+
+@total_ordering
+@dataclass(frozen=True)
+class SemVer:
+    """A semantic version, ordered by SemVer 2.0.0 §11 (build metadata ignored)."""
+
+    major: int
+    minor: int
+    patch: int
+    prerelease: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> SemVer:
+        match = SEMVER_RE.match(text.strip())
+        if not match:
+            raise ConfigError(f"{text!r} is not a semantic version such as 1.2.3 or 1.3.0-rc.1")
+        pre = tuple(match.group(4).split(".")) if match.group(4) else ()
+        return cls(int(match.group(1)), int(match.group(2)), int(match.group(3)), pre)
+
+    @classmethod
+    def parse_or_none(cls, text: str | None) -> SemVer | None:
+        if text is None:
+            return None
+        try:
+            return cls.parse(text)
+        except ConfigError:
+            return None
+
+    @property
+    def is_prerelease(self) -> bool:
+        return bool(self.prerelease)
+
+    def _key(self) -> tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]:
+        # A release sorts after its prereleases; numeric identifiers before alphanumeric ones.
+        ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in self.prerelease)
+        return (self.major, self.minor, self.patch, 0 if self.prerelease else 1, ids)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, SemVer):
+            return NotImplemented
+        return self._key() < other._key()
+
+    def __str__(self) -> str:
+        base = f"{self.major}.{self.minor}.{self.patch}"
+        return f"{base}-{'.'.join(self.prerelease)}" if self.prerelease else base
+
+    def bumped(self, part: str) -> SemVer:
+        """The next release: `patch`, `minor` or `major` (a prerelease's own release for
+        `patch` of X.Y.Z-rc.N: X.Y.Z)."""
+        if part == "major":
+            return SemVer(self.major + 1, 0, 0)
+        if part == "minor":
+            return SemVer(self.major, self.minor + 1, 0)
+        if self.prerelease:
+            return SemVer(self.major, self.minor, self.patch)
+        return SemVer(self.major, self.minor, self.patch + 1)
+
+
+def build_number(ref: str | None) -> int | None:
+    """`b6543` -> 6543: upstream's build number, when a pin's ref is a release tag."""
+    return int(ref[1:]) if ref and LLAMA_BUILD_RE.match(ref) else None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from typing import Any
 from pipeline.core.errors import PublishError, ToolMissingError, VerifyError
 
 SMOKE_PREDICATE = "https://llamacpp-images.dev/attestations/smoke/v1"
+# The gates a promotion held an image to, with both figures (pipeline/publish/promote.py).
+PROMOTION_PREDICATE = "https://llamacpp-images.dev/attestations/promotion/v1"
 SBOM_PREDICATE = "https://cyclonedx.org/bom"  # what `cosign attest --type cyclonedx` records
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
 INSTALL_HINT = (
@@ -194,11 +196,16 @@ class Cosign:
             return False
         return True
 
-    def has_statement(self, verifier: Verifier, ref: str, kind: str) -> bool:
+    def attested(self, verifier: Verifier, ref: str, kind: str) -> list[dict[str, Any]]:
+        """`statements`, or none where `ref` has no attestation of `kind` that `verifier`
+        accepts (not an error: an image may not have been attested yet)."""
         try:
-            return bool(self.statements(verifier, ref, kind))
+            return self.statements(verifier, ref, kind)
         except VerifyError:
-            return False
+            return []
+
+    def has_statement(self, verifier: Verifier, ref: str, kind: str) -> bool:
+        return bool(self.attested(verifier, ref, kind))
 
 
 def verifier_from_env(

@@ -1,5 +1,5 @@
 """`nox -s publish`: join smoke-tested per-platform digests into one index per backend, tag it
-by the rules in tags.yaml (pipeline/publish/tags.py), push, and verify through the registry API.
+by the rules in tags.yaml (pipeline/oci/tags.py), push, and verify through the registry API.
 
 It reads top to bottom: the records reviewed against each other and version.json (refusing
 digests without a passed smoke record of that same digest), the plan made from what the
@@ -24,8 +24,15 @@ from pipeline.core.errors import CredentialsError, PublishError, RegistryError
 from pipeline.oci.buildx import docker_config
 from pipeline.oci.cosign import Cosign, Signer
 from pipeline.oci.registry import RegistryClient
-from pipeline.publish.options import PublishOptions, add_publish_arguments, resolve_publish
+from pipeline.publish.options import (
+    PublishOptions,
+    add_promote_arguments,
+    add_publish_arguments,
+    resolve_promote,
+    resolve_publish,
+)
 from pipeline.publish.plan import PublishPlan, Review, auths_for, make_plan, print_plan, review
+from pipeline.publish.promote import promote
 from pipeline.publish.push import Signing, check_sources, stage_backend, tag_backend, verify
 from pipeline.publish.sources import Registries
 from pipeline.records import (
@@ -178,11 +185,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_promote(args: argparse.Namespace) -> int:
+    promote(resolve_promote(args))
+    return 0
+
+
 COMMANDS = (
     Command(
         "publish",
         "Tag and push smoke-tested digests as one index per backend.",
         add_publish_arguments,
         _run,
+    ),
+    Command(
+        "promote",
+        "Move the stable tags to a candidate's digests (nox -s track), if it passes the gates.",
+        add_promote_arguments,
+        _run_promote,
     ),
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +15,13 @@ from typing import Any
 from pipeline.core.arguments import switch
 from pipeline.core.errors import ConfigError
 from pipeline.core.project import Project
-from pipeline.matrix import Backend
-from pipeline.matrix.choose import Resolved, backend_argument, backends_named
+from pipeline.matrix import Backend, TargetPlatform
+from pipeline.matrix.choose import Resolved, backend_argument, backends_named, platforms_named
 from pipeline.oci.image import ImageName
 from pipeline.oci.registry import RetryPolicy
-from pipeline.publish.tags import EDGE, STABLE, TagRules, load_tag_rules
+from pipeline.oci.tags import EDGE, STABLE, TagRules, load_tag_rules
+from pipeline.publish.gates import Gates, load_gates
+from pipeline.records.candidate import CANDIDATE_RECORD
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class PublishOptions(Resolved):
     # says instead of their gpu tier (the plan says so).
     no_gpu_runner: bool = False
     channel: str = STABLE  # whose tag rules (tags.yaml: stable, edge)
+    # Only these platforms of each backend (a CI-size release); None: every one it is built for.
+    platforms: tuple[TargetPlatform, ...] | None = None
 
     @property
     def reports_dir(self) -> Path:
@@ -50,6 +54,7 @@ class PublishOptions(Resolved):
         project: Project,
         *,
         backends: str | None = None,
+        platforms: Sequence[str] | None = None,
         registry: str | None = None,
         image: str | None = None,
         release_tag: str | None = None,
@@ -67,6 +72,7 @@ class PublishOptions(Resolved):
             rules=load_tag_rules(),
             target=target,
             backends=backends_named(backends, inputs.matrix) if backends else (),
+            platforms=platforms_named(platforms, inputs.matrix) if platforms else None,
             env=env,
             **rest,
         )
@@ -83,6 +89,29 @@ def check_release_tag(version: str, release_tag: str | None, env: Mapping[str, s
                 f"release tag {tag!r} does not match version.json's version {version}",
                 f"tag the release commit v{version}, or correct version.json",
             )
+
+
+@dataclass(frozen=True)
+class PromoteOptions(Resolved):
+    candidate: Path
+    rules: TagRules = field(repr=False)
+    gates: Gates = field(repr=False)
+    repository: ImageName | None = None  # None: the candidate's
+    dry_run: bool = False
+    no_sign: bool = False
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
+
+    @classmethod
+    def named(cls, project: Project, candidate: Path | None = None, **rest: Any) -> PromoteOptions:
+        inputs = Resolved.load(project)
+        return cls(
+            **vars(inputs),
+            candidate=candidate or project.build_dir / "track" / CANDIDATE_RECORD,
+            rules=load_tag_rules(),
+            gates=load_gates(),
+            **rest,
+        )
 
 
 def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +134,11 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     switch(parser, "--force", "overwrite immutable tags that point to another digest (logged)")
     switch(parser, "--no-sign", "publish without cosign signatures and attestations")
     parser.add_argument(
+        "--platform",
+        action="append",
+        help="only these platforms of each backend (a CI-size release; default: every one)",
+    )
+    parser.add_argument(
         "--channel",
         choices=(STABLE, EDGE),
         default=STABLE,
@@ -121,6 +155,7 @@ def resolve_publish(args: argparse.Namespace) -> PublishOptions:
     return PublishOptions.named(
         Project.discover(),
         backends=args.backend,
+        platforms=args.platform,
         registry=args.registry,
         image=args.image,
         release_tag=args.release_tag,
@@ -130,4 +165,27 @@ def resolve_publish(args: argparse.Namespace) -> PublishOptions:
         no_sign=args.no_sign,
         no_gpu_runner=args.no_gpu_runner,
         channel=args.channel,
+    )
+
+
+def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "candidate",
+        nargs="?",
+        type=Path,
+        metavar="CANDIDATE",
+        help="a candidate record (default: build/track/candidate.json, the newest track made)",
+    )
+    parser.add_argument("--image", help="the repository (default: the candidate's)")
+    switch(parser, "--dry-run", "hold the candidate to the gates and print the plan; move nothing")
+    switch(parser, "--no-sign", "move the tags without attesting the gates' figures")
+
+
+def resolve_promote(args: argparse.Namespace) -> PromoteOptions:
+    return PromoteOptions.named(
+        Project.discover(),
+        candidate=args.candidate,
+        repository=ImageName.parse(args.image) if args.image else None,
+        dry_run=args.dry_run,
+        no_sign=args.no_sign,
     )

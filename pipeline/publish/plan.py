@@ -14,20 +14,19 @@ from rich.table import Table
 
 from pipeline.core import console
 from pipeline.core.errors import PublishError, UsageError
+from pipeline.core.version import SemVer, build_number
 from pipeline.matrix import Backend
 from pipeline.oci.image import LABEL_PREFIX, LABEL_VERSION, ImageName, Manifest
 from pipeline.oci.registry import Credentials, RegistryClient, credentials_from_env
-from pipeline.publish.options import PublishOptions
-from pipeline.publish.sources import Registries, compose_index
-from pipeline.publish.tags import (
+from pipeline.oci.tags import (
     Action,
     ExistingTag,
-    SemVer,
     TagDecision,
     TagKind,
-    build_number,
     decide,
 )
+from pipeline.publish.options import PublishOptions
+from pipeline.publish.sources import Registries, compose_index
 from pipeline.records import NO_GPU_TIER, REAL_TIER, BuildRecord, SmokeRecord
 from pipeline.records.publish import PublishedBackend, PublishedSource, PublishedTag, PublishRecord
 
@@ -58,6 +57,9 @@ class Review:
 
 
 def _chosen(options: PublishOptions, builds: Sequence[BuildRecord]) -> list[BuildRecord]:
+    if options.platforms is not None:
+        names = {p.name for p in options.platforms}
+        builds = [b for b in builds if b.platform in names]
     if not options.backends:
         return list(builds)
     wanted = {b.name for b in options.backends}
@@ -203,7 +205,9 @@ def _group_by_backend(
         backend = matrix.backend(name)
         groups.append(BackendSources(backend, tuple(records)))
         have = sorted(r.platform for r in records)
-        want = sorted(backend.platform_names)
+        want = sorted(
+            p.name for p in backend.platforms if p in (options.platforms or backend.platforms)
+        )
         if have != want:
             missing = sorted(set(want) - set(have))
             refusals.append(

@@ -18,9 +18,9 @@ from pipeline.core.version import VersionInfo
 from pipeline.oci.cosign import SBOM_PREDICATE, SMOKE_PREDICATE, Cosign, Signer, Verifier
 from pipeline.oci.image import LABEL_REVISION, LABEL_VERSION, ImageName
 from pipeline.oci.registry import PlatformImage, RegistryClient
+from pipeline.oci.tags import PUSHING, Action
 from pipeline.publish.plan import BackendPlan, PublishPlan
 from pipeline.publish.sources import Registries, copy_image
-from pipeline.publish.tags import PUSHING, Action
 from pipeline.records import BuildRecord, SmokeRecord
 
 
@@ -88,7 +88,7 @@ class Signing:
         """The smoke tiers our own key already attested for `image`."""
         if self.own is None:
             return set()
-        statements = self.cosign.statements(self.own, image, SMOKE_PREDICATE)
+        statements = self.cosign.attested(self.own, image, SMOKE_PREDICATE)
         return {str((s.get("predicate") or {}).get("tier")) for s in statements}
 
     def sign_backend(self, plan: BackendPlan) -> None:
@@ -139,6 +139,16 @@ def tag_backend(plan: BackendPlan, client: RegistryClient) -> list[str]:
     done: list[str] = []
     try:
         for d in order:
+            # Another publisher (a concurrent release, the train) may have moved the tag since
+            # the plan read it: re-read it just before writing, and stop rather than overwrite.
+            now = client.manifest_digest(plan.target.repository, d.tag)
+            planned = d.current.digest if d.current else None
+            if now not in (planned, plan.pushable.digest):
+                raise PublishError(
+                    f"{plan.target}:{d.tag} moved to {now} while this publish ran (it planned "
+                    f"from {planned or 'no tag'}): another publisher is at work",
+                    "re-run: the plan is made anew from what the registry holds then",
+                )
             client.put_manifest(plan.target.repository, d.tag, plan.pushable)
             done.append(d.tag)
     except PipelineError as exc:

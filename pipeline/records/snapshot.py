@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import stat
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from typing import Any
 from pipeline.core.errors import SnapshotError
 from pipeline.core.fields import Fields
 from pipeline.core.project import Project
-from pipeline.core.version import COMMIT_RE, load_version
+from pipeline.core.version import COMMIT_RE, build_number, load_version
 from pipeline.records.prune import PruneRules, load_prune_rules
 
 SCHEMA = 1
@@ -180,8 +179,7 @@ class Snapshot:
     def build_number(self) -> int | None:
         """Upstream's build number when the ref is a release tag `b<number>` (upstream's
         CMake derives it from git history, which the vendor copy does not carry)."""
-        match = re.fullmatch(r"b(\d+)", self.ref or "")
-        return int(match.group(1)) if match else None
+        return build_number(self.ref)
 
     @property
     def upstream_bytes(self) -> int:

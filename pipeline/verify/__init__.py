@@ -23,9 +23,17 @@ from pipeline.core.datafile import write_json_atomic
 from pipeline.core.errors import VerifyError
 from pipeline.matrix import Matrix
 from pipeline.oci.buildx import docker_config
-from pipeline.oci.cosign import SBOM_PREDICATE, SMOKE_PREDICATE, Cosign, verifier_from_env
+from pipeline.oci.cosign import (
+    PROMOTION_PREDICATE,
+    SBOM_PREDICATE,
+    SMOKE_PREDICATE,
+    Cosign,
+    Verifier,
+    verifier_from_env,
+)
 from pipeline.oci.image import LABEL_PREFIX, split_reference
 from pipeline.oci.registry import RegistryClient, registry_credentials
+from pipeline.records.promotion import PromotionRecord
 from pipeline.verify.options import VerifyOptions, add_verify_arguments, resolve_verify
 
 __all__ = ["COMMANDS", "verify"]
@@ -37,6 +45,7 @@ class PlatformVerdict:
     digest: str
     smoke: str = ""
     sbom: str = ""
+    promotion: str = ""
 
 
 @dataclass
@@ -94,6 +103,20 @@ def _sbom_listed(statements: list[dict[str, Any]], platform: str, digest: str) -
     raise VerifyError(f"{platform} {digest[:19]}…: no SBOM attestation for {platform}")
 
 
+def _promotion(cosign: Cosign, verifier: Verifier, ref: str) -> str:
+    """The gates a promotion held this image to (`nox -s promote` attests them), each with
+    the candidate's and stable's figures; an image published by hand has none."""
+    statements = cosign.attested(verifier, ref, PROMOTION_PREDICATE)
+    if not statements:
+        return "not promoted by the train (published directly)"
+    lines = []
+    for statement in statements:
+        record = PromotionRecord.from_json(statement.get("predicate"), ref)
+        gates = "; ".join(gate.line().removeprefix("gate ") for gate in record.gates)
+        lines.append(f"{record.version} after {record.stable_version or 'none'}: {gates}")
+    return " | ".join(lines)
+
+
 def _needs_sbom(matrix: Matrix, labels: Mapping[str, str]) -> bool:
     """Images assembled file by file (a scratch runtime) ship an SBOM; others need none."""
     backend = matrix.backends.get(labels.get(f"{LABEL_PREFIX}.backend", ""))
@@ -127,6 +150,7 @@ def verify(options: VerifyOptions) -> VerifyRecord:
                 verdict.sbom = _sbom_listed(boms, image.platform, image.digest)
             else:
                 verdict.sbom = "not required (not assembled file by file)"
+            verdict.promotion = _promotion(cosign, verifier, ref)
             record.platforms.append(verdict)
     record.seconds = time.monotonic() - started
     return record
@@ -134,10 +158,10 @@ def verify(options: VerifyOptions) -> VerifyRecord:
 
 def _print(record: VerifyRecord) -> None:
     table = Table(title=f"verified {record.image} ({record.digest})")
-    for column in ("platform", "digest", "smoke", "sbom"):
+    for column in ("platform", "digest", "smoke", "sbom", "promotion"):
         table.add_column(column, overflow="fold")
     for p in record.platforms:
-        table.add_row(p.platform, p.digest, p.smoke, p.sbom)
+        table.add_row(p.platform, p.digest, p.smoke, p.sbom, p.promotion)
     console.out.print(table)
     console.out.print(
         f"signature valid; {len(record.platforms)} platform(s) in {record.seconds:.1f} s"

@@ -14,65 +14,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import total_ordering
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.datafile import load_yaml
 from pipeline.core.errors import ConfigError
 from pipeline.core.fields import Fields
-from pipeline.core.version import SEMVER_RE
+from pipeline.core.version import SemVer, build_number
 from pipeline.oci.image import TAG_RE
 
 TAG_RULES_FILE = Path(__file__).with_name("tags.yaml")
-LLAMA_BUILD_RE = re.compile(r"^b\d+$")
-
-
-# ---------------------------------------------------------------------------- versions
-@total_ordering
-@dataclass(frozen=True)
-class SemVer:
-    """A semantic version, ordered by SemVer 2.0.0 §11 (build metadata ignored)."""
-
-    major: int
-    minor: int
-    patch: int
-    prerelease: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> SemVer:
-        match = SEMVER_RE.match(text.strip())
-        if not match:
-            raise ConfigError(f"{text!r} is not a semantic version such as 1.2.3 or 1.3.0-rc.1")
-        pre = tuple(match.group(4).split(".")) if match.group(4) else ()
-        return cls(int(match.group(1)), int(match.group(2)), int(match.group(3)), pre)
-
-    @classmethod
-    def parse_or_none(cls, text: str | None) -> SemVer | None:
-        if text is None:
-            return None
-        try:
-            return cls.parse(text)
-        except ConfigError:
-            return None
-
-    @property
-    def is_prerelease(self) -> bool:
-        return bool(self.prerelease)
-
-    def _key(self) -> tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]:
-        # A release sorts after its prereleases; numeric identifiers before alphanumeric ones.
-        ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in self.prerelease)
-        return (self.major, self.minor, self.patch, 0 if self.prerelease else 1, ids)
-
-    def __lt__(self, other: object) -> bool:
-        if not isinstance(other, SemVer):
-            return NotImplemented
-        return self._key() < other._key()
-
-    def __str__(self) -> str:
-        base = f"{self.major}.{self.minor}.{self.patch}"
-        return f"{base}-{'.'.join(self.prerelease)}" if self.prerelease else base
 
 
 # ---------------------------------------------------------------------------- tag rules
@@ -136,6 +87,18 @@ class TagRules:
         """The stable channel's rules: what a release gets."""
         return self.channels[STABLE]
 
+    def head(self, channel: str, suffix: str) -> str:
+        """The tag that always names a channel's newest image of a backend (`latest`, `vulkan`,
+        `edge`, `edge-vulkan`): its first floating rule that names no version or build."""
+        for rule in self.channels[channel]:
+            pattern = rule.other_backends if suffix and rule.other_backends else rule.pattern
+            if suffix and not rule.other_backends:
+                pattern += self.backend_suffix
+            unversioned = set(_PLACEHOLDER_RE.findall(pattern)) <= {"suffix", "backend"}
+            if rule.kind is TagKind.FLOATING and unversioned:
+                return _substitute(pattern, {"suffix": suffix, "backend": suffix})
+        raise ConfigError(f"{TAG_RULES_FILE.name}: channel {channel} has no unversioned tag")
+
     def tags_for(
         self,
         version: SemVer,
@@ -154,7 +117,7 @@ class TagRules:
             "patch": str(version.patch),
             "backend": backend,
             "suffix": suffix,
-            "llama_build": llama_ref if llama_ref and LLAMA_BUILD_RE.match(llama_ref) else "",
+            "llama_build": (llama_ref or "") if build_number(llama_ref) is not None else "",
             "llama_sha7": commit[:7],
         }
         tags: list[PlannedTag] = []
@@ -179,11 +142,6 @@ class TagRules:
             if name not in {t.name for t in tags}:
                 tags.append(PlannedTag(name, rule.kind, rule.pattern, rule.order))
         return tags
-
-
-def build_number(llama_ref: str | None) -> int | None:
-    """`b6543` -> 6543: upstream's build number, when the pin's ref is a release tag."""
-    return int(llama_ref[1:]) if llama_ref and LLAMA_BUILD_RE.match(llama_ref) else None
 
 
 def _substitute(pattern: str, variables: Mapping[str, str]) -> str:
