@@ -12,6 +12,8 @@ pytest_plugins = [
     "fixtures.images",
     "fixtures.hub",
     "fixtures.signing",
+    "fixtures.github",
+    "fixtures.apt_repo",
 ]
 
 # Fixtures that need the provisioned lab (.ci/provision) but no Docker engine: a test using

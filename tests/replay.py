@@ -194,6 +194,7 @@ class Job:
     env: dict[str, str]
     results: list[StepResult] = field(default_factory=list)
     failed: bool = False
+    outputs: dict[str, str] = field(default_factory=dict)  # the job's `outputs:`, evaluated
 
     @property
     def workspace(self) -> Path:
@@ -272,16 +273,20 @@ def run_job(
     only when their `if:` asks for always() or failure())."""
     context = job.context
     job_env = {
-        **workflow_env,
+        **{k: substitute(render(v), context) for k, v in workflow_env.items()},
         **{k: substitute(render(v), context) for k, v in job.spec.get("env", {}).items()},
     }
+    steps: dict[str, Any] = context.setdefault("steps", {})
     for index, step in enumerate(job.spec["steps"]):
         name = str(step.get("name") or step.get("uses") or f"step {index}")
         if not should_run(step.get("if"), context, job.failed):
             job.results.append(StepResult(name, 0.0, f"[{name}: skipped]", skipped=True))
             continue
         step_env = {k: substitute(render(v), context) for k, v in step.get("env", {}).items()}
-        env = {**job.env, **job_env, **step_env}
+        # What the step writes to $GITHUB_OUTPUT becomes steps.<id>.outputs.
+        outputs_file = job.home / "temp" / f"output-{index}"
+        outputs_file.write_text("")
+        env = {**job.env, **job_env, **step_env, "GITHUB_OUTPUT": str(outputs_file)}
         started = time.monotonic()
         if "uses" in step:
             action = str(step["uses"]).split("@", 1)[0]
@@ -295,9 +300,32 @@ def run_job(
         else:
             code, output = run_script(job, substitute(str(step["run"]), context), env, timeout)
         job.results.append(StepResult(name, time.monotonic() - started, f"[{name}]\n{output}"))
+        if "id" in step:
+            steps[str(step["id"])] = {"outputs": read_outputs(outputs_file)}
         if code != 0:
             job.failed = True
+    job.outputs = {k: substitute(str(v), context) for k, v in job.spec.get("outputs", {}).items()}
     return job
+
+
+def read_outputs(path: Path) -> dict[str, str]:
+    """$GITHUB_OUTPUT's `name=value` lines (and `name<<DELIMITER` blocks), as the runner reads
+    them."""
+    outputs: dict[str, str] = {}
+    lines = iter(path.read_text().splitlines())
+    for line in lines:
+        if "<<" in line and ("=" not in line or line.index("<<") < line.index("=")):
+            key, _, delimiter = line.partition("<<")
+            block = []
+            for inner in lines:
+                if inner == delimiter:
+                    break
+                block.append(inner)
+            outputs[key] = "\n".join(block)
+        elif "=" in line:
+            key, _, value = line.partition("=")
+            outputs[key] = value
+    return outputs
 
 
 class ReplayStepError(Exception):

@@ -161,6 +161,7 @@ def test_the_release_workflow_replayed_in_the_lab(
             MODEL_CACHE_ENV: str(model_cache()),
         },
         "publish": cosign_keys.signing_env(),
+        "edge": cosign_keys.signing_env(),
     }
 
     def replay(
@@ -195,8 +196,14 @@ def test_the_release_workflow_replayed_in_the_lab(
     tag_push = github_context("push", f"refs/tags/v{version}", "release.yml")
     dispatch = github_context("workflow_dispatch", "refs/heads/main", "release.yml")
     ordered = dict(jobs_in_order(workflow))
-    assert list(ordered) == ["build", "gpu-smoke", "publish"]
+    assert list(ordered) == ["edge", "promote", "build", "gpu-smoke", "publish"]
     build_spec, publish_spec = ordered["build"], ordered["publish"]
+    # Edge never saw this release (the registry is empty): no candidate, so it is built.
+    (edge,) = replay("edge", ordered["edge"], tag_push, {}, tmp_path / "artifacts-tag-push")
+    assert "edge holds no cpu image" in edge.output() and not edge.outputs.get("candidate")
+    after_edge = {"edge": {"result": "success", "outputs": edge.outputs}}
+    assert not job_runs(ordered["promote"], {"needs": after_edge})
+    assert job_runs(build_spec, {"needs": after_edge})
     with build_lock():
         builds = replay("build", build_spec, tag_push, {}, tmp_path / "artifacts-tag-push")
     assert {job.context["matrix"]["arch"] for job in builds} == {"amd64", "arm64"}

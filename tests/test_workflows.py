@@ -55,7 +55,7 @@ def test_zizmor_is_clean_even_pedantic() -> None:
     assert "No findings to report" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("name", ["release.yml", "ci.yml"])
+@pytest.mark.parametrize("name", ["release.yml", "ci.yml", "train.yml"])
 def test_actions_are_pinned_by_full_commit_sha_with_the_version_noted(name: str) -> None:
     text = (WORKFLOWS / name).read_text()
     uses = USES_RE.findall(text)
@@ -65,20 +65,65 @@ def test_actions_are_pinned_by_full_commit_sha_with_the_version_noted(name: str)
         assert re.fullmatch(r"v\d+\.\d+\.\d+", comment or ""), f"{action}: no version comment"
 
 
-@pytest.mark.parametrize("name", ["release.yml", "ci.yml"])
+# Keyless signing needs the job's OIDC token: the jobs that sign or attest, and only they.
+SIGNING_JOBS = {
+    ("release.yml", "publish"),
+    ("release.yml", "promote"),
+    ("train.yml", "track"),
+    ("train.yml", "promote"),
+}
+# The one job that writes to the repository: the train's pull request recording a release.
+WRITING_JOBS = {("train.yml", "record"): {"contents": "write", "pull-requests": "write"}}
+
+
+@pytest.mark.parametrize("name", ["release.yml", "ci.yml", "train.yml"])
 def test_least_privilege_and_concurrency(name: str) -> None:
     workflow = load(name)
     assert workflow["permissions"] == {}
     assert "group" in workflow["concurrency"]
     for job_name, job in workflow["jobs"].items():
-        # Keyless signing needs the job's OIDC token: the release's publish job, and only it.
-        signs = (name, job_name) == ("release.yml", "publish")
+        signs = (name, job_name) in SIGNING_JOBS
         wanted = {"contents": "read", "id-token": "write"} if signs else {"contents": "read"}
+        wanted = WRITING_JOBS.get((name, job_name), wanted)
         assert job.get("permissions") == wanted, job_name
         assert job.get("timeout-minutes"), job_name
         for step in job["steps"]:
             if str(step.get("uses", "")).startswith("actions/checkout@"):
                 assert step["with"]["persist-credentials"] is False
+
+
+def test_one_publisher_at_a_time_across_both_workflows() -> None:
+    """release.yml and train.yml both move tags: one concurrency group for every ref."""
+    groups = {name: load(name)["concurrency"] for name in ("release.yml", "train.yml")}
+    assert {g["group"] for g in groups.values()} == {"publish"}
+    assert all(g["cancel-in-progress"] is False for g in groups.values())
+
+
+def test_train_shape() -> None:
+    workflow = load("train.yml")
+    assert workflow["on"]["schedule"] and workflow["on"]["workflow_dispatch"]["inputs"]["ref"]
+    jobs = workflow["jobs"]
+    assert jobs["promote"]["needs"] == "track" and jobs["record"]["needs"] == "promote"
+    assert "needs.track.outputs.candidate" in jobs["promote"]["if"]
+    runs = {
+        name: "\n".join(str(s.get("run", "")) for s in job["steps"]) for name, job in jobs.items()
+    }
+    assert "nox -s track" in runs["track"] and "nox -s promote" in runs["promote"]
+    assert "nox -s verify" in runs["promote"]
+    # The token never reaches a command line: git reads it through a credential helper, curl
+    # its header from stdin (printf is a shell builtin).
+    assert "GH_TOKEN" in jobs["record"]["steps"][-1]["env"]
+    uses = re.findall(r".*\$\{GH_TOKEN\}.*", runs["record"])
+    assert len(uses) == 2, uses
+    assert "credential.helper=" in uses[0] and uses[1].strip().startswith("printf "), uses
+
+
+def test_release_promotes_what_edge_proved_and_builds_only_the_rest() -> None:
+    jobs = load("release.yml")["jobs"]
+    assert "--from-edge" in "\n".join(str(s.get("run", "")) for s in jobs["edge"]["steps"])
+    assert jobs["promote"]["needs"] == "edge" and jobs["build"]["needs"] == "edge"
+    assert jobs["promote"]["if"] == "${{ needs.edge.outputs.candidate == 'true' }}"
+    assert jobs["build"]["if"] == "${{ needs.edge.outputs.candidate != 'true' }}"
 
 
 def test_release_shape() -> None:

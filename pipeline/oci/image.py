@@ -147,6 +147,11 @@ class Manifest:
             raise RegistryError(f"manifest {self.digest} has no config descriptor")
         return Descriptor.from_json(config)
 
+    @property
+    def compressed_bytes(self) -> int:
+        """What a pull downloads of an image: its config and compressed layers."""
+        return sum(d.size for d in (self.config, *self.layers))
+
 
 def config_platform(config: Mapping[str, Any]) -> Platform:
     """The platform an image config blob declares."""

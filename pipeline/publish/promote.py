@@ -57,7 +57,7 @@ def _stable(
             continue
         for image in client.platform_images(target.repository, index):
             manifest = client.manifest(target.repository, image.digest)
-            size = sum(d.size for d in (manifest.config, *manifest.layers)) if manifest else None
+            size = manifest.compressed_bytes if manifest else None
             images.append(CandidateImage(name, image.platform, image.digest, (), size))
             version = version or image.labels.get(LABEL_VERSION)
     return images, version

@@ -9,6 +9,10 @@ candidate record (pipeline/records/candidate.py), which `nox -s promote` reads.
 
 A stage that fails stops the train: nothing moves, the record and the output name the stage
 and the last lines of its log, and track exits with that stage's own exit code.
+
+`--from-edge` builds nothing: the candidate is what the edge channel already holds for
+version.json's pin and version (release.yml on a `v*` tag promotes what edge proved, its tiers
+read from the images' signed smoke attestations), or there is none and the release builds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from pipeline.core import console
 from pipeline.core.arguments import Command
 from pipeline.core.version import SemVer, build_number, load_version, save_version
-from pipeline.oci.image import LABEL_PREFIX, LABEL_VERSION
+from pipeline.oci.image import LABEL_PREFIX, LABEL_REVISION, LABEL_VERSION
 from pipeline.oci.registry import RegistryClient, registry_credentials
 from pipeline.records import load_build_records, load_smoke_records
 from pipeline.records.candidate import (
@@ -34,6 +38,7 @@ from pipeline.records.candidate import (
 )
 from pipeline.records.publish import load_publish_record
 from pipeline.track.chain import Chain, StageFailed, stage_environment
+from pipeline.track.edge import from_edge
 from pipeline.track.options import TrackOptions, add_track_arguments, resolve_track
 from pipeline.track.packages import newer_packages
 
@@ -99,7 +104,7 @@ def plan(options: TrackOptions) -> Plan | None:
     if options.packages and stable is not None:
         updates = newer_packages(options)
         if updates:
-            commit = stable.get("org.opencontainers.image.revision", "")
+            commit = stable.get(LABEL_REVISION, "")
             stable_build = _build_label(stable)
             pin_ref = f"b{stable_build}" if stable_build else None
             return Plan(commit, pin_ref, version, "packaging: " + ", ".join(updates))
@@ -187,7 +192,7 @@ def _images(options: TrackOptions, root: Path) -> list[CandidateImage]:
             manifest = client.manifest(repository.repository, build.digest)
             compressed = None
             if manifest is not None and not manifest.is_index:
-                compressed = sum(d.size for d in (manifest.config, *manifest.layers))
+                compressed = manifest.compressed_bytes
             images.append(
                 CandidateImage(
                     build.backend, build.platform, build.digest, tiers, compressed, build.size_bytes
@@ -244,7 +249,11 @@ def track(options: TrackOptions) -> CandidateRecord | None:
 
 
 def _run_track(args: argparse.Namespace) -> int:
-    track(resolve_track(args))
+    options = resolve_track(args)
+    if options.from_edge:
+        from_edge(options)
+    else:
+        track(options)
     return 0
 
 

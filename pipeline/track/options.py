@@ -44,6 +44,7 @@ class TrackOptions(Resolved):
     packages: bool = True  # a newer Debian package of the stable images is a reason to build
     no_sign: bool = False
     reproducible: bool = False  # build the cpu amd64 image twice and compare the digests
+    from_edge: bool = False  # build nothing: the candidate is what edge holds of the pin
     gpu_runner: bool = False  # a GPU is visible: GPU backends smoke their gpu tier too
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
 
@@ -135,6 +136,12 @@ def add_track_arguments(parser: argparse.ArgumentParser) -> None:
     switch(parser, "--no-packages", "do not rebuild the stable pin for newer Debian packages")
     switch(parser, "--no-sign", "publish the candidate to edge unsigned")
     switch(parser, "--reproducible", "build the cpu amd64 image twice and compare the digests")
+    switch(
+        parser,
+        "--from-edge",
+        "build nothing: write the candidate of what edge holds of version.json's pin and "
+        "version (none: exit 0 without one)",
+    )
 
 
 def resolve_track(args: argparse.Namespace) -> TrackOptions:
@@ -157,4 +164,5 @@ def resolve_track(args: argparse.Namespace) -> TrackOptions:
         packages=not args.no_packages,
         no_sign=args.no_sign,
         reproducible=args.reproducible,
+        from_edge=args.from_edge,
     )

@@ -30,7 +30,9 @@ fi
 for arch in $ARCHES; do dpkg --add-architecture "$arch"; done
 apt-get update -qq >/dev/null 2>&1 || apt-get update -qq >&2
 while read -r name version arch; do
-    candidate=$(apt-cache policy "$name:$arch" | sed -n 's/^ *Candidate: //p')
+    # Architecture-independent packages have no :all qualifier in apt's cache.
+    case $arch in all) package=$name ;; *) package=$name:$arch ;; esac
+    candidate=$(apt-cache policy "$package" | sed -n 's/^ *Candidate: //p')
     case $candidate in ""|"(none)") continue ;; esac
     if dpkg --compare-versions "$candidate" gt "$version"; then
         echo "$name $arch $version $candidate"
