@@ -93,7 +93,7 @@ def _run_job(command: BuildCommand, client: object) -> list[BuildRecord]:
         quiet=options.quiet,
         time_limit=options.time_limit,
     )
-    pushed = push_layout(job, layout_dir) if job.output in PUSHED_OUTPUTS else None
+    pushed = push_layout(job, layout_dir, options.access) if job.output in PUSHED_OUTPUTS else None
     sboms = {}
     if job.backend.runtime.kind == "scratch":  # assembled file by file: its inventory is known
         sboms = _export_sboms(command)

@@ -55,8 +55,8 @@ class PublishOptions(Resolved):
         env: Mapping[str, str] | None = None,
         **rest: Any,
     ) -> PublishOptions:
-        inputs = Resolved.load(project)
         env = dict(os.environ) if env is None else dict(env)
+        inputs = Resolved.load(project, env=env)
         check_release_tag(inputs.version.version, release_tag, env)
         target = ImageName.parse(image or inputs.version.image)
         if registry:

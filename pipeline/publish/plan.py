@@ -16,7 +16,7 @@ from pipeline.core import console
 from pipeline.core.errors import PublishError, UsageError
 from pipeline.matrix import Backend
 from pipeline.oci.image import ImageName, Manifest
-from pipeline.oci.registry import Credentials, RegistryClient, credentials_from_env
+from pipeline.oci.registry import Credentials, RegistryAccess, RegistryClient
 from pipeline.publish.options import PublishOptions
 from pipeline.publish.sources import Registries, compose_index
 from pipeline.publish.tags import Action, ExistingTag, SemVer, TagDecision, TagKind, decide
@@ -283,11 +283,12 @@ class PublishPlan:
 
 
 def auths_for(
-    target: ImageName, builds: Sequence[BuildRecord], env: Mapping[str, str]
+    target: ImageName, builds: Sequence[BuildRecord], access: RegistryAccess
 ) -> dict[str, Credentials]:
+    """The credentials of each registry publish talks to: only those that belong to it."""
     auths: dict[str, Credentials] = {}
     for registry in {target.registry, *(ImageName.parse(b.image).registry for b in builds)}:
-        creds = credentials_from_env(registry, env)
+        creds = access.credentials(registry)
         if creds is not None:
             auths[registry] = creds
     return auths

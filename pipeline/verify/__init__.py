@@ -25,7 +25,7 @@ from pipeline.matrix import Matrix
 from pipeline.oci.buildx import docker_config
 from pipeline.oci.cosign import SBOM_PREDICATE, SMOKE_PREDICATE, Cosign, verifier_from_env
 from pipeline.oci.image import LABEL_PREFIX, split_reference
-from pipeline.oci.registry import RegistryClient, registry_credentials
+from pipeline.oci.registry import RegistryClient
 from pipeline.verify.options import VerifyOptions, add_verify_arguments, resolve_verify
 
 __all__ = ["COMMANDS", "verify"]
@@ -96,8 +96,10 @@ def verify(options: VerifyOptions) -> VerifyRecord:
     """Verify every signature and attestation of the image `options.image` names."""
     started = time.monotonic()
     name, reference = split_reference(options.image)
-    credentials = registry_credentials(name.registry, options.env)
-    with RegistryClient(name.registry, credentials) as client:
+    credentials = options.access.credentials(name.registry)
+    with RegistryClient(
+        name.registry, credentials, token_hosts=options.access.token_hosts
+    ) as client:
         top = client.manifest(name.repository, reference)
         if top is None:
             raise VerifyError(f"{options.image} is not in the registry {name.registry}")

@@ -34,7 +34,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_verify(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> VerifyOptions:
-    inputs = Resolved.load(Project.discover())
+    inputs = Resolved.load(Project.discover(), env=env)
     image = args.image or f"{inputs.version.image}:{inputs.version.version}"
     return VerifyOptions(
         **vars(inputs),
