@@ -466,13 +466,15 @@ MALFORMED = {
 @pytest.mark.docker
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_a_malformed_registry_answer_is_one_registry_error(
-    case: str, fault_proxy: FaultProxy, capsys: pytest.CaptureFixture[str]
+    case: str, fault_proxy: FaultProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Through the command line: `verify` reads the image's index first, and the registry's
     answer is malformed: exit 10, one line, no traceback."""
     pattern, response, words = MALFORMED[case]
     fault_proxy.answer(pattern, response)
-    code = cli.main(["verify", f"{fault_proxy.host}/x/y:latest", "--key", "unused.pub"])
+    key = tmp_path / "cosign.pub"  # never read: the registry's answer stops verify first
+    key.write_text("")
+    code = cli.main(["verify", f"{fault_proxy.host}/x/y:latest", "--key", str(key)])
     err = capsys.readouterr().err
     assert code == 10, err
     assert err.count("\n") == 1 and "Traceback" not in err, err

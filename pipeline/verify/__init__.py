@@ -95,6 +95,8 @@ def _needs_sbom(matrix: Matrix, labels: Mapping[str, str]) -> bool:
 def verify(options: VerifyOptions) -> VerifyRecord:
     """Verify every signature and attestation of the image `options.image` names."""
     started = time.monotonic()
+    # Who must have signed, checked before the registry is asked.
+    verifier = verifier_from_env(options.key, options.identity, options.issuer, options.env)
     name, reference = split_reference(options.image)
     credentials = options.access.credentials(name.registry)
     with RegistryClient(
@@ -105,7 +107,6 @@ def verify(options: VerifyOptions) -> VerifyRecord:
             raise VerifyError(f"{options.image} is not in the registry {name.registry}")
         images = list(client.platform_images(name.repository, top))
     auths = {name.registry: credentials} if credentials else {}
-    verifier = verifier_from_env(options.key, options.identity, options.issuer, options.env)
     with docker_config(auths) as config_dir:
         cosign = Cosign(options.env, config_dir)
         signed = f"{name}@{top.digest}"
