@@ -15,11 +15,11 @@ from typing import Any
 from pipeline.core.arguments import switch
 from pipeline.core.errors import ConfigError
 from pipeline.core.project import Project
-from pipeline.matrix import Backend
+from pipeline.matrix import Backend, Matrix
 from pipeline.matrix.choose import Resolved, backend_argument, backends_named
 from pipeline.oci.image import ImageName
 from pipeline.oci.registry import RetryPolicy
-from pipeline.publish.tags import TagRules, load_tag_rules
+from pipeline.publish.tags import SemVer, TagRules, load_tag_rules
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,26 @@ class PublishOptions(Resolved):
         image: str | None = None,
         release_tag: str | None = None,
         env: Mapping[str, str] | None = None,
+        matrix: Matrix | None = None,
         **rest: Any,
     ) -> PublishOptions:
         env = dict(os.environ) if env is None else dict(env)
-        inputs = Resolved.load(project, env=env)
+        inputs = Resolved.load(project, matrix, env)
         check_release_tag(inputs.version.version, release_tag, env)
+        rules = load_tag_rules()
+        pin = inputs.version.llama_cpp
+        rules.check_backends(
+            ((b.name, b.tag_suffix) for b in inputs.matrix.backends.values()),
+            SemVer.parse(inputs.version.version),
+            pin.commit,
+            pin.ref,
+        )
         target = ImageName.parse(image or inputs.version.image)
         if registry:
             target = ImageName(registry.rstrip("/"), target.repository)
         return cls(
             **vars(inputs),
-            rules=load_tag_rules(),
+            rules=rules,
             target=target,
             backends=backends_named(backends, inputs.matrix) if backends else (),
             env=env,
