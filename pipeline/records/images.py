@@ -39,12 +39,13 @@ def _is_image_name(text: str) -> bool:
     return True
 
 
-def _is_reference(text: str) -> bool:
+def _is_reference(text: str, of: str | None = None) -> bool:
+    """Whether `text` is an image reference (to a tag or digest of repository `of`)."""
     try:
-        split_reference(text)
+        name = split_reference(text)[0]
+        return of is None or name == ImageName.parse(of)
     except PipelineError:
         return False
-    return True
 
 
 def arch_of(platform: str) -> str:
@@ -136,7 +137,7 @@ class BuildRecord(PlatformRecord):
         if self.output == "oci":
             ok = self.ref.startswith("oci-archive:") and self.ref.endswith(f"@{self.digest}")
         else:
-            ok = _is_reference(self.ref) and self.ref.startswith(f"{self.image}")
+            ok = _is_reference(self.ref, of=self.image)
         if not ok:
             raise self.refuse(where, "ref", f"a reference to {self.image} (its output)")
         if not COMMIT_RE.match(self.commit):
