@@ -161,3 +161,41 @@ def test_a_key_that_is_not_there_is_refused_before_cosign_runs(tmp_path: Path) -
     with pytest.raises(UsageError, match="--key names the key file"):
         verifier_from_env(str(tmp_path / "nope.pub"), None, None, {})
     assert KeyRef.of("awskms:///alias/x", "COSIGN_KEY", {}).prefixes == ("AWS_",)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("checks", [7, [], "all of them"])
+def test_a_signed_attestation_of_another_shape_is_one_line(
+    checks: Any,
+    make_registry: Any,
+    cosign_keys: KeyPair,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Signed by our key, so cosign accepts it, but not what publish attests: verify ends
+    with one line (exit 16), never a traceback."""
+    from pipeline import cli
+    from pipeline.oci.cosign import SMOKE_PREDICATE
+
+    registry: LocalRegistry = make_registry()
+    ref = push_tiny_image(registry, "team/app")
+    env = {**cosign_keys.signing_env(), "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    signer = Signer.from_env(env)
+    assert signer is not None
+    cosign = Cosign(env)
+    cosign.sign(signer, ref)
+    body = tmp_path / "predicate.json"
+    digest = ref.rsplit("@", 1)[1]
+    predicate = {"digest": digest, "platform": "linux/amd64", "passed": True, "checks": checks}
+    body.write_text(json.dumps(predicate))
+    cosign.attest(signer, ref, body, SMOKE_PREDICATE)
+    for name, value in cosign_keys.signing_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    (tmp_path / "version.json").write_text(
+        (Path(__file__).parent.parent / "version.json").read_text()
+    )
+    code = cli.main(["verify", ref])
+    err = capsys.readouterr().err
+    assert code == 16 and err.count("\n") == 1 and "Traceback" not in err, err

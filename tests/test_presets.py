@@ -142,6 +142,28 @@ def test_an_unpinned_preset_is_checked_as_gguf_and_its_pin_printed(
     assert f"sha256: {sha256_of(second)}, size: {second.stat().st_size}" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nests deeper than any data file"),
+        ("recommend: {share: 2}\nmodels: {}", "key 'share' is 2"),
+        (
+            "recommend: {share: 0.5, overhead_bytes: 1, task: chat, efficiency: 0}\nmodels: {}",
+            "efficiency",
+        ),
+    ],
+    ids=["deep", "share", "efficiency"],
+)
+def test_a_catalogue_of_ones_own_that_is_not_one_is_one_line(
+    text: str, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    catalogue = tmp_path / "c.yaml"
+    catalogue.write_text(text)
+    assert main(["models", "list", "--catalogue", str(catalogue)]) == 3
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
+
+
 def test_a_preset_that_does_not_exist_names_the_known_ones(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -270,9 +270,16 @@ class Cosign:
         )
         statements = []
         for line in out.splitlines():
-            if line.strip():
-                envelope = json.loads(line)
-                statements.append(json.loads(base64.b64decode(envelope["payload"])))
+            if not line.strip():
+                continue
+            # Signed, but read from the registry: an envelope of another shape is one line.
+            try:
+                statement = json.loads(base64.b64decode(json.loads(line)["payload"]))
+            except (ValueError, KeyError, TypeError, RecursionError):
+                statement = None
+            if not isinstance(statement, dict) or not isinstance(statement.get("predicate"), dict):
+                raise VerifyError(f"{ref}: a {kind} attestation that is not an in-toto statement")
+            statements.append(statement)
         return statements
 
     @contextmanager

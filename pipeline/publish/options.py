@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.arguments import switch
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, PipelineError, UsageError
 from pipeline.core.project import Project
 from pipeline.matrix import Backend, Matrix
 from pipeline.matrix.choose import Resolved, backend_argument, backends_named
+from pipeline.oci.credentials import registry_host
 from pipeline.oci.image import ImageName
 from pipeline.oci.registry import RetryPolicy
 from pipeline.publish.tags import SemVer, TagRules, load_tag_rules
@@ -67,9 +68,12 @@ class PublishOptions(Resolved):
             pin.commit,
             pin.ref,
         )
-        target = ImageName.parse(image or inputs.version.image)
+        try:
+            target = ImageName.parse(image or inputs.version.image)
+        except PipelineError as exc:
+            raise UsageError(f"--image: {exc.message}", exc.hint) from None
         if registry:
-            target = ImageName(registry.rstrip("/"), target.repository)
+            target = ImageName(registry_host(registry, "--registry"), target.repository)
         return cls(
             **vars(inputs),
             rules=rules,

@@ -64,9 +64,13 @@ def _smoke_passed(statements: list[dict[str, Any]], platform: str, digest: str) 
     for statement in statements:
         predicate = statement.get("predicate") or {}
         if predicate.get("digest") == digest and predicate.get("platform") == platform:
+            listed = predicate.get("checks")
+            if predicate.get("passed") is True and isinstance(listed, list) and listed:
+                return f"passed {len(listed)} checks ({predicate.get('model') or 'a model'})"
             if predicate.get("passed") is True:
-                checks = len(predicate.get("checks") or [])
-                return f"passed {checks} checks ({predicate.get('model') or 'a model'})"
+                raise VerifyError(
+                    f"{platform} {digest[:19]}…: its smoke attestation passes without checks"
+                )
             raise VerifyError(f"{platform} {digest[:19]}…: its smoke attestation says it failed")
     raise VerifyError(
         f"{platform} {digest[:19]}…: no smoke attestation is about this digest",
@@ -74,14 +78,22 @@ def _smoke_passed(statements: list[dict[str, Any]], platform: str, digest: str) 
     )
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _sbom_listed(statements: list[dict[str, Any]], platform: str, digest: str) -> str:
     for statement in statements:
-        bom = statement.get("predicate") or {}
-        properties = (bom.get("metadata") or {}).get("component", {}).get("properties") or []
+        bom = _mapping(statement.get("predicate"))
+        component = _mapping(_mapping(bom.get("metadata")).get("component"))
+        properties = component.get("properties")
         if bom.get("bomFormat") == "CycloneDX" and {"name": "platform", "value": platform} in (
-            properties
+            properties if isinstance(properties, list) else []
         ):
-            files = sum(len(c.get("components") or []) for c in bom.get("components") or [])
+            listed = bom.get("components")
+            parts: list[Any] = listed if isinstance(listed, list) else []
+            inner = [_mapping(part).get("components") for part in parts]
+            files = sum(len(files) for files in inner if isinstance(files, list))
             return f"CycloneDX {bom.get('specVersion')}: {files} files"
     raise VerifyError(f"{platform} {digest[:19]}…: no SBOM attestation for {platform}")
 
