@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import COMMANDS, build_parser, main
-from pipeline.core.arguments import port_number, positive_int, positive_minutes, positive_seconds
+from pipeline.core.arguments import (
+    port_number,
+    positive_int,
+    positive_minutes,
+    positive_rate,
+    positive_seconds,
+)
 
-NUMBER_TYPES = (port_number, positive_int, positive_minutes, positive_seconds)
+NUMBER_TYPES = (port_number, positive_int, positive_minutes, positive_rate, positive_seconds)
 
 
 def numeric_options() -> list[tuple[str, str]]:
