@@ -91,6 +91,9 @@ BAD: dict[str, tuple[str, str, Any, str]] = {
     "sbom-dots": ("build", "sbom", "..", "key 'sbom' is '..'"),
     "sbom-backslash": ("build", "sbom", "..\\secret", "key 'sbom'"),
     "digest": ("build", "digest", "sha256:1234", "key 'digest' is 'sha256:1234'"),
+    "digest-line-break": ("build", "digest", DIGEST + "\n", "key 'digest'"),
+    "sbom-line-break": ("build", "sbom", "sbom-cpu-amd64.cdx.json\n", "key 'sbom'"),
+    "commit-line-break": ("build", "commit", PINNED_COMMIT + "\n", "key 'commit'"),
     "index-digest": ("build", "index_digest", "md5:" + "0" * 32, "key 'index_digest'"),
     "image-not-a-name": ("build", "image", "Evil Image\nRUN x", "key 'image'"),
     "image-with-tag": ("build", "image", f"{IMAGE}:latest", "key 'image'"),
@@ -110,6 +113,8 @@ BAD: dict[str, tuple[str, str, Any, str]] = {
     ),
     "smoke-digest": ("smoke", "digest", "sha256:zz", "key 'digest'"),
     "smoke-image": ("smoke", "image", "not a reference", "key 'image'"),
+    "smoke-image-line-break": ("smoke", "image", f"{IMAGE}:1\nRUN x", "key 'image'"),
+    "smoke-tag-line-break": ("smoke", "image", f"{IMAGE}:1\n", "key 'image'"),
     "smoke-tier": ("smoke", "tier", "../gpu", "key 'tier'"),
 }
 

@@ -15,7 +15,7 @@ from pipeline.core.datafile import parse_json, read_data_file, write_json_atomic
 from pipeline.core.fields import Fields
 
 DEFAULT_REPOSITORY = "https://github.com/ggml-org/llama.cpp"
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}\Z")
 # Semantic Versioning 2.0.0, the official regex (prerelease and build metadata allowed).
 SEMVER_RE = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"

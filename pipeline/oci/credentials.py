@@ -35,7 +35,7 @@ _HUB_ALIASES = frozenset({"index.docker.io", "registry-1.docker.io", "registry.h
 # host[:port]: a DNS name, an IPv4 address or a bracketed IPv6 one.
 _HOST_RE = re.compile(
     r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
-    r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$"
+    r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?\Z"
 )
 
 

@@ -68,7 +68,7 @@ RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
 # What a bearer token may hold (RFC 6750's b64token, and the dots and padding of a JWT): a
 # token with anything else (a line break) would make a header of its own.
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*\Z")
 # httpx's event hooks, passed through: how a caller (a test) watches each response.
 EventHooks = Mapping[str, Sequence[Callable[..., object]]]
 

@@ -25,10 +25,10 @@ Output = Literal["load", "push", "push-by-digest", "oci"]
 OUTPUTS: tuple[Output, ...] = ("load", "push", "push-by-digest", "oci")
 PUSHED_OUTPUTS = frozenset({"push", "push-by-digest"})
 # A backend, a tier or a CPU variant set: matrix.yaml's names (they become file names).
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9]+(?:/[a-z0-9]+)?$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")
+_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9]+(?:/[a-z0-9]+)?\Z")
 # A file beside the record: a name, no directory part (publish attests it publicly).
-_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 def _is_image_name(text: str) -> bool:
