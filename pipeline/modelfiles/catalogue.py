@@ -139,8 +139,8 @@ class RecommendRules:
     overhead_bytes: int  # llama-server's own, besides the weights and the KV cache
     task: str  # what `recommend` recommends for when not told
     min_tokens_per_second: float = 10.0  # the slowest generation worth recommending
-    # Of the memory bandwidth the probe measures, the share llama.cpp's generation turns into
-    # tokens (calibrated against a measured run: catalogue.yaml says which).
+    # Of the memory bandwidth the probe measures, the share llama.cpp's generation is taken to
+    # turn into reads (a nominal figure: catalogue.yaml and the README say how it compared).
     efficiency: float = 0.5
     past_tokens: int = 1024  # where in a conversation the estimate is made (KV cache read)
 
