@@ -778,7 +778,7 @@ def test_attested_push_report_carries_the_index_publish_joins(tmp_path: Path) ->
 
     with pytest.raises(RecordInvalidError) as failure:
         BuildRecord.from_json(built.to_json() | {"index_digest": "latest"}, "build-x.json")
-    assert "malformed index_digest" in failure.value.line()
+    assert "build-x.json: key 'index_digest' is 'latest'" in failure.value.line()
 
 
 # ------------------------------------------------------------------------ pushes

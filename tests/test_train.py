@@ -193,7 +193,7 @@ class Line:
             key: substitute(render(value), base)
             for key, value in workflow["env"].items()
             if key != "FORCE_COLOR"
-        } | {"IMAGE": f"{self.registry.host}/{self.image}"}
+        } | {"IMAGE": f"{self.registry.host}/{self.image}", "REGISTRY_HOST": self.registry.host}
         uses: dict[str, Action] = {
             "actions/checkout": checkout_action,
             "actions/setup-python": setup_python,

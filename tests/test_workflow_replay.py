@@ -128,7 +128,7 @@ def test_the_release_workflow_replayed_in_the_lab(
         return registry.host if registry_name == "docker.io" else registry_name
 
     workflow_env = {
-        name: re.sub(r"^docker\.io/", f"{registry.host}/", str(value))
+        name: re.sub(r"^docker\.io(?=/|$)", registry.host, str(value))
         for name, value in workflow["env"].items()
     } | {"CPU_VARIANTS": TEST_CPU_VARIANTS}
     image = workflow_env["IMAGE"].removeprefix(f"{registry.host}/")

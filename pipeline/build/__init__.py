@@ -27,7 +27,7 @@ from pipeline.build.carry import CCACHE_SEED_CONTEXT, ccache_dir, ccache_seed
 from pipeline.build.command import BuildCommand, Source
 from pipeline.build.options import BuildOptions, add_build_arguments, resolve_build
 from pipeline.build.plan import BuildJob, check_builder_platforms, check_output_support, plan_jobs
-from pipeline.build.readback import collect_records, push_layout
+from pipeline.build.readback import check_push_access, collect_records, push_layout
 from pipeline.build.sbom import cyclonedx, read_inventory, write_sbom
 from pipeline.build.toolkit import TOOLKIT_CONTEXT, toolkit_context
 from pipeline.core import console
@@ -57,6 +57,7 @@ def build(options: BuildOptions, snapshot: Snapshot) -> list[BuildRecord]:
     builder = inspect_builder(options.builder)
     check_builder_platforms(builder, jobs)
     check_output_support(builder, jobs)
+    check_push_access(jobs, options.access)
     records: list[BuildRecord] = []
     for job in jobs:
         command = BuildCommand(
@@ -93,7 +94,7 @@ def _run_job(command: BuildCommand, client: object) -> list[BuildRecord]:
         quiet=options.quiet,
         time_limit=options.time_limit,
     )
-    pushed = push_layout(job, layout_dir) if job.output in PUSHED_OUTPUTS else None
+    pushed = push_layout(job, layout_dir, options.access) if job.output in PUSHED_OUTPUTS else None
     sboms = {}
     if job.backend.runtime.kind == "scratch":  # assembled file by file: its inventory is known
         sboms = _export_sboms(command)
@@ -194,6 +195,7 @@ def records_table(records: Sequence[BuildRecord]) -> Table:
 
 def _run(args: argparse.Namespace) -> int:
     options = resolve_build(args)
+    plan_jobs(options)  # every usage error of the request before the snapshot is even read
     records = build(options, check_snapshot(options.project))
     console.out.print(records_table(records))
     for record in records:

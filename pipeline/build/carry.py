@@ -14,18 +14,13 @@ from pathlib import Path
 
 from pipeline.build.plan import BuildJob
 from pipeline.core.console import err
-from pipeline.core.errors import UsageError
 
 CCACHE_SEED_CONTEXT = "ccache-seed"
 
 
 def ccache_dir(root: Path, job: BuildJob) -> Path:
-    """`root/<backend>-<arch>`: the cache mount is per target architecture."""
-    if len(job.platforms) != 1:
-        raise UsageError(
-            "--ccache-from/--ccache-to carry one architecture's compiler cache per build",
-            "build one platform per call (the release does: --push-by-digest per platform)",
-        )
+    """`root/<backend>-<arch>`: the cache mount is per target architecture (plan_jobs refuses
+    a carried cache for a job of several platforms)."""
     return root.expanduser().resolve() / job.key
 
 

@@ -84,7 +84,23 @@ class BuildOptions(Resolved):
             **rest,
         )
         _check_build_args(options.build_args)
+        _check_directories(options)
         return options
+
+
+def _check_directories(options: BuildOptions) -> None:
+    """What must be a directory is not a file: else the build would fail only at its end."""
+    for flag, path in (("--ccache-from", options.ccache_from), ("--ccache-to", options.ccache_to)):
+        if path is not None and path.expanduser().exists() and not path.expanduser().is_dir():
+            raise UsageError(
+                f"{flag} {path}: not a directory", "name a directory (--ccache-to makes it)"
+            )
+    oci = options.oci_path
+    if oci is not None and oci.suffix != ".tar" and oci.exists() and not oci.is_dir():
+        raise UsageError(
+            f"--oci {oci}: neither a .tar file name nor a directory",
+            "give PATH.tar, or a directory for <backend>.tar",
+        )
 
 
 def _check_build_args(build_args: Sequence[tuple[str, str]]) -> None:

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.build.options import BuildOptions
-from pipeline.core.errors import BuildError, UsageError
+from pipeline.core.errors import BuildError, RegistryError, UsageError
 from pipeline.matrix import Backend, CpuVariantSet, TargetPlatform, host_platform
 from pipeline.oci.buildx import BuilderInfo
-from pipeline.records import Output
+from pipeline.oci.image import split_reference
+from pipeline.records import PUSHED_OUTPUTS, Output
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,14 @@ def split_repository(reference: str) -> tuple[str, str | None]:
 
 
 def _full_tag(tag: str, image: str) -> str:
-    """`dev` -> `<image>:dev`; a reference with a name passes through."""
-    return tag if "/" in tag or ":" in tag else f"{image}:{tag}"
+    """`dev` -> `<image>:dev`; a reference with a name passes through. Either must be an image
+    reference (buildx would take it only once the build is done)."""
+    full = tag if "/" in tag or ":" in tag else f"{image}:{tag}"
+    try:
+        split_reference(full)
+    except RegistryError as exc:
+        raise UsageError(f"--tag {tag!r}: {exc.message}", "give name[:tag], or a tag") from None
+    return full
 
 
 def _job(
@@ -97,10 +104,10 @@ def _check_host_only(variants: CpuVariantSet, options: BuildOptions) -> None:
             f"{', '.join(others)}",
             "build other platforms with --cpu-variants all or baseline",
         )
-    if options.output == "push-by-digest":
+    if options.output in PUSHED_OUTPUTS:
         raise UsageError(
             f"--cpu-variants {variants.name} is a local try-out, not a release build: it is "
-            "never pushed by digest for publishing",
+            f"never pushed (--{options.output})",
             "release builds use --cpu-variants all (the default for pushes)",
         )
 
@@ -117,6 +124,12 @@ def plan_jobs(options: BuildOptions) -> list[BuildJob]:
     jobs: list[BuildJob] = []
     for backend in {t.backend.name: t.backend for t in targets}.values():
         platforms = tuple(t.platform for t in targets if t.backend.name == backend.name)
+        carried = options.ccache_from is not None or options.ccache_to is not None
+        if carried and len(platforms) > 1 and options.output in ("push", "oci"):
+            raise UsageError(
+                "--ccache-from/--ccache-to carry one architecture's compiler cache per build",
+                "build one platform per call (the release does: --push-by-digest per platform)",
+            )
         variants = options.cpu_variants or options.matrix.cpu_variant_set(backend.cpu_variants)
         default_tag = f"{version.image}:{version.version}-{backend.name}"
         # Never mistaken for a release build: a host-only build's tags say whose CPU it is for.

@@ -10,7 +10,7 @@ Loads are asked of the local engine, --oci of the tarball. One BuildRecord per p
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,25 @@ from pipeline.build.plan import BuildJob, split_repository
 from pipeline.core.errors import BuildError, PipelineError
 from pipeline.oci.engine import image_digest, image_sizes, local_image
 from pipeline.oci.image import ImageName, Manifest, OciLayout
-from pipeline.oci.registry import RegistryClient, registry_credentials
-from pipeline.records import BuildRecord
+from pipeline.oci.registry import RegistryAccess, RegistryClient
+from pipeline.records import PUSHED_OUTPUTS, BuildRecord
 
 
-def push_layout(job: BuildJob, layout_dir: Path) -> Manifest:
-    """Push the job's OCI layout to its repository (and under its tags, for --push); the top
-    manifest as the registry holds it afterwards. The layout is removed once pushed."""
+def check_push_access(jobs: Sequence[BuildJob], access: RegistryAccess) -> None:
+    """Each repository a job pushes to takes our pushes: asked before any build starts, so a
+    missing password or an unreachable registry is not found after the compile."""
+    for repository in dict.fromkeys(
+        split_repository(job.tags[0])[0] for job in jobs if job.output in PUSHED_OUTPUTS
+    ):
+        image = ImageName.parse(repository)
+        with RegistryClient.for_access(image.registry, access) as client:
+            client.ping(image.repository, push=True)
+
+
+def push_layout(job: BuildJob, layout_dir: Path, access: RegistryAccess) -> Manifest:
+    """Push the job's OCI layout to its repository (and under its tags, for --push), with the
+    credentials that belong to its registry; the top manifest as the registry holds it
+    afterwards. The layout is removed once pushed."""
     targets: dict[str, list[str]] = {}
     for reference in job.tags:  # for push-by-digest: the repository alone, no tag
         name, tag = split_repository(reference)
@@ -35,7 +47,7 @@ def push_layout(job: BuildJob, layout_dir: Path) -> Manifest:
         try:
             with (
                 OciLayout(layout_dir) as layout,
-                RegistryClient(image.registry, registry_credentials(image.registry)) as client,
+                RegistryClient.for_access(image.registry, access) as client,
             ):
                 pushed = client.push_layout(image.repository, layout, tags)
                 top = client.manifest(image.repository, pushed.digest)

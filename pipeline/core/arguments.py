@@ -49,6 +49,7 @@ port_number = _number(int, 1, "a port number (1-65535)", 65535)
 positive_int = _number(int, 1, "a whole number of at least 1")
 positive_seconds = _number(float, 0.001, "a number of seconds (up to a day)", 86_400)
 positive_minutes = _number(float, 0.001, "a number of minutes (up to a day)", 1_440)
+positive_rate = _number(float, 0.001, "a positive number (at most a million)", 1_000_000)
 
 
 def switch(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:

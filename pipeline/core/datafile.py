@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, PipelineError
 
 
 def read_data_file(path: Path, missing_hint: str) -> str:
@@ -35,6 +36,25 @@ def parse_yaml(text: str, where: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{where} is not valid YAML{at}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} nests deeper than any data file of the pipeline") from None
+
+
+def parse_json(
+    text: str,
+    where: str,
+    error: Callable[..., PipelineError] = ConfigError,
+    hint: str | None = None,
+) -> Any:
+    """JSON text of a data file or record; `error` (ConfigError unless the file is a record
+    with an error type of its own) saying where it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        message = f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise error(message, hint) from None
+    except RecursionError:
+        raise error(f"{where} nests deeper than any file of the pipeline", hint) from None
 
 
 def load_yaml(path: Path) -> Any:

@@ -6,19 +6,18 @@ The pin lives here and nowhere else: .ci/provision and the tests read it from th
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from functools import total_ordering
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.datafile import read_data_file, write_json_atomic
+from pipeline.core.datafile import parse_json, read_data_file, write_json_atomic
 from pipeline.core.errors import ConfigError
 from pipeline.core.fields import Fields
 
 DEFAULT_REPOSITORY = "https://github.com/ggml-org/llama.cpp"
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}\Z")
 # Semantic Versioning 2.0.0, the official regex (prerelease and build metadata allowed).
 SEMVER_RE = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -157,13 +156,7 @@ def parse_version(data: Any, where: str = "version.json") -> VersionInfo:
 
 def load_version(path: Path) -> VersionInfo:
     text = read_data_file(path, "create it or run from the project checkout")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path.name} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    return parse_version(data, path.name)
+    return parse_version(parse_json(text, path.name), path.name)
 
 
 def save_version(path: Path, info: VersionInfo) -> None:

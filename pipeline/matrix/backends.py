@@ -97,6 +97,15 @@ class BackendSmoke:
             return self.publish_requires
         return self.publish_without_gpu
 
+    def tier(self, backend: str, name: str) -> SmokeTier:
+        """The tier `name` of `backend`; a UsageError listing its tiers when it has none."""
+        if name not in self.tiers:
+            raise UsageError(
+                f"backend {backend} has no smoke tier {name!r}",
+                f"its tiers: {', '.join(self.tiers)}, and real (every backend)",
+            )
+        return self.tiers[name]
+
 
 @dataclass(frozen=True)
 class CudaRuntime:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.core.errors import UsageError
@@ -15,20 +15,29 @@ from pipeline.core.project import Project
 from pipeline.core.version import VersionInfo, load_version
 from pipeline.matrix import load_matrix
 from pipeline.matrix.backends import Backend, Matrix, TargetPlatform, host_platform
+from pipeline.oci.credentials import RegistryAccess
+from pipeline.oci.image import ImageName
 
 
 @dataclass(frozen=True)
 class Resolved:
     """The base of every stage's options: the project, its matrix and its version.json, read
-    once when the options resolve; a stage reads them here, never again from their files."""
+    once when the options resolve; a stage reads them here, never again from their files.
+    `access`: which registry the environment's credentials belong to ($REGISTRY_HOST, else
+    version.json's image's registry)."""
 
     project: Project
     matrix: Matrix = field(repr=False)
     version: VersionInfo = field(repr=False)
+    access: RegistryAccess = field(repr=False)
 
     @classmethod
-    def load(cls, project: Project, matrix: Matrix | None = None) -> Resolved:
-        return cls(project, matrix or load_matrix(), load_version(project.version_file))
+    def load(
+        cls, project: Project, matrix: Matrix | None = None, env: Mapping[str, str] | None = None
+    ) -> Resolved:
+        version = load_version(project.version_file)
+        access = RegistryAccess.from_env(ImageName.parse(version.image).registry, env)
+        return cls(project, matrix or load_matrix(), version, access)
 
 
 def backend_argument(parser: argparse.ArgumentParser, help_text: str) -> None:

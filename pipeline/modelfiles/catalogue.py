@@ -39,6 +39,8 @@ _FIELDS = (
     "purpose",
     "source",
 )
+# Mixture-of-experts models only: all their parameters, and those one token reads.
+_MOE_FIELDS = ("parameters", "active_parameters")
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class CatalogueModel:
     purpose: str
     pypi: WheelSource | None = None
     hub: HubSource | None = None
+    parameters: int | None = None  # mixture of experts: every expert's
+    active_parameters: int | None = None  # mixture of experts: what one token runs through
 
     @property
     def origin(self) -> WheelSource | HubSource:
@@ -119,12 +123,26 @@ class CatalogueModel:
         """The GGUF and its f16 KV cache at `context` tokens (default: the preset's)."""
         return self.size + self.kv_bytes_per_token * (context or self.context)
 
+    def bytes_per_token(self, past: int) -> int:
+        """What generating one token reads, `past` tokens into a conversation: the weights it
+        runs through (of a mixture of experts, its active share; the file's bytes in that
+        proportion) and the KV cache so far."""
+        weights = self.size
+        if self.parameters and self.active_parameters:
+            weights = self.size * self.active_parameters // self.parameters
+        return weights + self.kv_bytes_per_token * min(past, self.context)
+
 
 @dataclass(frozen=True)
 class RecommendRules:
     share: float  # of the host's memory a model may take
     overhead_bytes: int  # llama-server's own, besides the weights and the KV cache
     task: str  # what `recommend` recommends for when not told
+    min_tokens_per_second: float = 10.0  # the slowest generation worth recommending
+    # Of the memory bandwidth the probe measures, the share llama.cpp's generation is taken to
+    # turn into reads (a nominal figure: catalogue.yaml and the README say how it compared).
+    efficiency: float = 0.5
+    past_tokens: int = 1024  # where in a conversation the estimate is made (KV cache read)
 
     def budget(self, memory: int) -> int:
         """Of `memory` bytes, what a model may use."""
@@ -156,10 +174,25 @@ def _source(spec: Fields) -> tuple[WheelSource | None, HubSource | None]:
     return None, HubSource(hub.text("repo"), hub.text("file"), hub.text("revision", default="main"))
 
 
+def _moe(spec: Fields) -> tuple[int | None, int | None]:
+    """parameters and active_parameters: both (a mixture of experts) or neither."""
+    present = [key for key in _MOE_FIELDS if spec.has(key)]
+    if not present:
+        return None, None
+    if len(present) == 1:
+        spec.fail(f"{present[0]} goes with {({*_MOE_FIELDS} - {present[0]}).pop()}")
+    total = spec.integer("parameters", minimum=1)
+    active = spec.integer("active_parameters", minimum=1)
+    if active > total:
+        spec.fail(f"active_parameters {active} exceeds parameters {total}")
+    return total, active
+
+
 def _model(name: str, spec: Fields) -> CatalogueModel:
     for key in _FIELDS:
         spec.raw(key)  # every key present (sha256 may be null)
     pypi, hub = _source(spec)
+    parameters, active = _moe(spec)
     sha256 = spec.optional_text("sha256", SHA256_RE)
     if sha256 is None and pypi is not None:
         spec.fail("sha256: a wheel's model is pinned by its sha256")
@@ -180,19 +213,28 @@ def _model(name: str, spec: Fields) -> CatalogueModel:
         purpose=" ".join(spec.text("purpose").split()),
         pypi=pypi,
         hub=hub,
+        parameters=parameters,
+        active_parameters=active,
     )
 
 
 def load_catalogue(path: Path = CATALOGUE_FILE) -> Catalogue:
     top = Fields(load_yaml(path), path.name, ("recommend", "models"))
-    rules = top.sub("recommend", ("share", "overhead_bytes", "task"))
+    speed = ("min_tokens_per_second", "efficiency", "past_tokens")
+    rules = top.sub("recommend", ("share", "overhead_bytes", "task", *speed))
     return Catalogue(
         RecommendRules(
             rules.number("share", above=0, at_most=1),
             rules.integer("overhead_bytes", minimum=1),
             rules.choice("task", TASKS),
+            rules.number("min_tokens_per_second", above=0, default=10.0),
+            rules.number("efficiency", above=0, at_most=1, default=0.5),
+            rules.integer("past_tokens", minimum=0, default=1024),
         ),
-        {name: _model(name, spec) for name, spec in top.entries("models", _FIELDS)},
+        {
+            name: _model(name, spec)
+            for name, spec in top.entries("models", (*_FIELDS, *_MOE_FIELDS))
+        },
     )
 
 

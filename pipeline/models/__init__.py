@@ -1,6 +1,6 @@
 """`nox -s models -- list | pull NAME | recommend`: the model catalogue (modelfiles/catalogue.yaml)
-from the command line. `recommend` (recommend.py) picks the preset this host fits and prints the
-llama-server options that go with it.
+from the command line. `recommend` (recommend.py) picks the preset this host fits and runs fast
+enough, and prints the llama-server options that go with it.
 """
 
 from __future__ import annotations
@@ -12,15 +12,29 @@ from pathlib import Path
 
 from pipeline.core.arguments import Command
 from pipeline.core.console import out
-from pipeline.core.errors import UsageError
+from pipeline.core.errors import ModelError, UsageError
 from pipeline.core.pypi import sha256_of
 from pipeline.matrix import load_matrix
 from pipeline.matrix.hostgpu import detect_backend
 from pipeline.modelfiles.catalogue import Catalogue, ensure_catalogue_model, load_catalogue
-from pipeline.models.options import add_models_arguments
-from pipeline.models.recommend import HostMemory, Recommendation, gib, host_memory, recommend
+from pipeline.models.options import ModelsOptions, add_models_arguments, resolve_models
+from pipeline.models.recommend import (
+    HostMemory,
+    Recommendation,
+    gib,
+    host_memory,
+    probe_bandwidth,
+    recommend,
+)
 
-__all__ = ["COMMANDS", "HostMemory", "Recommendation", "host_memory", "recommend"]
+__all__ = [
+    "COMMANDS",
+    "HostMemory",
+    "Recommendation",
+    "host_memory",
+    "probe_bandwidth",
+    "recommend",
+]
 
 
 def _list(catalogue: Catalogue) -> int:
@@ -44,16 +58,26 @@ def _list(catalogue: Catalogue) -> int:
     return 0
 
 
-def _place(path: Path, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
+def _place(path: Path, into: Path) -> tuple[Path, bool]:
+    """`path` also at `into` (a hard link where possible); (where, whether it was placed): a
+    target that already is the file (the model cache itself, an earlier link) is left alone."""
     target = into / path.name
-    if target.exists():
-        target.unlink()
+    if target.exists() and os.path.samefile(target, path):
+        return target, False
     try:
-        os.link(path, target)
-    except OSError:
-        shutil.copy2(path, target)
-    return target
+        into.mkdir(parents=True, exist_ok=True)
+        partial = into / f".{path.name}.partial"
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(path, partial)
+        except OSError:
+            shutil.copy2(path, partial)
+        os.replace(partial, target)  # the old file stays whole until the new one is there
+    except OSError as exc:
+        raise ModelError(
+            f"cannot put {path.name} into {into}: {exc.strerror}", "choose another --into"
+        ) from None
+    return target, True
 
 
 def _pull(catalogue: Catalogue, name: str | None, into: Path | None) -> int:
@@ -69,24 +93,36 @@ def _pull(catalogue: Catalogue, name: str | None, into: Path | None) -> int:
             soft_wrap=True,
         )
     if into is not None:
-        out.print(f"also at {_place(path, into)}", soft_wrap=True)
+        target, placed = _place(path, into)
+        said = "also at" if placed else "already at"
+        out.print(f"{said} {target}", soft_wrap=True)
     return 0
 
 
-def _recommend(catalogue: Catalogue, task: str | None) -> int:
+def _speed_lines(chosen: Recommendation, efficiency: float) -> list[str]:
+    memory = chosen.memory
+    if memory.bandwidth is None:
+        return ["speed: not estimated on a GPU (its bandwidth is not probed): memory decides"]
+    return [
+        f"memory bandwidth: {memory.bandwidth / 1e9:.1f} GB/s measured with {memory.threads} "
+        f"thread(s); generation is estimated at {efficiency:.0%} of it over the bytes each "
+        f"token reads; presets under {chosen.floor:g} tokens/s are not recommended",
+    ]
+
+
+def _recommend(options: ModelsOptions, catalogue: Catalogue) -> int:
     detection = detect_backend(load_matrix())
     memory = host_memory(detection)
-    chosen = recommend(catalogue, task or catalogue.recommend.task, memory)
+    task = options.task or catalogue.recommend.task
+    chosen = recommend(catalogue, task, memory, options.min_tokens_per_second)
     lines = [
         detection.line(),
         f"memory: {gib(memory.bytes)} of {memory.where}; a model may use "
         f"{catalogue.recommend.share:.0%}: {gib(chosen.budget)}",
-        *(
-            f"  {'fits' if need <= chosen.budget else 'too big'}: {m.name} needs {gib(need)} "
-            f"({m.context} context)"
-            for m, need in chosen.considered
-        ),
-        f"recommended: {chosen.model.name} ({chosen.model.file}, {chosen.model.licence})",
+        *_speed_lines(chosen, catalogue.recommend.efficiency),
+        *(f"  {candidate.line()}" for candidate in chosen.considered),
+        f"recommended: {chosen.model.name} ({chosen.model.file}, {chosen.model.licence})"
+        + ("" if chosen.speed is None else f", about {chosen.speed:.1f} tokens/s"),
         f"llama-server options: {' '.join(chosen.server_args)}",
         f"or in the environment (compose's .env): {' '.join(chosen.environment)}",
         f"image backend: {detection.backend}; fetch it: nox -s models -- pull {chosen.model.name}",
@@ -97,12 +133,13 @@ def _recommend(catalogue: Catalogue, task: str | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    catalogue = load_catalogue(args.catalogue)
-    if args.action == "list":
+    options = resolve_models(args)
+    catalogue = load_catalogue(options.catalogue)
+    if options.action == "list":
         return _list(catalogue)
-    if args.action == "pull":
-        return _pull(catalogue, args.name, args.into)
-    return _recommend(catalogue, args.task)
+    if options.action == "pull":
+        return _pull(catalogue, options.name, options.into)
+    return _recommend(options, catalogue)
 
 
 COMMANDS = (

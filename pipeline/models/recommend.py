@@ -1,6 +1,12 @@
 """`recommend`: the largest preset of a task whose weights and KV cache fit what this host has
-for them (the GPU's memory where `--backend auto` finds one that says how much, else RAM), and
-the llama-server options that go with it."""
+for them (the GPU's memory where `--backend auto` finds one that says how much, else RAM) and
+that this host generates fast enough, and the llama-server options that go with it.
+
+Speed is estimated, not run: generating a token reads every weight it runs through (of a
+mixture of experts, the active ones) and the KV cache so far, so on a CPU tokens/s is about the
+memory bandwidth llama.cpp turns into reads (a share of what a short probe measures) over those
+bytes. A GPU's bandwidth is not probed here: there, memory alone decides.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,14 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import ModelError
 from pipeline.matrix.hostgpu import Detection
-from pipeline.modelfiles.catalogue import Catalogue, CatalogueModel
+from pipeline.modelfiles.catalogue import Catalogue, CatalogueModel, RecommendRules
 
 GIB = 1 << 30
 ALL_LAYERS = 999  # llama-server's idiom for "every layer on the GPU"
@@ -25,12 +33,39 @@ def gib(n: int) -> str:
 
 @dataclass(frozen=True)
 class HostMemory:
-    """Memory a model may use on this host, and where the figure comes from."""
+    """Memory a model may use on this host, and where the figure comes from; the bandwidth
+    the CPU reads it with (bytes/s, probed), None where the model would sit on a GPU."""
 
     bytes: int
     where: str  # "RAM (MemAvailable)", "GPU 0 (nvidia-smi)"
     gpu: bool
     threads: int
+    bandwidth: float | None = None
+
+
+def probe_bandwidth(threads: int, seconds: float = 0.3, size: int = 256 << 20) -> float:
+    """Bytes/s `threads` threads read from RAM: each sums its own share of `size` bytes (more
+    than a CPU's caches hold) again and again for about `seconds` (numpy's sums run without
+    the GIL, and stream through memory as a matrix-vector product does)."""
+    import numpy as np
+
+    share = max(size // max(threads, 1), 32 << 20)
+    arrays = [np.ones(share // 4, dtype=np.float32) for _ in range(max(threads, 1))]
+    for array in arrays:
+        array.sum()  # the pages are in place before the clock starts
+
+    def one_pass() -> None:
+        workers = [threading.Thread(target=array.sum) for array in arrays]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    read, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or read == 0:
+        one_pass()
+        read += share * len(arrays)
+    return read / max(time.perf_counter() - started, elapsed, 1e-9)
 
 
 def _ram_available(root: Path) -> int:
@@ -76,7 +111,35 @@ def host_memory(detection: Detection, root: Path = Path("/")) -> HostMemory:
         gpu, where = _amd_memory(root), "GPU (mem_info_vram_total)"
     if gpu:
         return HostMemory(gpu, where, True, threads)
-    return HostMemory(_ram_available(root), "RAM (MemAvailable)", False, threads)
+    ram = _ram_available(root)
+    return HostMemory(ram, "RAM (MemAvailable)", False, threads, probe_bandwidth(threads))
+
+
+def tokens_per_second(
+    model: CatalogueModel, memory: HostMemory, rules: RecommendRules
+) -> float | None:
+    """The estimated generation speed of `model` on this host; None where it is not estimated
+    (a GPU)."""
+    if memory.bandwidth is None:
+        return None
+    return rules.efficiency * memory.bandwidth / model.bytes_per_token(rules.past_tokens)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A preset of the task: the bytes it needs, its estimated speed, and whether it fits."""
+
+    model: CatalogueModel
+    needs: int  # bytes: weights, KV cache at its context, llama-server's overhead
+    speed: float | None  # tokens/s estimated; None: not estimated (a GPU)
+    fits: bool
+    fast: bool  # its estimate reaches the floor (or there is none)
+
+    def line(self) -> str:
+        speed = "" if self.speed is None else f", about {self.speed:.1f} tokens/s"
+        verdict = "too big" if not self.fits else ("fits" if self.fast else "too slow")
+        needs = f"needs {gib(self.needs)} ({self.model.context} context{speed})"
+        return f"{verdict}: {self.model.name} {needs}"
 
 
 @dataclass(frozen=True)
@@ -85,7 +148,12 @@ class Recommendation:
     needs: int  # bytes: weights, KV cache at its context, llama-server's overhead
     budget: int
     memory: HostMemory
-    considered: tuple[tuple[CatalogueModel, int], ...]  # (preset, bytes it needs), by need
+    considered: tuple[Candidate, ...]  # every preset of the task, by need
+    floor: float  # tokens/s: slower presets are not recommended
+
+    @property
+    def speed(self) -> float | None:
+        return next(c.speed for c in self.considered if c.model == self.model)
 
     @property
     def server_args(self) -> tuple[str, ...]:
@@ -105,20 +173,35 @@ class Recommendation:
         )
 
 
-def recommend(catalogue: Catalogue, task: str, memory: HostMemory) -> Recommendation:
+def recommend(
+    catalogue: Catalogue, task: str, memory: HostMemory, min_tokens_per_second: float | None = None
+) -> Recommendation:
+    """The largest preset of `task` that fits and whose estimated speed reaches the floor
+    (`min_tokens_per_second`, else the catalogue's)."""
     rules = catalogue.recommend
+    floor = min_tokens_per_second or rules.min_tokens_per_second
     budget = rules.budget(memory.bytes)
-    presets = [m for m in catalogue.models.values() if m.task == task]
-    considered = sorted(
-        ((m, m.memory_bytes() + rules.overhead_bytes) for m in presets), key=lambda p: p[1]
-    )
-    fitting = [(m, need) for m, need in considered if need <= budget]
+    considered = []
+    for model in (m for m in catalogue.models.values() if m.task == task):
+        needs = model.memory_bytes() + rules.overhead_bytes
+        speed = tokens_per_second(model, memory, rules)
+        fast = speed is None or speed >= floor
+        considered.append(Candidate(model, needs, speed, needs <= budget, fast))
+    considered.sort(key=lambda c: c.needs)
+    fitting = [c for c in considered if c.fits]
     if not fitting:
-        smallest = considered[0]
         raise ModelError(
             f"no {task} preset fits {gib(budget)} of {memory.where}: the smallest, "
-            f"{smallest[0].name}, needs {gib(smallest[1])}",
+            f"{considered[0].model.name}, needs {gib(considered[0].needs)}",
             "free memory, or run a smaller model of your own with --model",
         )
-    model, needs = fitting[-1]
-    return Recommendation(model, needs, budget, memory, tuple(considered))
+    chosen = [c for c in fitting if c.fast]
+    if not chosen:
+        fastest = max(fitting, key=lambda c: c.speed or 0.0)
+        raise ModelError(
+            f"no {task} preset that fits reaches {floor:g} tokens/s here: the fastest, "
+            f"{fastest.model.name}, about {fastest.speed or 0:.1f}",
+            "accept slower generation with --min-tokens-per-second, or use a faster host",
+        )
+    best = chosen[-1]
+    return Recommendation(best.model, best.needs, budget, memory, tuple(considered), floor)

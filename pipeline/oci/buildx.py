@@ -243,8 +243,8 @@ def docker_config(auths: Mapping[str, Credentials]) -> Iterator[Path]:
             user_config = json.loads((original / "config.json").read_text(encoding="utf-8"))
             if isinstance(user_config, dict) and "currentContext" in user_config:
                 config["currentContext"] = user_config["currentContext"]
-        except (OSError, json.JSONDecodeError):
-            pass
+        except (OSError, ValueError, RecursionError):
+            pass  # the user's config is only asked for its context
         fd = os.open(directory / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(config, handle)

@@ -36,10 +36,18 @@ LABEL_PREFIX = "org.llamacpp-images"
 # BuildKit marks attestation manifests in an index with this annotation.
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")  # \Z: no line break after
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 
 DOCKER_HUB = "docker.io"
+# Docker's reference grammar: a registry host[:port] and lowercase path components.
+_REGISTRY_RE = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z"
+)
+_REPOSITORY_RE = re.compile(
+    r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*\Z"
+)
 
 
 def sha256_digest(body: bytes) -> str:
@@ -72,14 +80,28 @@ class Descriptor:
     annotations: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Descriptor:
-        platform = data.get("platform")
+    def from_json(cls, data: Any) -> Descriptor:
+        """A descriptor as a manifest holds it; RegistryError unless it is one (its digest a
+        digest, its size a whole number): manifests come from registries and layouts."""
+        if not isinstance(data, dict):
+            raise RegistryError(
+                f"a manifest lists {type(data).__name__} {data!r:.80}, not a descriptor"
+            )
+        platform, size = data.get("platform"), data.get("size", 0)
+        annotations = data.get("annotations") or {}
+        digest = data.get("digest", "")
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise RegistryError(f"a descriptor has the digest {digest!r:.80}, not a sha256 digest")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise RegistryError(f"descriptor {digest} has the size {size!r:.40}")
+        if not isinstance(annotations, dict):
+            raise RegistryError(f"descriptor {digest} has annotations that are not a mapping")
         return cls(
             media_type=str(data.get("mediaType", "")),
-            digest=str(data.get("digest", "")),
-            size=int(data.get("size", 0)),
+            digest=digest,
+            size=size,
             platform=Platform.from_json(platform) if isinstance(platform, dict) else None,
-            annotations=dict(data.get("annotations") or {}),
+            annotations={str(k): str(v) for k, v in annotations.items()},
         )
 
     @property
@@ -108,8 +130,8 @@ class Manifest:
     def from_bytes(cls, body: bytes, media_type: str | None = None) -> Manifest:
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RegistryError(f"manifest is not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bytes not UTF-8 are a ValueError too
+            raise RegistryError(f"manifest is not JSON: {type(exc).__name__}: {exc}") from None
         if not isinstance(data, dict):
             raise RegistryError("manifest is not a JSON object")
         kind = str(data.get("mediaType") or media_type or "")
@@ -119,9 +141,15 @@ class Manifest:
     def is_index(self) -> bool:
         return self.media_type in INDEX_TYPES or "manifests" in self.data
 
+    def _list(self, key: str) -> list[Descriptor]:
+        items = self.data.get(key) or []
+        if not isinstance(items, list):
+            raise RegistryError(f"manifest {self.digest}: '{key}' is not a list")
+        return [Descriptor.from_json(item) for item in items]
+
     @property
     def descriptors(self) -> list[Descriptor]:
-        return [Descriptor.from_json(item) for item in self.data.get("manifests") or []]
+        return self._list("manifests")
 
     @property
     def platform_descriptors(self) -> list[Descriptor]:
@@ -138,7 +166,7 @@ class Manifest:
 
     @property
     def layers(self) -> list[Descriptor]:
-        return [Descriptor.from_json(item) for item in self.data.get("layers") or []]
+        return self._list("layers")
 
     @property
     def config(self) -> Descriptor:
@@ -159,7 +187,10 @@ def config_platform(config: Mapping[str, Any]) -> Platform:
 
 
 def config_labels(config: Mapping[str, Any]) -> dict[str, str]:
-    labels = (config.get("config") or {}).get("Labels") or {}
+    inner = config.get("config") or {}
+    labels = (inner.get("Labels") if isinstance(inner, dict) else None) or {}
+    if not isinstance(labels, dict):
+        raise RegistryError("an image config's Labels are not a mapping")
     return {str(k): str(v) for k, v in labels.items()}
 
 
@@ -186,6 +217,11 @@ class ImageName:
             repository = f"library/{repository}"
         if ":" in repository or not repository:
             raise RegistryError(f"image name {name!r} has a tag; give the repository name only")
+        if not _REGISTRY_RE.match(registry) or not _REPOSITORY_RE.match(repository):
+            raise RegistryError(
+                f"image name {name!r} is not a repository name",
+                "lowercase path components of letters, digits and . _ -, after host[:port]/",
+            )
         return cls(registry, repository)
 
     def __str__(self) -> str:
@@ -205,6 +241,8 @@ def split_reference(ref: str) -> tuple[ImageName, str]:
     head, _, last = ref.rpartition("/")
     if ":" in last:
         repo_last, _, tag = last.partition(":")
+        if not TAG_RE.match(tag):
+            raise RegistryError(f"image reference {ref!r} has a malformed tag")
         return ImageName.parse(f"{head}/{repo_last}" if head else repo_last), tag
     return ImageName.parse(ref), "latest"
 

@@ -6,25 +6,38 @@ follows Docker's registry auth spec: an anonymous request, then the challenge in
 `WWW-Authenticate` answered with HTTP Basic or with a bearer token fetched from the realm it
 names (Docker Hub's flow). Transient failures are retried with bounded backoff; refused or
 missing credentials become one CredentialsError naming the registry and the variables.
+
+Credentials go to this registry's own origin only: never Basic over plain HTTP to a host that
+is not loopback, a token realm only over HTTPS (plain HTTP for a loopback registry and realm)
+and only on the registry's own host or one named for it (pipeline/oci/credentials.py), never
+with a request to another origin (an upload's Location, a redirect). Whatever a registry
+answers, a malformed answer is one RegistryError (exit 10), never a traceback.
 """
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import json
-import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from pipeline.core import console
 from pipeline.core.errors import CredentialsError, RegistryError
+from pipeline.oci.credentials import (
+    DOCKER_HUB_CONFIG_KEY,
+    HUB_PAIR,
+    KNOWN_TOKEN_HOSTS,
+    REGISTRY_HOST_ENV,
+    REGISTRY_PAIR,
+    TOKEN_HOSTS_ENV,
+    Credentials,
+    RegistryAccess,
+)
 from pipeline.oci.image import (
     DIGEST_RE,
     DOCKER_HUB,
@@ -37,107 +50,44 @@ from pipeline.oci.image import (
     sha256_digest,
 )
 
+__all__ = [
+    "DOCKER_HUB_CONFIG_KEY",
+    "Credentials",
+    "ImageSummary",
+    "PlatformImage",
+    "RegistryAccess",
+    "RegistryClient",
+    "RetryPolicy",
+    "is_loopback",
+]
+
 DOCKER_HUB_API = "registry-1.docker.io"
-# The key `docker login` writes for Docker Hub in config.json; tools look it up by this name.
-DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
+# What a bearer token may hold (RFC 6750's b64token, and the dots and padding of a JWT): a
+# token with anything else (a line break) would make a header of its own.
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*\Z")
 # httpx's event hooks, passed through: how a caller (a test) watches each response.
 EventHooks = Mapping[str, Sequence[Callable[..., object]]]
 
 
+def _host_name(host: str) -> str:
+    """`host:port` or `[v6]:port` without the port."""
+    if host.startswith("["):
+        return host[1 : host.find("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def is_loopback(host: str) -> bool:
     """Docker talks plain HTTP to loopback registries by default; so do we (127.0.0.0/8, ::1)."""
-    if host.startswith("["):
-        name = host[1 : host.find("]")]
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = _host_name(host)
     if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
-
-
-@dataclass(frozen=True, repr=False)
-class Credentials:
-    """A username and a secret, and the names of the variables they came from (for messages)."""
-
-    username: str
-    secret: str
-    variables: tuple[str, str]
-
-    def __repr__(self) -> str:
-        # The secret must never reach a log, a traceback or an assertion message.
-        return f"Credentials(username={self.username!r}, from={'/'.join(self.variables)})"
-
-    @property
-    def token(self) -> str:
-        """`user:secret` in base64: HTTP Basic's credentials and a docker config's `auth`."""
-        return base64.b64encode(f"{self.username}:{self.secret}".encode()).decode("ascii")
-
-    def basic(self) -> str:
-        return f"Basic {self.token}"
-
-
-def env_pairs(registry: str) -> list[tuple[str, str]]:
-    """Which environment variables hold credentials for `registry`, in order of preference."""
-    pairs = [("DOCKERHUB_USERNAME", "DOCKERHUB_TOKEN")] if registry == DOCKER_HUB else []
-    return [*pairs, ("REGISTRY_USERNAME", "REGISTRY_PASSWORD")]
-
-
-def credentials_from_env(registry: str, env: Mapping[str, str] | None = None) -> Credentials | None:
-    """The first complete pair of variables for `registry`; None means anonymous access."""
-    environ = os.environ if env is None else env
-    for user_var, secret_var in env_pairs(registry):
-        user, secret = environ.get(user_var, ""), environ.get(secret_var, "")
-        if user and secret:
-            return Credentials(user, secret, (user_var, secret_var))
-        if user or secret:
-            have, lack = (user_var, secret_var) if user else (secret_var, user_var)
-            raise CredentialsError(
-                f"{have} is set but {lack} is not (credentials for {registry})",
-                "set both, or neither for anonymous access",
-            )
-    return None
-
-
-def credentials_from_docker_config(
-    registry: str, config_dir: Path | None = None
-) -> Credentials | None:
-    """What `docker login` (or docker/login-action) stored in config.json's `auths` for
-    `registry`; credential helpers are not asked. None when there is nothing."""
-    directory = config_dir or Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
-    path = directory / "config.json"
-    try:
-        auths = json.loads(path.read_text(encoding="utf-8")).get("auths") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    key = DOCKER_HUB_CONFIG_KEY if registry == DOCKER_HUB else registry
-    entry = auths.get(key) if isinstance(auths, dict) else None
-    token = entry.get("auth") if isinstance(entry, dict) else None
-    if not isinstance(token, str) or not token:
-        return None
-    try:
-        user, sep, secret = base64.b64decode(token).decode("utf-8").partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return Credentials(user, secret, (str(path), "auths")) if sep and user and secret else None
-
-
-def registry_credentials(
-    registry: str, env: Mapping[str, str] | None = None, config_dir: Path | None = None
-) -> Credentials | None:
-    """Credentials for `registry`: the environment's first, else docker's config.json."""
-    return credentials_from_env(registry, env) or credentials_from_docker_config(
-        registry, config_dir
-    )
-
-
-def _wanted(registry: str) -> str:
-    return " and ".join("/".join(pair) for pair in env_pairs(registry)[:1])
 
 
 @dataclass(frozen=True)
@@ -181,7 +131,10 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
 
 
 class RegistryClient:
-    """One registry, one set of credentials (or none). Use as a context manager."""
+    """One registry, one set of credentials (or none). Use as a context manager.
+
+    `token_hosts`: hosts besides the registry's own that may receive its credentials to issue
+    tokens (Docker Hub's is known)."""
 
     def __init__(
         self,
@@ -191,6 +144,7 @@ class RegistryClient:
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         plain_http: bool | None = None,
+        token_hosts: Collection[str] = (),
         event_hooks: EventHooks | None = None,
     ) -> None:
         self.registry = registry
@@ -199,6 +153,10 @@ class RegistryClient:
         host = DOCKER_HUB_API if registry == DOCKER_HUB else registry
         insecure = is_loopback(registry) if plain_http is None else plain_http
         self.base_url = f"{'http' if insecure else 'https'}://{host}"
+        self._origin = _origin(httpx.URL(self.base_url))
+        self.token_hosts = frozenset(
+            {_host_name(host), *KNOWN_TOKEN_HOSTS.get(registry, ()), *token_hosts}
+        )
         self._http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=True,
@@ -208,6 +166,12 @@ class RegistryClient:
         # Per scope: the Authorization header value that worked (bearer tokens are scoped).
         self._auth: dict[str, str] = {}
         self._basic = False
+
+    @classmethod
+    def for_access(cls, registry: str, access: RegistryAccess, **options: Any) -> RegistryClient:
+        """A client of `registry` with the credentials that belong to it, and no others."""
+        credentials = access.credentials(registry)
+        return cls(registry, credentials, token_hosts=access.token_hosts, **options)
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -230,6 +194,14 @@ class RegistryClient:
                 response = self._http.request(method, url, headers=headers, content=content)
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except (httpx.RequestError, httpx.InvalidURL) as exc:
+                # A redirect loop, a body that does not decode, a Location that is no URL:
+                # the same again next time, so not retried.
+                raise RegistryError(
+                    f"registry {self.registry}: {method} {_path(url)}: unusable answer "
+                    f"({type(exc).__name__}: {exc})",
+                    "the registry (or a proxy before it) answers wrongly: check its address",
+                ) from None
             else:
                 if response.status_code not in RETRY_STATUS:
                     return response
@@ -261,12 +233,20 @@ class RegistryClient:
     ) -> httpx.Response:
         # A path of this registry's, or a whole URL (an upload's Location).
         url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
+        own = _origin(_url(url, self.registry)) == self._origin
         for attempt in (1, 2):
             sent = dict(headers or {})
             auth = self._auth.get("*" if self._basic else scope)
-            if auth:
+            if auth and own:  # credentials and tokens go to this registry's origin only
                 sent["Authorization"] = auth
             response = self._send_retrying(method, url, sent, content)
+            if response.status_code == 401 and not own:
+                raise CredentialsError(
+                    f"registry {self.registry} sent {method} {_path(url)} to another origin "
+                    f"({_url(url, self.registry).host}), which asks for credentials: they "
+                    f"are only sent to {self.registry}",
+                    "configure the registry to answer on its own address",
+                )
             if response.status_code == 401 and attempt == 1:
                 self._authenticate(response, scope)
                 continue
@@ -282,6 +262,12 @@ class RegistryClient:
         if scheme == "basic":
             if self.credentials is None:
                 raise self._refused(401, scope)
+            if self.base_url.startswith("http:") and not is_loopback(self.registry):
+                raise CredentialsError(
+                    f"registry {self.registry} asks for a password over plain HTTP; "
+                    f"{'/'.join(self.credentials.variables)} are not sent unencrypted",
+                    "reach the registry over HTTPS",
+                )
             self._basic = True
             self._auth["*"] = self.credentials.basic()
             return
@@ -289,6 +275,7 @@ class RegistryClient:
             raise RegistryError(
                 f"registry {self.registry} asked for unsupported authentication {header!r}"
             )
+        realm = self._realm(params["realm"])
         # One `scope` parameter per scope (a cross-repository mount asks for two).
         query: list[tuple[str, str | int | float | bool | None]] = [
             ("scope", one) for one in scope.split()
@@ -296,7 +283,7 @@ class RegistryClient:
         if "service" in params:
             query.append(("service", params["service"]))
         token_headers = {"Authorization": self.credentials.basic()} if self.credentials else {}
-        token_url = str(httpx.URL(params["realm"]).copy_merge_params(query))
+        token_url = str(realm.copy_merge_params(query))
         answer = self._send_retrying("GET", token_url, token_headers, None)
         if answer.status_code in (401, 403):
             raise self._refused(answer.status_code, scope)
@@ -307,11 +294,33 @@ class RegistryClient:
         try:
             body = answer.json()
             token = body.get("token") or body.get("access_token")
-        except (json.JSONDecodeError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             token = None
-        if not isinstance(token, str) or not token:
+        if not isinstance(token, str) or not _TOKEN_RE.match(token):
             raise RegistryError(f"token server of {self.registry} returned no token for {scope}")
         self._auth[scope] = f"Bearer {token}"
+
+    def _realm(self, realm: str) -> httpx.URL:
+        """The token realm a challenge names, if it may be asked: HTTPS (plain HTTP only from
+        a loopback registry to a loopback realm) and, when credentials go with the request,
+        on this registry's host or one named for it."""
+        url = _url(realm, self.registry)
+        host = url.host or ""
+        if url.scheme != "https" and not (
+            url.scheme == "http" and is_loopback(self.registry) and is_loopback(host)
+        ):
+            raise RegistryError(
+                f"registry {self.registry} names the token realm {realm!r}, which is not HTTPS: "
+                "refused",
+                "a registry's token server must be reached over HTTPS",
+            )
+        if self.credentials is not None and host not in self.token_hosts:
+            raise CredentialsError(
+                f"registry {self.registry} names a token realm on another host, {host}: "
+                f"{'/'.join(self.credentials.variables)} are not sent there",
+                f"if {host} issues {self.registry}'s tokens, name it in {TOKEN_HOSTS_ENV}",
+            )
+        return url
 
     def _refused(self, status: int, scope: str) -> CredentialsError:
         what = _describe_scope(scope)
@@ -335,13 +344,17 @@ class RegistryClient:
         )
 
     def _fail(self, response: httpx.Response, what: str) -> RegistryError:
+        """The registry's error answer as one line, with its first `errors` entry when it
+        gives one in the spec's shape (anything else in the body is left out)."""
         detail = ""
         try:
-            errors = response.json().get("errors") or []
-            if errors:
-                detail = f": {errors[0].get('code', '')} {errors[0].get('message', '')}".rstrip()
-        except (json.JSONDecodeError, AttributeError, IndexError):
-            pass
+            errors = response.json().get("errors")
+        except (ValueError, AttributeError, RecursionError):
+            errors = None
+        first = errors[0] if isinstance(errors, list) and errors else None
+        if isinstance(first, dict):
+            code, message = first.get("code", ""), first.get("message", "")
+            detail = f": {code} {message}"[:300].rstrip() if isinstance(code, str) else ""
         return RegistryError(
             f"registry {self.registry} answered HTTP {response.status_code} to {what}{detail}"
         )
@@ -436,7 +449,12 @@ class RegistryClient:
         location = start.headers.get("Location")
         if start.status_code != 202 or not location:
             raise self._fail(start, f"POST /v2/{repository}/blobs/uploads/")
-        url = httpx.URL(self.base_url).join(location).copy_merge_params({"digest": digest})
+        try:
+            url = httpx.URL(self.base_url).join(location).copy_merge_params({"digest": digest})
+        except httpx.InvalidURL:
+            raise RegistryError(
+                f"registry {self.registry} gave an upload location that is no URL: {location!r}"
+            ) from None
         headers = {"Content-Type": "application/octet-stream"}
         done = self._request("PUT", str(url), scope, headers=headers, content=data)
         if done.status_code != 201:
@@ -475,7 +493,10 @@ class RegistryClient:
 
     def image_config(self, repository: str, manifest: Manifest) -> dict[str, Any]:
         """An image manifest's config blob, decoded (platform, labels, history)."""
-        config = json.loads(self.blob(repository, manifest.config.digest))
+        try:
+            config = json.loads(self.blob(repository, manifest.config.digest))
+        except (ValueError, RecursionError):
+            config = None
         if not isinstance(config, dict):
             raise RegistryError(f"config of {manifest.digest} in {repository} is not an object")
         return config
@@ -520,6 +541,12 @@ def _scope(repository: str, push: bool = False) -> str:
     return f"repository:{repository}:{'pull,push' if push else 'pull'}"
 
 
+def _wanted(registry: str) -> str:
+    if registry == DOCKER_HUB:
+        return "/".join(HUB_PAIR)
+    return f"{'/'.join(REGISTRY_PAIR)} with {REGISTRY_HOST_ENV}={registry}"
+
+
 def _describe_scope(scope: str) -> str:
     # Of several scopes (a mount), the first is the repository written to.
     _, repository, actions = [*scope.split()[0].split(":"), "", ""][:3]
@@ -527,6 +554,22 @@ def _describe_scope(scope: str) -> str:
     return f"{verb} {repository}"
 
 
+def _url(text: str, registry: str) -> httpx.URL:
+    try:
+        return httpx.URL(text)
+    except httpx.InvalidURL:
+        raise RegistryError(
+            f"registry {registry} answered with {text!r}, which is no URL"
+        ) from None
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
+
+
 def _path(url: str) -> str:
-    parsed = httpx.URL(url)
-    return parsed.path
+    try:
+        return httpx.URL(url).path
+    except httpx.InvalidURL:
+        return url[:80]

@@ -11,7 +11,7 @@ another digest unless forced.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -142,6 +142,28 @@ class TagRules:
             if name not in {t.name for t in tags}:
                 tags.append(PlannedTag(name, rule.kind, rule.pattern, rule.order))
         return tags
+
+    def check_backends(
+        self,
+        backends: Iterable[tuple[str, str]],
+        version: SemVer,
+        commit: str,
+        llama_ref: str | None,
+        where: str = "matrix.yaml",
+    ) -> None:
+        """Refuse (ConfigError) two backends, given as (name, tag suffix), that this release
+        would give one tag: the second would overwrite the first's tags, immutable ones too."""
+        owners: dict[str, str] = {}
+        for backend, suffix in backends:
+            for tag in self.tags_for(version, backend, suffix, commit, llama_ref):
+                if tag.name in owners:
+                    raise ConfigError(
+                        f"{TAG_RULES_FILE.name} and {where}: backends {owners[tag.name]} and "
+                        f"{backend} would both get the tag {tag.name!r} (release {version}): "
+                        "the second would overwrite the first's",
+                        "give the backend a tag_suffix no other backend's tags are made of",
+                    )
+                owners[tag.name] = backend
 
 
 def _substitute(pattern: str, variables: Mapping[str, str]) -> str:

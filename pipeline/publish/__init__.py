@@ -121,14 +121,17 @@ def publish(
     if refusals and not options.dry_run:
         raise refusals[0]
     notes = [refusal.message for refusal in refusals] + list(checked.notes)
-    auths = auths_for(options.target, checked.builds, options.env)
+    auths = auths_for(options.target, checked.builds, options.access)
 
     def outcome(plan: PublishPlan, pushed: list[str], verified: bool) -> PublishOutcome:
         record = plan.record(pushed, verified, time.monotonic() - started, phases)
         write_publish_record(options.project.reports_dir, record)
         return PublishOutcome(plan, record)
 
-    with docker_config(auths) as config_dir, Registries(auths, options.retry) as registries:
+    with (
+        docker_config(auths) as config_dir,
+        Registries(auths, options.retry, options.access.token_hosts) as registries,
+    ):
         # Plan: what every tag points to now, and what happens to it.
         client = registries.client(options.target.registry)
         readable = _readable(client, options, notes)

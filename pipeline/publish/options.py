@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.arguments import switch
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, PipelineError, UsageError
 from pipeline.core.project import Project
-from pipeline.matrix import Backend, TargetPlatform
+from pipeline.core.version import SemVer
+from pipeline.matrix import Backend, Matrix, TargetPlatform
 from pipeline.matrix.choose import Resolved, backend_argument, backends_named, platforms_named
+from pipeline.oci.credentials import registry_host
 from pipeline.oci.image import ImageName
 from pipeline.oci.registry import RetryPolicy
 from pipeline.oci.tags import EDGE, STABLE, TagRules, load_tag_rules
@@ -59,17 +61,29 @@ class PublishOptions(Resolved):
         image: str | None = None,
         release_tag: str | None = None,
         env: Mapping[str, str] | None = None,
+        matrix: Matrix | None = None,
         **rest: Any,
     ) -> PublishOptions:
-        inputs = Resolved.load(project)
         env = dict(os.environ) if env is None else dict(env)
+        inputs = Resolved.load(project, matrix, env)
         check_release_tag(inputs.version.version, release_tag, env)
-        target = ImageName.parse(image or inputs.version.image)
+        rules = load_tag_rules()
+        pin = inputs.version.llama_cpp
+        rules.check_backends(
+            ((b.name, b.tag_suffix) for b in inputs.matrix.backends.values()),
+            SemVer.parse(inputs.version.version),
+            pin.commit,
+            pin.ref,
+        )
+        try:
+            target = ImageName.parse(image or inputs.version.image)
+        except PipelineError as exc:
+            raise UsageError(f"--image: {exc.message}", exc.hint) from None
         if registry:
-            target = ImageName(registry.rstrip("/"), target.repository)
+            target = ImageName(registry_host(registry, "--registry"), target.repository)
         return cls(
             **vars(inputs),
-            rules=load_tag_rules(),
+            rules=rules,
             target=target,
             backends=backends_named(backends, inputs.matrix) if backends else (),
             platforms=platforms_named(platforms, inputs.matrix) if platforms else None,
@@ -104,7 +118,7 @@ class PromoteOptions(Resolved):
 
     @classmethod
     def named(cls, project: Project, candidate: Path | None = None, **rest: Any) -> PromoteOptions:
-        inputs = Resolved.load(project)
+        inputs = Resolved.load(project, env=rest.get("env"))
         return cls(
             **vars(inputs),
             candidate=candidate or project.build_dir / "track" / CANDIDATE_RECORD,

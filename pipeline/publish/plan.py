@@ -17,7 +17,7 @@ from pipeline.core.errors import PublishError, UsageError
 from pipeline.core.version import SemVer, build_number
 from pipeline.matrix import Backend
 from pipeline.oci.image import LABEL_PREFIX, LABEL_VERSION, ImageName, Manifest
-from pipeline.oci.registry import Credentials, RegistryClient, credentials_from_env
+from pipeline.oci.registry import Credentials, RegistryAccess, RegistryClient
 from pipeline.oci.tags import (
     Action,
     ExistingTag,
@@ -312,11 +312,12 @@ class PublishPlan:
 
 
 def auths_for(
-    target: ImageName, builds: Sequence[BuildRecord], env: Mapping[str, str]
+    target: ImageName, builds: Sequence[BuildRecord], access: RegistryAccess
 ) -> dict[str, Credentials]:
+    """The credentials of each registry publish talks to: only those that belong to it."""
     auths: dict[str, Credentials] = {}
     for registry in {target.registry, *(ImageName.parse(b.image).registry for b in builds)}:
-        creds = credentials_from_env(registry, env)
+        creds = access.credentials(registry)
         if creds is not None:
             auths[registry] = creds
     return auths

@@ -22,7 +22,7 @@ from pipeline.matrix import host_platform
 from pipeline.oci.buildx import docker_config
 from pipeline.oci.cosign import PROMOTION_PREDICATE, Cosign, Signer
 from pipeline.oci.image import LABEL_VERSION, ImageName
-from pipeline.oci.registry import RegistryClient, registry_credentials
+from pipeline.oci.registry import RegistryClient
 from pipeline.oci.tags import STABLE, ExistingTag, decide
 from pipeline.publish.gates import Sides, measure, size_gates, tiers_gate
 from pipeline.publish.options import PromoteOptions
@@ -107,7 +107,7 @@ def _attest(
 ) -> None:
     """The gates' figures on every promoted image, signed: what `nox -s verify` shows."""
     target = ImageName.parse(record.repository)
-    credentials = registry_credentials(target.registry, options.env)
+    credentials = options.access.credentials(target.registry)
     auths = {target.registry: credentials} if credentials else {}
     with docker_config(auths) as config_dir, tempfile.TemporaryDirectory() as tmp:
         predicate = Path(tmp) / "promotion.json"
@@ -149,9 +149,9 @@ def promote(options: PromoteOptions) -> PromotionRecord:
     if signer is None and not options.no_sign and not options.dry_run:
         raise NO_SIGNER
     target = options.repository or ImageName.parse(candidate.repository)
-    credentials = registry_credentials(target.registry, options.env)
+    credentials = options.access.credentials(target.registry)
     gates_spec = options.gates
-    with RegistryClient(target.registry, credentials, retry=options.retry) as client:
+    with RegistryClient.for_access(target.registry, options.access, retry=options.retry) as client:
         backends = {i.backend for i in candidate.images}
         stable, stable_version = _stable(client, target, options, backends)
         gates: list[Gate] = [tiers_gate(candidate, options.matrix)]

@@ -23,9 +23,12 @@ from pipeline.records import BuildRecord
 class Registries:
     """One client per registry a publish talks to, closed together."""
 
-    def __init__(self, auths: Mapping[str, Credentials], retry: RetryPolicy) -> None:
+    def __init__(
+        self, auths: Mapping[str, Credentials], retry: RetryPolicy, token_hosts: Sequence[str] = ()
+    ) -> None:
         self.auths = auths
         self.retry = retry
+        self.token_hosts = token_hosts
         self._clients: dict[str, RegistryClient] = {}
         self._stack = ExitStack()
 
@@ -37,7 +40,9 @@ class Registries:
 
     def client(self, registry: str) -> RegistryClient:
         if registry not in self._clients:
-            client = RegistryClient(registry, self.auths.get(registry), retry=self.retry)
+            client = RegistryClient(
+                registry, self.auths.get(registry), retry=self.retry, token_hosts=self.token_hosts
+            )
             self._clients[registry] = self._stack.enter_context(client)
         return self._clients[registry]
 

@@ -5,14 +5,16 @@ one writer and loader."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
 
 from pipeline.core.datafile import write_json_atomic
-from pipeline.core.errors import RecordInvalidError, RecordMissingError
-from pipeline.oci.image import DIGEST_RE
+from pipeline.core.errors import PipelineError, RecordInvalidError, RecordMissingError
+from pipeline.core.version import COMMIT_RE
+from pipeline.oci.image import DIGEST_RE, ImageName, split_reference
 from pipeline.records.schema import SCHEMA, Record
 
 # The smoke tier every backend has (pipeline/matrix/matrix.yaml): it runs on any machine.
@@ -22,6 +24,28 @@ REAL_TIER = "real"
 Output = Literal["load", "push", "push-by-digest", "oci"]
 OUTPUTS: tuple[Output, ...] = ("load", "push", "push-by-digest", "oci")
 PUSHED_OUTPUTS = frozenset({"push", "push-by-digest"})
+# A backend, a tier or a CPU variant set: matrix.yaml's names (they become file names).
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*\Z")
+_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9]+(?:/[a-z0-9]+)?\Z")
+# A file beside the record: a name, no directory part (publish attests it publicly).
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+def _is_image_name(text: str) -> bool:
+    try:
+        ImageName.parse(text)
+    except PipelineError:
+        return False
+    return True
+
+
+def _is_reference(text: str, of: str | None = None) -> bool:
+    """Whether `text` is an image reference (to a tag or digest of repository `of`)."""
+    try:
+        name = split_reference(text)[0]
+        return of is None or name == ImageName.parse(of)
+    except PipelineError:
+        return False
 
 
 def arch_of(platform: str) -> str:
@@ -39,6 +63,13 @@ class PlatformRecord(Record):
     @property
     def arch(self) -> str:
         return arch_of(self.platform)
+
+    def validate(self, where: str) -> None:
+        """Its backend and platform name its file: names, never paths."""
+        if not _NAME_RE.match(self.backend):
+            raise self.refuse(where, "backend", "a backend name such as cpu")
+        if not _PLATFORM_RE.match(self.platform):
+            raise self.refuse(where, "platform", "a platform such as linux/amd64")
 
     @property
     def stem(self) -> str:
@@ -93,10 +124,33 @@ class BuildRecord(PlatformRecord):
         return f"{self.image}@{self.index_digest or self.digest}"
 
     def validate(self, where: str) -> None:
-        if not DIGEST_RE.match(self.digest) or self.output not in OUTPUTS:
-            raise RecordInvalidError(f"{where}: malformed digest or output", self.HINT)
+        super().validate(where)
+        digest = "a digest sha256:<64 hex>"
+        if not DIGEST_RE.match(self.digest):
+            raise self.refuse(where, "digest", digest)
         if self.index_digest is not None and not DIGEST_RE.match(self.index_digest):
-            raise RecordInvalidError(f"{where}: malformed index_digest", self.HINT)
+            raise self.refuse(where, "index_digest", f"{digest} or null")
+        if self.output not in OUTPUTS:
+            raise self.refuse(where, "output", " or ".join(OUTPUTS))
+        if not _is_image_name(self.image):
+            raise self.refuse(where, "image", "a repository name such as docker.io/acme/x")
+        if self.output == "oci":
+            ok = self.ref.startswith("oci-archive:") and self.ref.endswith(f"@{self.digest}")
+        else:
+            ok = _is_reference(self.ref, of=self.image)
+        if not ok:
+            raise self.refuse(where, "ref", f"a reference to {self.image} (its output)")
+        if not COMMIT_RE.match(self.commit):
+            raise self.refuse(where, "commit", "a 40-hex llama.cpp commit")
+        if self.cpu_variants is not None and not _NAME_RE.match(self.cpu_variants):
+            raise self.refuse(where, "cpu_variants", "a CPU variant set's name or null")
+        if self.sbom is not None and not _FILE_NAME_RE.match(self.sbom):
+            raise self.refuse(where, "sbom", "a file name in the reports directory, or null")
+
+    def validate_files(self, where: str, directory: Path) -> None:
+        """Its SBOM, when it exists, is a file of the reports directory, not a link out."""
+        if self.sbom is not None and (directory / self.sbom).is_symlink():
+            raise self.refuse(where, "sbom", "a file in the reports directory, not a link")
 
 
 @dataclass(frozen=True)
@@ -158,6 +212,28 @@ class SmokeRecord(PlatformRecord):
         """Checks that ran and failed (skipped ones are the consequence, not the cause)."""
         return [c.name for c in self.checks if not c.passed and not c.skipped]
 
+    def validate(self, where: str) -> None:
+        """`passed` says what its checks say: every check passed (and there is one)."""
+        super().validate(where)
+        if self.digest is not None and not DIGEST_RE.match(self.digest):
+            raise self.refuse(where, "digest", "a digest sha256:<64 hex> or null")
+        if not _is_reference(self.image):
+            raise self.refuse(where, "image", "an image reference")
+        if not _NAME_RE.match(self.tier):
+            raise self.refuse(where, "tier", "a smoke tier's name")
+        contradicting = [c.name for c in self.checks if c.skipped and c.passed]
+        if contradicting:
+            raise self.refuse(
+                where, "checks", f"no check both skipped and passed ({contradicting[0]})"
+            )
+        if self.passed != (bool(self.checks) and all(c.passed for c in self.checks)):
+            said = (
+                "failed: " + ", ".join(self.failed or ["no checks"])
+                if self.passed
+                else "all passed"
+            )
+            raise self.refuse(where, "passed", f"what its checks say ({said})")
+
 
 # ------------------------------------------------------------------ writing, loading
 
@@ -178,11 +254,14 @@ def _load(directory: Path, record: type[R]) -> list[R]:
     for path in sorted(directory.glob(f"{record.PREFIX}-*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise RecordInvalidError(
-                f"cannot read {record.KIND} {path}: {exc}", record.HINT
+                f"cannot read {record.KIND} {path}: {type(exc).__name__}: {exc}", record.HINT
             ) from None
-        records.append(record.from_json(data, str(path)))
+        loaded = record.from_json(data, str(path))
+        if isinstance(loaded, BuildRecord):
+            loaded.validate_files(str(path), directory)
+        records.append(loaded)
     return records
 
 

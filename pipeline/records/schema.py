@@ -101,3 +101,11 @@ class Record:
 
     def validate(self, where: str) -> None:
         """What the types alone do not say (digest syntax, known outputs)."""
+
+    def refuse(self, where: str, key: str, expected: str) -> RecordInvalidError:
+        """The one line a `validate` raises: the file, the key, its value and what it must be."""
+        value = getattr(self, key)
+        return RecordInvalidError(
+            f"{where}: key {key!r} is {value!r:.120}, expected {expected} (not a {self.KIND})",
+            self.HINT,
+        )

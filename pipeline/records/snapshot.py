@@ -7,7 +7,6 @@ Everything here is offline and git-free, so the build stage can verify a snapsho
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -17,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.datafile import parse_json
 from pipeline.core.errors import SnapshotError
 from pipeline.core.fields import Fields
 from pipeline.core.project import Project
@@ -245,13 +245,9 @@ def read_snapshot_file(path: Path) -> Snapshot:
         raise SnapshotError(f"no llama.cpp snapshot: {path} is missing", SYNC_HINT) from None
     except OSError as exc:
         raise SnapshotError(f"cannot read {path}: {exc.strerror}", SYNC_HINT) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SnapshotError(
-            f"{path} is malformed: {exc.msg} at line {exc.lineno}", SYNC_HINT
-        ) from None
-    return parse_snapshot(data, str(path))
+    except UnicodeDecodeError:
+        raise SnapshotError(f"{path} is not UTF-8 text", SYNC_HINT) from None
+    return parse_snapshot(parse_json(text, str(path), SnapshotError, SYNC_HINT), str(path))
 
 
 def _display(project: Project, path: Path) -> str:

@@ -24,6 +24,7 @@ from pipeline.core.project import Project
 from pipeline.matrix import Backend
 from pipeline.modelfiles.catalogue import catalogue_model, ensure_catalogue_model
 from pipeline.modelfiles.gguf import download_hf_model, ensure_model, validate_gguf
+from pipeline.oci.credentials import RegistryAccess
 from pipeline.oci.engine import (
     BUILD_HINT,
     docker_client,
@@ -33,7 +34,6 @@ from pipeline.oci.engine import (
     pull,
 )
 from pipeline.oci.image import split_reference
-from pipeline.oci.registry import registry_credentials
 from pipeline.records import (
     NO_GPU_TIER,
     REAL_TIER,
@@ -126,16 +126,16 @@ def _targets(
         backend = options.matrix.backend(named[-1].backend) if named else options.backend
         digest = named[-1].digest if named else options.image.partition("@")[2] or None
         targets.append(SmokeTarget(options.image, platform, backend, digest))
-    return [_present(client, target) for target in targets]
+    return [_present(client, target, options.access) for target in targets]
 
 
-def _present(client: Any, target: SmokeTarget) -> SmokeTarget:
+def _present(client: Any, target: SmokeTarget, access: RegistryAccess) -> SmokeTarget:
     """The target's image in the engine, pulled for its platform when the engine lacks it and
     it names a digest (a pushed image), and checked to be the digest the build recorded."""
     image = local_image(client, target.image)
     if image is None and "@" in target.image:
         registry = split_reference(target.image)[0].registry
-        image = pull(client, target.image, target.platform.name, registry_credentials(registry))
+        image = pull(client, target.image, target.platform.name, access.credentials(registry))
     if image is None:
         raise SmokeError(f"image {target.image} not found locally", BUILD_HINT)
     if target.digest is None:  # an image that speaks for itself

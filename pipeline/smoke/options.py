@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.arguments import port_number, positive_seconds
-from pipeline.core.errors import UsageError
+from pipeline.core.errors import PipelineError, UsageError
 from pipeline.core.project import Project
 from pipeline.matrix import Backend, Matrix, TargetPlatform
 from pipeline.matrix.choose import Resolved, backends_named, platforms_named
+from pipeline.oci.image import split_reference
+from pipeline.records import REAL_TIER
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,29 @@ class SmokeOptions(Resolved):
     ) -> SmokeOptions:
         """Options from names, resolved against the matrix and version.json."""
         inputs = Resolved.load(project, matrix)
-        return cls(
+        options = cls(
             **vars(inputs),
             platforms=platforms_named(platforms, inputs.matrix),
             backend=backends_named(backend, inputs.matrix)[0],
             **rest,
         )
+        options.check()
+        return options
+
+    def check(self) -> None:
+        """What would fail only once an image ran, or at the end: refused now."""
+        if self.tier is not None and self.tier != REAL_TIER:
+            self.backend.smoke.tier(self.backend.name, self.tier)
+        if self.image is not None:
+            try:
+                split_reference(self.image)
+            except PipelineError as exc:
+                raise UsageError(exc.message, "give IMAGE as name[:tag] or name@sha256:…") from None
+        report = self.report_dir
+        if report is not None and report.exists() and not report.is_dir():
+            raise UsageError(f"--report {report}: not a directory", "name a directory (made)")
+        if self.model.hf_revision and not self.model.hf_repo:
+            raise UsageError("--hf-revision goes with --hf-repo and --hf-file")
 
 
 def add_smoke_arguments(parser: argparse.ArgumentParser) -> None:

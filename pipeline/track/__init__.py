@@ -27,7 +27,7 @@ from pipeline.core import console
 from pipeline.core.arguments import Command
 from pipeline.core.version import SemVer, build_number, load_version, save_version
 from pipeline.oci.image import LABEL_PREFIX, LABEL_REVISION, LABEL_VERSION
-from pipeline.oci.registry import RegistryClient, registry_credentials
+from pipeline.oci.registry import RegistryClient
 from pipeline.records import load_build_records, load_smoke_records
 from pipeline.records.candidate import (
     CANDIDATE_RECORD,
@@ -66,8 +66,7 @@ class Plan:
 def _labels(options: TrackOptions, tag: str) -> dict[str, str] | None:
     """The labels of the image `tag` names in the repository (None: no such tag)."""
     repository = options.repository
-    credentials = registry_credentials(repository.registry, options.env)
-    with RegistryClient(repository.registry, credentials) as client:
+    with RegistryClient.for_access(repository.registry, options.access) as client:
         found = client.labels(repository.repository, tag)
     return None if found is None else found[1]
 
@@ -179,9 +178,7 @@ def _images(options: TrackOptions, root: Path) -> list[CandidateImage]:
     smokes = load_smoke_records(reports)
     repository = options.repository
     images = []
-    with RegistryClient(
-        repository.registry, registry_credentials(repository.registry, options.env)
-    ) as client:
+    with RegistryClient.for_access(repository.registry, options.access) as client:
         for build in load_build_records(reports):
             tiers = tuple(
                 TierResult(s.tier, s.passed, s.seconds, tuple(s.failed))

@@ -13,7 +13,7 @@ from pipeline.matrix import Backend
 from pipeline.oci.buildx import docker_config
 from pipeline.oci.cosign import SMOKE_PREDICATE, Cosign, Verifier, verifier_from_env
 from pipeline.oci.image import LABEL_REVISION, LABEL_VERSION
-from pipeline.oci.registry import PlatformImage, RegistryClient, registry_credentials
+from pipeline.oci.registry import PlatformImage, RegistryClient
 from pipeline.oci.tags import EDGE, load_tag_rules
 from pipeline.records import SmokeRecord
 from pipeline.records.candidate import (
@@ -61,13 +61,13 @@ def from_edge(options: TrackOptions) -> CandidateRecord | None:
     edge tags name images of that commit and version), or None."""
     info = options.version
     repository = options.repository
-    credentials = registry_credentials(repository.registry, options.env)
+    credentials = options.access.credentials(repository.registry)
     verifier = verifier_from_env(None, options.env.get("COSIGN_IDENTITY"), None, options.env)
     images: list[CandidateImage] = []
     indexes: dict[str, str] = {}
     auths = {repository.registry: credentials} if credentials else {}
     with (
-        RegistryClient(repository.registry, credentials) as client,
+        RegistryClient.for_access(repository.registry, options.access) as client,
         docker_config(auths) as config_dir,
     ):
         cosign = Cosign(options.env, config_dir)

@@ -71,8 +71,8 @@ class TrackOptions(Resolved):
         env: Mapping[str, str] | None = None,
         **rest: Any,
     ) -> TrackOptions:
-        inputs = Resolved.load(project)
         env = dict(os.environ) if env is None else dict(env)
+        inputs = Resolved.load(project, env=env)
         gpu_runner = NVIDIA_CONTROL.exists()
         if backends:
             chosen = backends_named(backends, inputs.matrix)

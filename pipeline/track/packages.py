@@ -17,7 +17,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.matrix import Backend
 from pipeline.oci.buildx import docker_cli, docker_config
 from pipeline.oci.cosign import SBOM_PREDICATE, Cosign, verifier_from_env
-from pipeline.oci.registry import RegistryClient, registry_credentials
+from pipeline.oci.registry import RegistryClient
 from pipeline.oci.tags import STABLE, load_tag_rules
 from pipeline.track.options import TrackOptions
 
@@ -45,8 +45,7 @@ def _shipped(options: TrackOptions, backend: Backend, cosign: Cosign) -> set[tup
     """(package, version, arch) of every Debian package the backend's stable images carry."""
     tag = load_tag_rules().head(STABLE, backend.tag_suffix)
     repository = options.repository
-    credentials = registry_credentials(repository.registry, options.env)
-    with RegistryClient(repository.registry, credentials) as client:
+    with RegistryClient.for_access(repository.registry, options.access) as client:
         index = client.manifest(repository.repository, tag)
         images = list(client.platform_images(repository.repository, index)) if index else []
     verifier = verifier_from_env(None, options.env.get("COSIGN_IDENTITY"), None, options.env)
@@ -102,7 +101,7 @@ def newer_packages(options: TrackOptions) -> list[str]:
         return []
     updates: list[str] = []
     repository = options.repository
-    credentials = registry_credentials(repository.registry, options.env)
+    credentials = options.access.credentials(repository.registry)
     auths = {repository.registry: credentials} if credentials else {}
     with docker_config(auths) as config_dir:
         cosign = Cosign(options.env, config_dir)

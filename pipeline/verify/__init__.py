@@ -32,7 +32,7 @@ from pipeline.oci.cosign import (
     verifier_from_env,
 )
 from pipeline.oci.image import LABEL_PREFIX, split_reference
-from pipeline.oci.registry import RegistryClient, registry_credentials
+from pipeline.oci.registry import RegistryClient
 from pipeline.records.promotion import PromotionRecord
 from pipeline.verify.options import VerifyOptions, add_verify_arguments, resolve_verify
 
@@ -81,8 +81,12 @@ def _smoke_passed(statements: list[dict[str, Any]], platform: str, digest: str) 
             raise VerifyError(
                 f"{platform} {digest[:19]}…: its {tier} smoke attestation says it failed"
             )
-        checks = len(predicate.get("checks") or [])
-        passed.append(f"{tier} {checks} checks ({predicate.get('model') or 'a model'})")
+        listed = predicate.get("checks")
+        if not isinstance(listed, list) or not listed:
+            raise VerifyError(
+                f"{platform} {digest[:19]}…: its {tier} smoke attestation passes without checks"
+            )
+        passed.append(f"{tier} {len(listed)} checks ({predicate.get('model') or 'a model'})")
     if not passed:
         raise VerifyError(
             f"{platform} {digest[:19]}…: no smoke attestation is about this digest",
@@ -91,14 +95,22 @@ def _smoke_passed(statements: list[dict[str, Any]], platform: str, digest: str) 
     return "passed " + ", ".join(sorted(passed))
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _sbom_listed(statements: list[dict[str, Any]], platform: str, digest: str) -> str:
     for statement in statements:
-        bom = statement.get("predicate") or {}
-        properties = (bom.get("metadata") or {}).get("component", {}).get("properties") or []
+        bom = _mapping(statement.get("predicate"))
+        component = _mapping(_mapping(bom.get("metadata")).get("component"))
+        properties = component.get("properties")
         if bom.get("bomFormat") == "CycloneDX" and {"name": "platform", "value": platform} in (
-            properties
+            properties if isinstance(properties, list) else []
         ):
-            files = sum(len(c.get("components") or []) for c in bom.get("components") or [])
+            listed = bom.get("components")
+            parts: list[Any] = listed if isinstance(listed, list) else []
+            inner = [_mapping(part).get("components") for part in parts]
+            files = sum(len(files) for files in inner if isinstance(files, list))
             return f"CycloneDX {bom.get('specVersion')}: {files} files"
     raise VerifyError(f"{platform} {digest[:19]}…: no SBOM attestation for {platform}")
 
@@ -126,15 +138,18 @@ def _needs_sbom(matrix: Matrix, labels: Mapping[str, str]) -> bool:
 def verify(options: VerifyOptions) -> VerifyRecord:
     """Verify every signature and attestation of the image `options.image` names."""
     started = time.monotonic()
+    # Who must have signed, checked before the registry is asked.
+    verifier = verifier_from_env(options.key, options.identity, options.issuer, options.env)
     name, reference = split_reference(options.image)
-    credentials = registry_credentials(name.registry, options.env)
-    with RegistryClient(name.registry, credentials) as client:
+    credentials = options.access.credentials(name.registry)
+    with RegistryClient(
+        name.registry, credentials, token_hosts=options.access.token_hosts
+    ) as client:
         top = client.manifest(name.repository, reference)
         if top is None:
             raise VerifyError(f"{options.image} is not in the registry {name.registry}")
         images = list(client.platform_images(name.repository, top))
     auths = {name.registry: credentials} if credentials else {}
-    verifier = verifier_from_env(options.key, options.identity, options.issuer, options.env)
     with docker_config(auths) as config_dir:
         cosign = Cosign(options.env, config_dir)
         signed = f"{name}@{top.digest}"

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pipeline.core.errors import PipelineError, UsageError
 from pipeline.core.project import Project
 from pipeline.matrix.choose import Resolved
+from pipeline.oci.image import split_reference
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,19 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_verify(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> VerifyOptions:
-    inputs = Resolved.load(Project.discover())
+    inputs = Resolved.load(Project.discover(), env=env)
     image = args.image or f"{inputs.version.image}:{inputs.version.version}"
+    try:
+        split_reference(image)
+    except PipelineError as exc:
+        raise UsageError(exc.message, "give IMAGE[:TAG] or IMAGE@sha256:…") from None
+    if args.identity is not None:
+        try:
+            re.compile(args.identity)
+        except re.error as exc:
+            raise UsageError(
+                f"--identity {args.identity!r}: not a regular expression: {exc}"
+            ) from None
     return VerifyOptions(
         **vars(inputs),
         image=image,
