@@ -84,8 +84,8 @@ class CandidateRecord(Record):
     images: tuple[CandidateImage, ...] = ()
     indexes: dict[str, str] | None = None  # backend -> the index digest edge tags point to
     failed_stage: str | None = None
-    # Whether a second build of the cpu image gave the same digest (`reproducible: <digest>`),
-    # or what differed; None when not checked.
+    # Whether a second build of the cpu image (this machine's platform) gave the pushed digest:
+    # `identical: <digest>`, `differs: ...` or `not checked: why`; None: not asked for.
     reproducible: str | None = None
     schema: int = SCHEMA
 

@@ -41,6 +41,7 @@ from pipeline.track.chain import Chain, StageFailed, stage_environment
 from pipeline.track.edge import from_edge
 from pipeline.track.options import TrackOptions, add_track_arguments, resolve_track
 from pipeline.track.packages import newer_packages
+from pipeline.track.rebuild import reproducible
 
 __all__ = ["COMMANDS", "track"]
 
@@ -128,7 +129,8 @@ def _prepare(options: TrackOptions, plan: Plan) -> Path:
 
 
 def _build_arguments(options: TrackOptions) -> list[str]:
-    args = ["--push-by-digest", "--tag", str(options.repository)]
+    """What every build of the train is given besides its platform, backend and output."""
+    args: list[str] = []
     if options.cpu_variants:
         args += ["--cpu-variants", options.cpu_variants]
     if options.gpu_architectures:
@@ -152,6 +154,9 @@ def _run(options: TrackOptions, chain: Chain) -> None:
                 platform.name,
                 "--backend",
                 backend.name,
+                "--push-by-digest",
+                "--tag",
+                str(options.repository),
                 *_build_arguments(options),
             )
             for tier in tiers:
@@ -216,9 +221,13 @@ def track(options: TrackOptions) -> CandidateRecord | None:
         failure = exc
     reports = root / "build" / "reports"
     indexes = None
+    verdict = None
     if failure is None:
         published = load_publish_record(reports)
         indexes = {b.backend: b.index for b in published.backends if b.index}
+        if options.reproducible:
+            verdict = reproducible(chain, _build_arguments(options))
+            console.err.print(f"track: reproducible: {verdict}", markup=False, soft_wrap=True)
     record = CandidateRecord(
         ref=chosen.ref,
         commit=chosen.commit,
@@ -231,6 +240,7 @@ def track(options: TrackOptions) -> CandidateRecord | None:
         images=tuple(_images(options, root)) if reports.is_dir() else (),
         indexes=indexes,
         failed_stage=failure.run.stage if failure else None,
+        reproducible=verdict,
     )
     write_candidate(root / CANDIDATE_RECORD, record)
     write_candidate(options.work_dir / CANDIDATE_RECORD, record)

@@ -43,7 +43,7 @@ class TrackOptions(Resolved):
     force: bool = False  # build even when edge already holds this upstream build
     packages: bool = True  # a newer Debian package of the stable images is a reason to build
     no_sign: bool = False
-    reproducible: bool = False  # build the cpu amd64 image twice and compare the digests
+    reproducible: bool = False  # rebuild the host's cpu image; the candidate says if identical
     from_edge: bool = False  # build nothing: the candidate is what edge holds of the pin
     gpu_runner: bool = False  # a GPU is visible: GPU backends smoke their gpu tier too
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
@@ -135,7 +135,13 @@ def add_track_arguments(parser: argparse.ArgumentParser) -> None:
     switch(parser, "--force", "build even when edge already holds this upstream build")
     switch(parser, "--no-packages", "do not rebuild the stable pin for newer Debian packages")
     switch(parser, "--no-sign", "publish the candidate to edge unsigned")
-    switch(parser, "--reproducible", "build the cpu amd64 image twice and compare the digests")
+    parser.add_argument(
+        "--reproducible",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="build the cpu image of this machine's platform again, without the layer cache, "
+        "and record whether its digest is the pushed one (default: off)",
+    )
     switch(
         parser,
         "--from-edge",
