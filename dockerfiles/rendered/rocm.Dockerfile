@@ -22,7 +22,7 @@ ARG LLAMA_CPP_BUILD_NUMBER=0
 # date: `nox -s build` passes it together with SOURCE_DATE_EPOCH).
 ARG IMAGE_VERSION=0.1.0
 ARG IMAGE_CREATED=
-# ggml CPU kernels: all | baseline | host (see pipeline/matrix/matrix.yaml).
+# ggml CPU kernels: all | baseline | x86-64-v3 | host (see pipeline/matrix/matrix.yaml).
 ARG CPU_VARIANTS=all
 # GPU targets compiled in (`nox -s build -- --gpu-architectures`); the image's label says which.
 ARG GPU_ARCHITECTURES=gfx908;gfx90a;gfx942;gfx1030;gfx1100;gfx1101;gfx1102;gfx1150;gfx1151;gfx1200;gfx1201
@@ -65,8 +65,9 @@ EOF
 
 COPY vendor/tools/ui/ /ui/
 # No WORKDIR: BuildKit dates the directory it makes with SOURCE_DATE_EPOCH, the commit's date,
-# so every pin bump would miss this step's cache and rebuild the UI.
-# hadolint ignore=DL3003
+# so every pin bump would miss this step's cache and rebuild the UI. (DL4006: the one pipe
+# only names the UI build from its sources' hashes.)
+# hadolint ignore=DL3003,DL4006
 RUN --mount=type=cache,id=npm-$BUILDARCH,target=/root/.npm,sharing=locked \
     --mount=type=secret,id=host-ca,required=false <<'EOF'
 set -eu
@@ -80,6 +81,16 @@ if ! npm --version >/tmp/npm-version.log 2>&1; then
     echo "error: corepack could not fetch npm 11.21.3 as pinned (matrix.yaml: web_ui_npm): $(grep -m1 -i 'error' /tmp/npm-version.log)" >&2
     exit 1
 fi
+# SvelteKit names each build by the clock (kit.version.name defaults to Date.now()) and writes
+# that name into the bundle and _app/version.json: two builds of one commit would differ. Name
+# it by the UI's sources instead (upstream's config, wrapped; read before npm ci adds files).
+name=$(find . -type f -print | LC_ALL=C sort | xargs -d '\n' sha256sum | sha256sum | cut -c1-16)
+mv svelte.config.js svelte.config.upstream.js
+cat >svelte.config.js <<JS
+import config from './svelte.config.upstream.js';
+config.kit = { ...config.kit, version: { ...config.kit?.version, name: '${name}' } };
+export default config;
+JS
 if ! npm ci --no-audit --no-fund --loglevel=error >/tmp/npm-ci.log 2>&1; then
     if grep -q "in sync" /tmp/npm-ci.log; then
         echo "error: tools/ui/package-lock.json does not match tools/ui/package.json (npm ci refuses it): fix the lock file (npm install in tools/ui) or re-sync the snapshot" >&2
@@ -184,8 +195,9 @@ cpuinfo_options() {
 case "$CPU_VARIANTS/$TARGETARCH" in
     all/amd64) set -- -DGGML_CPU_ALL_VARIANTS=ON ;;
     baseline/amd64) set -- -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_SSE42=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_BMI2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF ;;
+    x86-64-v3/amd64) set -- -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON ;;
     host/amd64) set -- -DGGML_CPU_ALL_VARIANTS=OFF -DCMAKE_PROJECT_INCLUDE=/opt/cmake/quick-targets.cmake "-DQUICK_TARGETS=llama-common;mtmd;server-context;llama-server-impl;cpp-httplib" $(cpuinfo_options 'sse4_2:GGML_SSE42 avx:GGML_AVX avx2:GGML_AVX2 bmi2:GGML_BMI2 fma:GGML_FMA f16c:GGML_F16C avx_vnni:GGML_AVX_VNNI avx512f:GGML_AVX512 avx512vbmi:GGML_AVX512_VBMI avx512_vnni:GGML_AVX512_VNNI avx512_bf16:GGML_AVX512_BF16 amx_tile:GGML_AMX_TILE amx_int8:GGML_AMX_INT8 amx_bf16:GGML_AMX_BF16') ;;
-    *) echo "error: unknown CPU_VARIANTS=$CPU_VARIANTS for $TARGETARCH (valid: all, baseline, host)" >&2; exit 1 ;;
+    *) echo "error: unknown CPU_VARIANTS=$CPU_VARIANTS for $TARGETARCH (valid: all, baseline, x86-64-v3, host)" >&2; exit 1 ;;
 esac
 # HIP sources go through ROCm's clang; hipconfig says where ROCm lives in this image.
 HIPCXX="$(hipconfig -l)/clang"
@@ -283,12 +295,14 @@ rm -f /etc/apt/sources.list.d/extra.list
 useradd --uid 10001 --user-group --create-home \
     --home-dir /home/llama --shell /usr/sbin/nologin llama
 ln -s busybox /usr/local/bin/wget
+# Downloads: the user's, writable by group 0 too (a run as an arbitrary uid of group 0).
+install -d -o 10001 -g 0 -m 2775 /cache
 EOF
 
 COPY --from=builder /out/app/ /app/
 # `support` is the named build context dockerfiles/image/, not a stage.
 # hadolint ignore=DL3022
-COPY --chmod=0755 --from=support entrypoint.sh /app/entrypoint.sh
+COPY --chmod=0755 --from=support entrypoint.sh healthcheck.sh /app/
 
 ARG LLAMA_CPP_COMMIT
 ARG LLAMA_CPP_BUILD_NUMBER
@@ -305,13 +319,18 @@ LABEL org.opencontainers.image.title="llama.cpp server (ROCm)" \
       org.llamacpp-images.backend="rocm" \
       org.llamacpp-images.llama-build="${LLAMA_CPP_BUILD_NUMBER}" \
       org.llamacpp-images.cpu-variants="${CPU_VARIANTS}"
+# LLAMA_CACHE: where llama.cpp keeps downloads (-hf, LLAMA_HF_REPO). A volume, so that they
+# survive the container and --read-only works; Compose names it.
 ENV PATH=/app:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/home/llama \
-    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    LLAMA_CACHE=/cache
+VOLUME ["/cache"]
 USER 10001:10001
 WORKDIR /home/llama
 EXPOSE 8080
 # start-interval: healthy within seconds of the model loading; start-period: large models.
+# healthcheck.sh asks /health on the port the server was really given (its command line).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --start-interval=2s --retries=3 \
-    CMD ["/bin/sh", "-c", "wget -q -O /dev/null http://127.0.0.1:${LLAMA_SERVER_PORT:-8080}/health || exit 1"]
+    CMD ["/app/healthcheck.sh"]
 ENTRYPOINT ["/app/entrypoint.sh"]
