@@ -392,6 +392,7 @@ def test_entrypoint_assembles_the_command_line(
         "9090",
         "--model",
         str(model),
+        "--metrics",
         "--ctx-size",
         "512",
         "--alias",
@@ -414,7 +415,7 @@ def test_entrypoint_runs_the_router_on_a_models_dir(fake_server: Path, tmp_path:
     done = run_entrypoint(fake_server, {"LLAMA_MODELS_DIR": str(models)})
     assert done.returncode == 0, done.stderr
     argv = Path(f"{fake_server}.args").read_text().split()
-    assert argv == ["--host", "0.0.0.0", "--port", "8080", "--models-dir", str(models)]
+    assert argv == ["--host", "0.0.0.0", "--port", "8080", "--models-dir", str(models), "--metrics"]
 
 
 def test_entrypoint_passes_the_token_by_environment_only(fake_server: Path) -> None:
@@ -436,6 +437,7 @@ def test_entrypoint_passes_the_token_by_environment_only(fake_server: Path) -> N
         "acme/tiny-GGUF",
         "--hf-file",
         "tiny.gguf",
+        "--metrics",
     ]
     assert "hf_s3cret" not in argv
     assert Path(f"{fake_server}.token").read_text() == "hf_s3cret"
@@ -451,6 +453,13 @@ def test_entrypoint_refuses_what_llama_server_cannot_do(fake_server: Path, tmp_p
         ({"LLAMA_MODEL": "/nope.gguf", "LLAMA_HF_REPO": "a/b"}, "both set"),
         ({"LLAMA_MODEL": str(tmp_path / "absent.gguf")}, "no such file in the container"),
         ({"LLAMA_HF_REPO": "a/b", "LLAMA_SERVER_PORT": "80a"}, "is not a port number"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_SERVER_PORT": "99999"}, "99999 is not a port number"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_ARG_PORT": "0"}, "LLAMA_ARG_PORT=0 is not a port"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_SERVER_EXTRA_ARGS": "--port 70000"}, "--port=70000"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_ARG_PORT": "1", "LLAMA_SERVER_PORT": "2"}, "both set"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_ARG_HOST": "a", "LLAMA_SERVER_HOST": "b"}, "both set"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_METRICS": "yes"}, "LLAMA_METRICS=yes: 1 serves"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_HF_TOKEN_FILE": "/absent"}, "no readable file"),
         ({"LLAMA_MODELS_DIR": str(tmp_path), "LLAMA_HF_REPO": "a/b"}, "serves every model"),
         ({"LLAMA_MODELS_DIR": str(tmp_path / "absent")}, "no such directory in the container"),
     ]
@@ -469,6 +478,55 @@ def test_entrypoint_lets_informational_and_explicit_model_options_through(
     assert run_entrypoint(fake_server, {}, "-m", "/models/x.gguf").returncode == 0
     assert run_entrypoint(fake_server, {"LLAMA_ARG_HF_REPO": "a/b"}).returncode == 0
     assert run_entrypoint(fake_server, {}, "--models-dir", "/models").returncode == 0
+
+
+def test_entrypoint_leaves_llama_arg_host_and_port_to_llama_server(fake_server: Path) -> None:
+    env = {"LLAMA_HF_REPO": "a/b", "LLAMA_ARG_PORT": "9191", "LLAMA_ARG_HOST": "127.0.0.1"}
+    done = run_entrypoint(fake_server, env, "--threads", "2")
+    assert done.returncode == 0, done.stderr
+    # No --host/--port of the entrypoint's: they would override what llama-server reads.
+    argv = Path(f"{fake_server}.args").read_text().split()
+    assert argv == ["--hf-repo", "a/b", "--metrics", "--threads", "2"]
+    assert "LLAMA_ARG_PORT=9191" in Path(f"{fake_server}.env").read_text()
+    off = run_entrypoint(fake_server, {"LLAMA_HF_REPO": "a/b", "LLAMA_METRICS": "0"})
+    assert off.returncode == 0 and "--metrics" not in Path(f"{fake_server}.args").read_text()
+
+
+def test_entrypoint_reads_secrets_from_files(fake_server: Path, tmp_path: Path) -> None:
+    token, key = tmp_path / "hf-token", tmp_path / "api-key"
+    token.write_text("hf_fromfile\n")
+    key.write_text("sk-fromfile")
+    env = {
+        "LLAMA_HF_REPO": "a/b",
+        "LLAMA_HF_TOKEN_FILE": str(token),
+        "LLAMA_API_KEY_FILE": str(key),
+    }
+    done = run_entrypoint(fake_server, env)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert Path(f"{fake_server}.token").read_text() == "hf_fromfile"
+    seen = Path(f"{fake_server}.env").read_text().splitlines()
+    assert "LLAMA_API_KEY=sk-fromfile" in seen
+    assert not any(line.startswith(("LLAMA_HF_TOKEN", "LLAMA_API_KEY_FILE")) for line in seen)
+    argv = Path(f"{fake_server}.args").read_text()
+    assert "fromfile" not in argv
+    both = run_entrypoint(fake_server, {**env, "LLAMA_API_KEY": "x"})
+    assert both.returncode == 64
+    assert "LLAMA_API_KEY and LLAMA_API_KEY_FILE are both set" in both.stderr
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    done = run_entrypoint(fake_server, {"LLAMA_HF_REPO": "a/b", "LLAMA_HF_TOKEN_FILE": str(empty)})
+    assert done.returncode == 64 and "is empty" in done.stderr
+
+
+@pytest.mark.parametrize("shell", shells())
+def test_a_command_that_is_not_an_option_runs_instead_of_the_server(
+    fake_server: Path, shell: str
+) -> None:
+    done = run_entrypoint(fake_server, {}, "echo", "hello", "--port", "1", shell=shell)
+    assert done.returncode == 0 and done.stdout == "hello --port 1\n", done.stderr
+    assert not Path(f"{fake_server}.args").exists()
+    failed = run_entrypoint(fake_server, {}, "sh", "-c", "exit 3", shell=shell)
+    assert failed.returncode == 3
 
 
 CUDA13_ENV = {

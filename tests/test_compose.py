@@ -105,6 +105,11 @@ def test_the_llama_profile_comes_up_healthy_answers_and_leaves_nothing(
     service = json.loads(config.stdout)["services"]["llama-server"]
     assert service["image"] == cpu_amd64.ref and service["restart"] == "unless-stopped"
     assert service["volumes"][0]["read_only"] is True
+    # Downloads in a named volume; the root read-only.
+    assert {"type": "volume", "source": "llama-cache", "target": "/cache"}.items() <= service[
+        "volumes"
+    ][1].items()
+    assert service["read_only"] is True
     started = time.perf_counter()
     try:
         up = compose(

@@ -9,7 +9,9 @@
 #
 # Result under ROOTFS: /app (llama-server, its libraries, entrypoint.sh), /lib/TRIPLET (the
 # closure of their NEEDED entries), the ELF interpreter at its own path, /bin/{busybox,sh,wget},
-# /etc/{passwd,group,nsswitch.conf}, /etc/ssl/certs/ca-certificates.crt, /tmp, /home/USER.
+# /etc/{passwd,group,nsswitch.conf}, /etc/ssl/certs/ca-certificates.crt, /tmp, /home/USER, and
+# /cache (downloads: USER's, writable by group 0 too, for a run as an arbitrary uid of group 0).
+# healthcheck.sh is taken from beside ENTRYPOINT.
 # ORIGINS gets a line "<path in the image><TAB><file it was copied from>" for every file taken
 # from the build machine's packages: inventory.sh turns that into the image's SBOM inventory.
 #
@@ -47,10 +49,11 @@ needed() {
 }
 
 mkdir -p "$rootfs/app" "$rootfs/bin" "$rootfs/etc/ssl/certs" "$libdir" "$rootfs/tmp" \
-    "$rootfs/home/$user"
+    "$rootfs/home/$user" "$rootfs/cache"
 cp -P "$app"/* "$rootfs/app/"
 cp "$entrypoint" "$rootfs/app/entrypoint.sh"
-chmod 0755 "$rootfs/app/entrypoint.sh"
+cp "${entrypoint%/*}/healthcheck.sh" "$rootfs/app/healthcheck.sh"
+chmod 0755 "$rootfs/app/entrypoint.sh" "$rootfs/app/healthcheck.sh"
 
 # Breadth-first over NEEDED: the server, every ggml backend module (dlopened, so their own
 # dependencies such as libgomp must be here too), then each library copied in.
@@ -112,3 +115,5 @@ echo 'hosts: files dns' >"$rootfs/etc/nsswitch.conf"
 chmod 1777 "$rootfs/tmp"
 chown "$uid:$uid" "$rootfs/home/$user"
 chmod 0755 "$rootfs/home/$user"
+chown "$uid:0" "$rootfs/cache"
+chmod 2775 "$rootfs/cache"

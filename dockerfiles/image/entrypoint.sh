@@ -11,12 +11,20 @@
 #                             -> --model-url <endpoint>/<repo>/resolve/<revision>/<file>
 #                                --model <llama.cpp's cache>/<repo>_<revision>_<file>
 #   LLAMA_HF_TOKEN            exported as HF_TOKEN, which llama-server reads (never an argument)
-#   LLAMA_SERVER_HOST         --host, default 0.0.0.0
-#   LLAMA_SERVER_PORT         --port, default 8080
+#   LLAMA_SERVER_HOST         --host, default 0.0.0.0 (unless LLAMA_ARG_HOST is set: it is used)
+#   LLAMA_SERVER_PORT         --port, default 8080 (unless LLAMA_ARG_PORT is set: it is used)
 #   LLAMA_SERVER_EXTRA_ARGS   more options, split on whitespace
 #   LLAMA_ALLOW_CPU           1: a CUDA image without a visible GPU (or with a driver too old)
 #                             runs on its CPU kernels, with a warning, instead of refusing
+#   LLAMA_METRICS             0: no Prometheus /metrics endpoint (served by default)
+#   LLAMA_CACHE               where downloads go (llama.cpp reads it): the image's /cache volume
+#   <NAME>_FILE               for LLAMA_HF_TOKEN and LLAMA_API_KEY: the secret read from that
+#                             file (a Docker/Compose secret), not kept in the environment
+#                             (llama-server reads LLAMA_ARG_API_KEY_FILE itself)
+#   LLAMA_ARG_*               llama-server's own options by environment, passed through untouched
 #   `docker run IMAGE ARGS`   appended last, so they win over everything above
+#   `docker run IMAGE CMD`    a first argument that is not an option is a command: it runs
+#                             instead of the server (`sh`, `ls /app`), as official images do
 #
 # CUDA images set LLAMA_GPU_BACKEND=cuda, LLAMA_CUDA_VERSION, LLAMA_CUDA_MIN_DRIVER and
 # LLAMA_CUDA_INSTEAD (the tag suffix for older drivers): without them nothing is checked.
@@ -91,12 +99,48 @@ check_cuda_host() {
     die "no NVIDIA GPU is visible in this container: run it with --gpus all on a host with the NVIDIA driver and the NVIDIA Container Toolkit, or set LLAMA_ALLOW_CPU=1 to run on the CPU (slow)"
 }
 
+# `docker run IMAGE sh` (any first argument that is not an option) runs that command, as
+# Docker's official images do: llama-server takes no positional arguments.
+if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
+    exec "$@"
+fi
+
+# A port as llama-server would take it: 1-65535, digits only.
+check_port() {
+    case $2 in
+        '' | *[!0-9]* | 0*) die "$1=$2 is not a port number (1-65535)" ;;
+    esac
+    [ "$2" -le 65535 ] || die "$1=$2 is not a port number (1-65535)"
+}
+
+# <NAME>_FILE: the secret read from a file (a mounted Docker or Compose secret), so that it is
+# in neither `docker inspect` nor the process list. Exported under its own name for whoever
+# reads it (HF_TOKEN below; llama-server reads LLAMA_API_KEY itself).
+secret_from_file() {
+    eval "value=\${$1:-} path=\${$1_FILE:-}"
+    [ -n "$path" ] || return 0
+    if [ -n "$value" ]; then
+        die "$1 and $1_FILE are both set; set one of them"
+    fi
+    if [ ! -r "$path" ] || [ -d "$path" ]; then
+        die "$1_FILE=$path: no readable file in the container; mount the secret there (docker run --mount type=bind,src=FILE,dst=$path,readonly, or a Compose secret)"
+    fi
+    value=$(cat "$path")
+    if [ -z "$value" ]; then
+        die "$1_FILE=$path is empty"
+    fi
+    export "$1=$value"
+    unset "$1_FILE" value
+}
+secret_from_file LLAMA_HF_TOKEN
+secret_from_file LLAMA_API_KEY
+
 # A LLAMA_* variable nobody reads is most often a typo (LLAMA_MODLE): name it, then go on.
 # Known: this script's knobs, the image's own, llama.cpp's (LLAMA_ARG_* and the few it reads
 # by name; tests/test_build.py checks them against the snapshot's sources), and compose.yaml's,
 # which reach the container too when it reads the stack's .env.
 known_knobs=" LLAMA_MODEL LLAMA_HF_REPO LLAMA_HF_FILE LLAMA_HF_REVISION LLAMA_HF_TOKEN
-    LLAMA_MODELS_DIR LLAMA_SERVER_HOST LLAMA_SERVER_PORT LLAMA_SERVER_EXTRA_ARGS LLAMA_ALLOW_CPU
+    LLAMA_HF_TOKEN_FILE LLAMA_API_KEY_FILE LLAMA_METRICS LLAMA_MODELS_DIR LLAMA_SERVER_HOST LLAMA_SERVER_PORT LLAMA_SERVER_EXTRA_ARGS LLAMA_ALLOW_CPU
     LLAMA_GPU_BACKEND LLAMA_CUDA_VERSION LLAMA_CUDA_MIN_DRIVER LLAMA_CUDA_INSTEAD
     LLAMA_API_KEY LLAMA_CACHE LLAMA_TRACE LLAMA_MEDIA_MARKER LLAMA_APP_CMD
     LLAMA_SERVER_CHILD_MODE LLAMA_SERVER_ROUTER_PORT LLAMA_SERVER_SLOTS_N_DIFF
@@ -222,11 +266,35 @@ fi
 
 check_cuda_host
 
-port=${LLAMA_SERVER_PORT:-8080}
-case $port in
-    '' | *[!0-9]*) die "LLAMA_SERVER_PORT=$port is not a port number" ;;
+# Where to listen: LLAMA_SERVER_* or llama-server's own LLAMA_ARG_* (which it reads itself and
+# an argument would override), never both; `--port` arguments win over either, as always.
+if [ -n "${LLAMA_ARG_PORT:-}" ] && [ -n "${LLAMA_SERVER_PORT:-}" ]; then
+    die "LLAMA_SERVER_PORT and LLAMA_ARG_PORT are both set; set one of them"
+fi
+if [ -n "${LLAMA_ARG_HOST:-}" ] && [ -n "${LLAMA_SERVER_HOST:-}" ]; then
+    die "LLAMA_SERVER_HOST and LLAMA_ARG_HOST are both set; set one of them"
+fi
+if [ -n "${LLAMA_ARG_PORT:-}" ]; then
+    check_port LLAMA_ARG_PORT "$LLAMA_ARG_PORT"
+else
+    check_port LLAMA_SERVER_PORT "${LLAMA_SERVER_PORT:-8080}"
+fi
+previous=
+for arg in "$@"; do
+    case $previous in
+        --port) check_port --port "$arg" ;;
+    esac
+    case $arg in
+        --port=*) check_port --port "${arg#--port=}" ;;
+    esac
+    previous=$arg
+done
+
+case ${LLAMA_METRICS:-1} in
+    1) set -- --metrics "$@" ;;
+    0) ;;
+    *) die "LLAMA_METRICS=$LLAMA_METRICS: 1 serves /metrics (the default), 0 does not" ;;
 esac
-host=${LLAMA_SERVER_HOST:-0.0.0.0}
 
 # Prepended in reverse: host/port, then the model, then the extra and docker-run arguments
 # already in "$@" (llama-server takes the last value of a repeated option).
@@ -246,6 +314,11 @@ fi
 if [ -n "$models_dir" ]; then
     set -- --models-dir "$models_dir" "$@"
 fi
-set -- --host "$host" --port "$port" "$@"
+if [ -z "${LLAMA_ARG_PORT:-}" ]; then
+    set -- --port "${LLAMA_SERVER_PORT:-8080}" "$@"
+fi
+if [ -z "${LLAMA_ARG_HOST:-}" ]; then
+    set -- --host "${LLAMA_SERVER_HOST:-0.0.0.0}" "$@"
+fi
 
 exec "$server" "$@"

@@ -50,7 +50,7 @@ find "$rootfs" -type f | sort | while IFS= read -r file; do
     source=$(awk -F '\t' -v p="$path" '$1 == p { print $2; exit }' "$origins")
     origin=project package=- version=- arch=- licence=-
     case $path in
-        /app/entrypoint.sh) ;;
+        /app/entrypoint.sh | /app/healthcheck.sh) ;;
         /app/*) origin=$app_origin ;;
     esac
     if [ "$path" = "$busybox" ]; then

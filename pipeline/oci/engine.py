@@ -173,7 +173,7 @@ class ServerContainer:
     The port is published on 127.0.0.1 only (a free one unless `host_port` is given); with
     `network_host` the container shares the host's network (for reaching a loopback server)
     and must itself listen on loopback. `mounts` are bind mounts, read-only; `gpus` asks for
-    every GPU (`--gpus all`).
+    every GPU (`--gpus all`); `user` and `read_only` are `docker run`'s --user and --read-only.
     """
 
     def __init__(
@@ -190,6 +190,8 @@ class ServerContainer:
         network_host: bool = False,
         health_interval: float | None = None,
         gpus: bool = False,
+        user: str | None = None,
+        read_only: bool = False,
     ) -> None:
         self.client = client
         self.image = image
@@ -202,6 +204,8 @@ class ServerContainer:
         self.network_host = network_host
         self.health_interval = health_interval
         self.gpus = gpus
+        self.user = user
+        self.read_only = read_only
         self.run_id = secrets.token_hex(8)
         self.container: Any = None
         self.started_at = 0.0
@@ -217,6 +221,10 @@ class ServerContainer:
         }
         if self.platform:
             options["platform"] = self.platform
+        if self.user:
+            options["user"] = self.user
+        if self.read_only:
+            options["read_only"] = True
         if self.gpus:  # `docker run --gpus all`: the NVIDIA Container Toolkit's device request
             from docker.types import DeviceRequest
 

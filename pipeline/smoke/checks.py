@@ -11,13 +11,15 @@ import json
 import re
 import secrets
 import string
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from pipeline.oci.elf import closure_gaps, describe_gaps
-from pipeline.oci.engine import ServerExited, free_port, image_tree
+from pipeline.oci.engine import ServerContainer, ServerExited, free_port, image_tree
 from pipeline.oci.image import LABEL_REVISION
 from pipeline.smoke.hubserver import HubServer
 from pipeline.smoke.run import CheckFailed, Live, Runs, SmokeRun, require, short, smoke_check
@@ -168,14 +170,11 @@ def check_tokenize(run: SmokeRun, live: Live) -> str:
 
 @smoke_check("metrics", Runs.SERVER)
 def check_metrics(run: SmokeRun, live: Live) -> str:
-    http = live.http
-    resp = http.get("/metrics")
-    require(
-        resp.status_code == 200,
-        f"/metrics answered {resp.status_code} (--metrics given as docker run args)",
-    )
+    # Served by default (the entrypoint's --metrics; LLAMA_METRICS=0 turns it off).
+    resp = live.http.get("/metrics")
+    require(resp.status_code == 200, f"/metrics answered {resp.status_code}, served by default")
     require("llamacpp:" in resp.text, "no llamacpp: metrics in the body")
-    return "enabled by `docker run IMAGE --metrics` (args appended)"
+    return "/metrics served by default (Prometheus text, llamacpp: metrics)"
 
 
 @smoke_check("entrypoint-model", Runs.SERVER)
@@ -266,9 +265,8 @@ def check_non_root(run: SmokeRun, live: Live) -> str:
     return ", ".join(f"{comm} uid {uid}" for uid, comm in procs)
 
 
-@smoke_check("docker-healthcheck", Runs.SERVER)
-def check_docker_health(run: SmokeRun, live: Live) -> str:
-    box = live.box
+def _docker_healthy(run: SmokeRun, box: ServerContainer) -> float:
+    """Seconds from the container's start to Docker's own HEALTHCHECK reporting `healthy`."""
     deadline = time.perf_counter() + run.timing.docker_health
     status = "unknown"
     while time.perf_counter() < deadline:
@@ -277,13 +275,17 @@ def check_docker_health(run: SmokeRun, live: Live) -> str:
         require(health is not None, "the image has no HEALTHCHECK")
         status = health["Status"]
         if status == "healthy":
-            after = time.perf_counter() - box.started_at
-            return f"Docker reports healthy {after:.1f} s after start"
+            return time.perf_counter() - box.started_at
         if status == "unhealthy":
             log = health.get("Log") or [{}]
             raise CheckFailed(f"Docker reports unhealthy: {short(log[-1].get('Output', ''))}")
         time.sleep(0.2)
     raise CheckFailed(f"HEALTHCHECK still {status!r} after {run.timing.docker_health:.0f} s")
+
+
+@smoke_check("docker-healthcheck", Runs.SERVER)
+def check_docker_health(run: SmokeRun, live: Live) -> str:
+    return f"Docker reports healthy {_docker_healthy(run, live.box):.1f} s after start"
 
 
 # ------------------------------------------------------------------ image checks
@@ -375,3 +377,77 @@ def check_hf_repo(run: SmokeRun) -> str:
     require(all(r.sent_token for r in hub.requests), "a hub request went without the token")
     require(bool(models.get("data")), f"/v1/models: {short(models)}")
     return f"downloaded {repo}/{filename} from the local hub (private, token by env)"
+
+
+def _model(run: SmokeRun) -> tuple[dict[str, str], dict[Path, str]]:
+    """The environment and mount that give a container the smoke model."""
+    return {"LLAMA_MODEL": run.model.container_path}, {
+        run.model.host_path: run.model.container_path
+    }
+
+
+@smoke_check("healthcheck-port", Runs.CONTAINER)
+def check_healthcheck_port(run: SmokeRun) -> str:
+    # `docker run IMAGE --port N`: the server listens on N, and Docker's HEALTHCHECK must ask
+    # N too (upstream's images keep probing 8080 and never become healthy).
+    port = free_port()
+    env, mounts = _model(run)
+    with run.container(
+        env=env, mounts=mounts, command=["--port", str(port)], container_port=port
+    ) as box:
+        try:
+            box.wait_healthy(box.base_url, run.timing.healthy)
+        except (ServerExited, TimeoutError) as exc:
+            raise CheckFailed(f"{exc}; log: {short(box.log_tail(3))}") from None
+        after = _docker_healthy(run, box)
+    return f"docker run IMAGE --port {port}: Docker reports healthy {after:.1f} s after start"
+
+
+@smoke_check("command-read-only-cache", Runs.CONTAINER)
+def check_command_and_cache(run: SmokeRun) -> str:
+    # `docker run --read-only --user <uid>:0 IMAGE sh -c ...`: a command that is not an option
+    # runs instead of the server, and the download cache (LLAMA_CACHE, a volume) is writable
+    # on a read-only root by an arbitrary uid of group 0 (OpenShift's convention).
+    script = 'touch "$LLAMA_CACHE/probe" && rm "$LLAMA_CACHE/probe" && echo "$(id -u) $LLAMA_CACHE"'
+    with run.container(command=["sh", "-c", script], user="4242:0", read_only=True) as box:
+        code = box.wait_exit(run.timing.exit)
+        output = box.logs().strip()
+    require(code == 0, f"exit {code}: {short(output)}")
+    require(output.startswith("4242 /"), f"printed {short(output)!r}, expected '4242 <cache>'")
+    return f"sh ran as uid 4242 (gid 0), --read-only: wrote and removed a file in {output[5:]}"
+
+
+@smoke_check("secret-file", Runs.CONTAINER)
+def check_secret_file(run: SmokeRun) -> str:
+    # LLAMA_API_KEY_FILE: the key from a mounted file, in neither `docker inspect` nor the
+    # process list, and enforced (401 without it).
+    key = "sk-" + secrets.token_hex(16)
+    port = free_port()
+    env, mounts = _model(run)
+    with tempfile.TemporaryDirectory(prefix="smoke-secret-") as scratch:
+        secret = Path(scratch) / "api-key"
+        secret.write_text(key + "\n")
+        secret.chmod(0o644)  # the container's user reads it through the bind mount
+        env |= {"LLAMA_API_KEY_FILE": "/run/secrets/api-key"}
+        with run.container(
+            env=env,
+            mounts={**mounts, secret: "/run/secrets/api-key"},
+            container_port=port,
+            command=["--port", str(port)],
+        ) as box:
+            url = box.base_url
+            try:
+                box.wait_healthy(url, run.timing.healthy)
+            except (ServerExited, TimeoutError) as exc:
+                raise CheckFailed(f"{exc}; log: {short(box.log_tail(3))}") from None
+            # /tokenize: llama-server leaves /health and /v1/models open, by design.
+            ask = {"content": "hello"}
+            with httpx.Client(base_url=url, timeout=run.timing.request) as http:
+                anonymous = http.post("/tokenize", json=ask).status_code
+                bearer = {"Authorization": f"Bearer {key}"}
+                allowed = http.post("/tokenize", json=ask, headers=bearer)
+            shown = json.dumps(box.container.attrs["Config"]) + json.dumps(box.container.top())
+    require(anonymous == 401, f"/tokenize without the key answered {anonymous}, not 401")
+    require(allowed.status_code == 200, f"/tokenize with the key answered {allowed.status_code}")
+    require(key not in shown, "the API key shows in docker inspect or the process list")
+    return "LLAMA_API_KEY_FILE: 401 without the key, 200 with it; not in inspect or ps"
