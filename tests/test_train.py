@@ -18,7 +18,12 @@ each one starts where the one before it left the channels.
 Substitutions besides the replay's own (tests/replay.py): GitHub (the record job's push and
 pull request) by tests/fixtures/github.py, Debian's update suites by tests/fixtures/apt_repo.py,
 keyless signing by the session's cosign key. What the repository variable TRACK_OPTIONS
-would be on a CI-size runner: the cpu backend, amd64, baseline kernels.
+would be on a CI-size runner: the cpu backend, amd64, x86-64-v3 kernels
+(tests/fixtures/lab.py). CI-size gates: the
+checked-out gates.yaml with 3 throughput rounds and 1 warm-up request instead of 7 and 2 (the
+confirmation, as many rounds again, stays); the rounds the release uses are exercised by
+`nox -s bench` and the five identical promotions of the note, not here. Only b101's track
+also checks reproducibility (`--reproducible`: one more cpu build without the layer cache).
 """
 
 from __future__ import annotations
@@ -150,11 +155,13 @@ class Line:
     image: str = "acme/llama-server"
     runs: list[TrainRun] = field(default_factory=list)
     apt_sources: str = ""
+    reproducible: bool = False  # the next run's track checks it (train.yml's default: it does)
 
-    def run(self, ref: str = "") -> TrainRun:
+    def run(self, ref: str = "", *, reproducible: bool = False) -> TrainRun:
         """train.yml, dispatched by hand with `ref` (empty: what the schedule does)."""
         github = _github("workflow_dispatch", "refs/heads/main", "train.yml")
-        return self.replay("train.yml", github, {"ref": ref}, checkout)
+        self.reproducible = reproducible
+        return self.replay("train.yml", github, {"ref": ref}, ci_size_checkout)
 
     def release(self, version: str, branch: str) -> TrainRun:
         """release.yml on the tag v<version>, pushed on the record job's branch (what merging
@@ -162,7 +169,7 @@ class Line:
         recorded = self.github.branch_file(REPOSITORY, branch, "version.json")
 
         def checkout_release(job: Job, inputs: Mapping[str, str]) -> str:
-            done = checkout(job, inputs)
+            done = ci_size_checkout(job, inputs)
             (job.workspace / "version.json").write_text(recorded)
             return f"{done}; version.json of {branch}"
 
@@ -180,7 +187,7 @@ class Line:
         artifacts.mkdir(parents=True)
         variables = {
             "TRACK_OPTIONS": f"--backend cpu --platform linux/amd64 --cpu-variants "
-            f"{TEST_CPU_VARIANTS}",
+            f"{TEST_CPU_VARIANTS}" + ("" if self.reproducible else " --no-reproducible"),
             "APT_SOURCES": self.apt_sources,
         }
         secret_values = {
@@ -262,6 +269,24 @@ class Line:
 
     def channels(self) -> dict[str, str | None]:
         return {name: self.tag(name) for name in ("latest", "edge")}
+
+
+CI_GATES = {"rounds": 3, "warmup": 1}  # throughput: what gates.yaml says, CI-size
+
+
+def ci_size_checkout(job: Job, inputs: Mapping[str, str]) -> str:
+    """actions/checkout, then gates.yaml's throughput rounds cut to CI_GATES (committed: the
+    workspace is clean, as a checkout is)."""
+    done = checkout(job, inputs)
+    path = job.workspace / "pipeline" / "publish" / "gates.yaml"
+    text = path.read_text()
+    for key, value in CI_GATES.items():
+        text, count = re.subn(rf"(?m)^(  {key}:) *\d+", rf"\g<1> {value}", text)
+        assert count == 1, f"gates.yaml has no throughput.{key}"
+    path.write_text(text)
+    git = ["git", "-C", str(job.workspace), "-c", "user.name=replay", "-c", "user.email=r@x"]
+    subprocess.run([*git, "commit", "-q", "-a", "--amend", "--no-edit"], check=True)
+    return f"{done}; gates CI-size ({CI_GATES})"
 
 
 def _github(event: str, ref: str, workflow: str) -> dict[str, Any]:
@@ -371,7 +396,7 @@ def test_a_good_upstream_release_reaches_stable(
     before = line.channels()
     commit = line.upstream.release("b101", f"b{PIN_BUILD}")
     with build_lock():
-        run = line.run()
+        run = line.run(reproducible=True)
     _figure("b101 (good)", run, capsys)
     for job in run.jobs.values():
         assert not job.failed, failure_report(job)
@@ -381,6 +406,8 @@ def test_a_good_upstream_release_reaches_stable(
     index = candidate["indexes"]["cpu"]
     assert index != before["latest"]
     assert line.channels() == {"latest": index, "edge": index}
+    # Rebuilt without the layer cache, the cpu image is the digest edge holds.
+    assert candidate["reproducible"] == f"identical: {candidate['images'][0]['digest']}"
     gates = _gates(run)
     assert all(g["passed"] for g in gates.values()), gates
     # Measured side by side, with both figures.

@@ -2,7 +2,7 @@
 and names what stands in for GitHub).
 
 release.yml, in the lab, with these substitutions besides the runner's (see tests/replay.py):
-- the matrix: its cpu entries (amd64 and arm64); CPU_VARIANTS: baseline, to stay in budget;
+- the matrix: its cpu entries (amd64 and arm64); CPU_VARIANTS: x86-64-v3 (one set), in budget;
 - docker.io, wherever the workflow's env names it: a local registry with htpasswd auth, and
   secrets.REGISTRY_USERNAME/PASSWORD: its user;
 - GitHub (sync's remote): the lab's upstream mirror (LLAMA_CPP_REMOTE, build jobs only);

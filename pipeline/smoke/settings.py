@@ -120,6 +120,7 @@ class CancelAsk(Ask):
 class Load(Ask):
     clients: int
     requests: int  # per client
+    requests_emulated: int  # per client under QEMU, where the figures are the emulator's
     within: float  # seconds for all of it (native; emulated scaled)
 
 
@@ -176,7 +177,7 @@ def _real(real: Fields) -> RealTier:
     grammar = section("grammar", "gbnf", "matches")
     tool = section("tool_call", "example", "tool")
     cancel = section("cancel", "after_chunks")
-    load = section("load", "clients", "requests", "within")
+    load = section("load", "clients", "requests", "requests_emulated", "within")
     return RealTier(
         model=real.text("model"),
         alias=real.text("alias"),
@@ -203,6 +204,7 @@ def _real(real: Fields) -> RealTier:
             **_ask(load),
             clients=load.integer("clients", minimum=1),
             requests=load.integer("requests", minimum=1),
+            requests_emulated=load.integer("requests_emulated", minimum=1),
             within=load.number("within", above=0),
         ),
     )
@@ -218,7 +220,12 @@ class Settings:
 
     def timing_for(self, platform: str) -> Timing:
         """`native` on this machine's platform, `emulated` (QEMU, ten times slower) else."""
-        return self.timing["native" if platform == host_platform() else "emulated"]
+        return self.timing["emulated" if self.emulated(platform) else "native"]
+
+    @staticmethod
+    def emulated(platform: str) -> bool:
+        """Whether an image of `platform` runs here through QEMU."""
+        return platform != host_platform()
 
 
 def _timing(spec: Fields) -> Timing:
