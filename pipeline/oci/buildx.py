@@ -36,7 +36,11 @@ from pipeline.oci.registry import DOCKER_HUB_CONFIG_KEY, Credentials
 # A log line worth a terminal line: a step starting, or (at most every 10%) ninja progress.
 _STEP_RE = re.compile(r"^#\d+ \[(?P<step>[^\]]+)\] (?P<what>.+)$")
 _NINJA_RE = re.compile(r"^#\d+ [\d.]+ \[(?P<done>\d+)/(?P<total>\d+)\] ")
-_SCRIPT_ERROR_RE = re.compile(r"^#\d+ [\d.]+ (?P<msg>error: .+)$")
+# The first error of a failed step: one our scripts printed (`error: ...`), or the compiler's
+# (`file.cpp:1:2: error: ...`), rather than BuildKit's echo of the whole RUN script.
+_SCRIPT_ERROR_RE = re.compile(
+    r"^#\d+ [\d.]+ (?P<msg>(?:\S+:\d+:(?:\d+:)? (?:fatal )?)?error: .+)$"
+)
 
 
 def docker_cli(

@@ -21,7 +21,8 @@ from pipeline.oci.registry import RegistryClient
 from pipeline.oci.tags import STABLE, load_tag_rules
 from pipeline.track.options import TrackOptions
 
-# Prints "name arch shipped newer" for each package apt has a newer version of.
+# Prints "name arch shipped newer" for each of PACKAGES ("name version arch" lines) apt has a
+# newer version of.
 _NEWER = r"""
 set -eu
 if [ -n "$EXTRA_APT_SOURCES" ]; then
@@ -29,7 +30,7 @@ if [ -n "$EXTRA_APT_SOURCES" ]; then
 fi
 for arch in $ARCHES; do dpkg --add-architecture "$arch"; done
 apt-get update -qq >/dev/null 2>&1 || apt-get update -qq >&2
-while read -r name version arch; do
+printf '%s\n' "$PACKAGES" | while read -r name version arch; do
     # Architecture-independent packages have no :all qualifier in apt's cache.
     case $arch in all) package=$name ;; *) package=$name:$arch ;; esac
     candidate=$(apt-cache policy "$package" | sed -n 's/^ *Candidate: //p')
@@ -66,19 +67,19 @@ def _shipped(options: TrackOptions, backend: Backend, cosign: Cosign) -> set[tup
 def _newer_in(image: str, packages: Iterable[tuple[str, str, str]], sources: str) -> list[str]:
     listed = sorted(packages)
     arches = sorted({arch for _, _, arch in listed if arch != "all"})
-    script = "\n".join(f"{n} {v} {a}" for n, v, a in listed) + "\n"
     done = docker_cli(
         "run",
         "--rm",
-        "-i",
         "-e",
         f"EXTRA_APT_SOURCES={sources}",
         "-e",
         f"ARCHES={' '.join(arches)}",
+        "-e",
+        "PACKAGES=" + "\n".join(f"{n} {v} {a}" for n, v, a in listed),
         image,
         "sh",
         "-c",
-        f'{_NEWER} <<"EOF"\n{script}EOF',
+        _NEWER,
         timeout=600,
     )
     if done.returncode != 0:
