@@ -38,9 +38,7 @@ _STEP_RE = re.compile(r"^#\d+ \[(?P<step>[^\]]+)\] (?P<what>.+)$")
 _NINJA_RE = re.compile(r"^#\d+ [\d.]+ \[(?P<done>\d+)/(?P<total>\d+)\] ")
 # The first error of a failed step: one our scripts printed (`error: ...`), or the compiler's
 # (`file.cpp:1:2: error: ...`), rather than BuildKit's echo of the whole RUN script.
-_SCRIPT_ERROR_RE = re.compile(
-    r"^#\d+ [\d.]+ (?P<msg>(?:\S+:\d+:(?:\d+:)? (?:fatal )?)?error: .+)$"
-)
+_SCRIPT_ERROR_RE = re.compile(r"^#\d+ [\d.]+ (?P<msg>(?:\S+:\d+:(?:\d+:)? (?:fatal )?)?error: .+)$")
 
 
 def docker_cli(
