@@ -52,7 +52,12 @@ def release_tag(backend: str) -> str:
 
 @pytest.mark.parametrize(
     ("service", "backend"),
-    [("llama-server", "cpu"), ("llama-embeddings", "cpu"), ("llama-cuda", "cuda")],
+    [
+        ("llama-server", "cpu"),
+        ("llama-embeddings", "cpu"),
+        ("llama-ollama", "cpu"),
+        ("llama-cuda", "cuda"),
+    ],
 )
 def test_compose_runs_the_tags_publish_pushes(service: str, backend: str) -> None:
     services = compose_data()["services"]

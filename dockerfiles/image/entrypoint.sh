@@ -6,6 +6,8 @@
 #   LLAMA_HF_REPO             <user>/<repo>[:quant] on the Hugging Face Hub -> --hf-repo
 #   LLAMA_MODELS_DIR          a mounted directory of GGUFs: router mode     -> --models-dir
 #                             (every model listed, each loaded on its first request)
+#   LLAMA_OLLAMA_MODELS       Ollama's store (~/.ollama/models) mounted: router mode over its
+#                             models, named as Ollama names them (smollm2:135m)
 #   LLAMA_HF_FILE             a file in that repo                           -> --hf-file
 #   LLAMA_HF_REVISION         a commit, tag or branch of LLAMA_HF_REPO (needs LLAMA_HF_FILE):
 #                             -> --model-url <endpoint>/<repo>/resolve/<revision>/<file>
@@ -140,7 +142,7 @@ secret_from_file LLAMA_API_KEY
 # by name; tests/test_build.py checks them against the snapshot's sources), and compose.yaml's,
 # which reach the container too when it reads the stack's .env.
 known_knobs=" LLAMA_MODEL LLAMA_HF_REPO LLAMA_HF_FILE LLAMA_HF_REVISION LLAMA_HF_TOKEN
-    LLAMA_HF_TOKEN_FILE LLAMA_API_KEY_FILE LLAMA_METRICS LLAMA_MODELS_DIR LLAMA_SERVER_HOST LLAMA_SERVER_PORT LLAMA_SERVER_EXTRA_ARGS LLAMA_ALLOW_CPU
+    LLAMA_HF_TOKEN_FILE LLAMA_API_KEY_FILE LLAMA_METRICS LLAMA_OLLAMA_MODELS LLAMA_MODELS_DIR LLAMA_SERVER_HOST LLAMA_SERVER_PORT LLAMA_SERVER_EXTRA_ARGS LLAMA_ALLOW_CPU
     LLAMA_GPU_BACKEND LLAMA_CUDA_VERSION LLAMA_CUDA_MIN_DRIVER LLAMA_CUDA_INSTEAD
     LLAMA_API_KEY LLAMA_CACHE LLAMA_TRACE LLAMA_MEDIA_MARKER LLAMA_APP_CMD
     LLAMA_SERVER_CHILD_MODE LLAMA_SERVER_ROUTER_PORT LLAMA_SERVER_SLOTS_N_DIFF
@@ -197,6 +199,52 @@ repo=${LLAMA_HF_REPO:-}
 file=${LLAMA_HF_FILE:-}
 revision=${LLAMA_HF_REVISION:-}
 models_dir=${LLAMA_MODELS_DIR:-}
+ollama=${LLAMA_OLLAMA_MODELS:-}
+
+# Ollama's store (~/.ollama/models, mounted read-only): every model its manifests name, served
+# by the router under Ollama's name (smollm2:135m; a `/` becomes `_`), through a directory of
+# links to its GGUF blobs: nothing is copied. pipeline/modelfiles/ollama.py reads the same way.
+ollama_links() {
+    links=${LLAMA_CACHE:-/tmp}/ollama-models
+    rm -rf "$links"
+    mkdir -p "$links" 2>/dev/null || die "LLAMA_OLLAMA_MODELS: cannot write $links; give the container a writable LLAMA_CACHE (the image's /cache volume)"
+    for manifest in "$1"/manifests/*/*/*/*; do
+        [ -f "$manifest" ] || continue
+        path=${manifest#"$1"/manifests/}
+        registry=${path%%/*} path=${path#*/}
+        namespace=${path%%/*} path=${path#*/}
+        name=${path%%/*} tag=${path#*/}
+        if [ "$registry" != registry.ollama.ai ]; then
+            name="$registry/$namespace/$name"
+        elif [ "$namespace" != library ]; then
+            name="$namespace/$name"
+        fi
+        # The model layer's digest, whichever order its keys come in.
+        layers=$(tr -d ' \n\t' <"$manifest" | sed 's/},{/}\n{/g')
+        digest=$(printf '%s\n' "$layers" | grep '"mediaType":"application/vnd.ollama.image.model"' |
+            sed -n 's/.*"digest":"sha256:\([0-9a-f]\{64\}\)".*/\1/p' | head -n 1)
+        blob="$1/blobs/sha256-$digest"
+        if [ -z "$digest" ] || [ ! -f "$blob" ]; then
+            warn "LLAMA_OLLAMA_MODELS: $name:$tag has no model blob in $1/blobs; skipped"
+            continue
+        fi
+        ln -s "$blob" "$links/$(printf '%s' "$name:$tag" | tr / _).gguf"
+    done
+    for link in "$links"/*.gguf; do
+        [ -e "$link" ] && return 0
+    done
+    die "LLAMA_OLLAMA_MODELS=$1 has no models (manifests/<registry>/<namespace>/<model>/<tag>); mount Ollama's models directory, e.g. -v ~/.ollama/models:/ollama:ro"
+}
+if [ -n "$ollama" ]; then
+    if [ -n "$model" ] || [ -n "$repo" ] || [ -n "$models_dir" ]; then
+        die "LLAMA_OLLAMA_MODELS serves Ollama's models; unset LLAMA_MODEL, LLAMA_HF_REPO and LLAMA_MODELS_DIR, or LLAMA_OLLAMA_MODELS"
+    fi
+    if [ ! -d "$ollama/manifests" ]; then
+        die "LLAMA_OLLAMA_MODELS=$ollama: no manifests/ directory there; mount Ollama's models directory, e.g. -v ~/.ollama/models:/ollama:ro"
+    fi
+    ollama_links "$ollama"
+    models_dir=$links
+fi
 
 if [ -n "$model" ] && [ -n "$repo" ]; then
     die "LLAMA_MODEL and LLAMA_HF_REPO are both set; set one of them"

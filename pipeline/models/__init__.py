@@ -1,6 +1,7 @@
 """`nox -s models -- list | pull NAME | recommend`: the model catalogue (modelfiles/catalogue.yaml)
-from the command line. `recommend` (recommend.py) picks the preset this host fits and runs fast
-enough, and prints the llama-server options that go with it.
+from the command line (`list --ollama DIR`: the models of an Ollama store instead).
+`recommend` (recommend.py) picks the preset this host fits and runs fast enough, and prints
+the llama-server options that go with it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline.core.pypi import sha256_of
 from pipeline.matrix import load_matrix
 from pipeline.matrix.hostgpu import detect_backend
 from pipeline.modelfiles.catalogue import Catalogue, ensure_catalogue_model, load_catalogue
+from pipeline.modelfiles.ollama import ollama_models
 from pipeline.models.options import ModelsOptions, add_models_arguments, resolve_models
 from pipeline.models.recommend import (
     HostMemory,
@@ -55,6 +57,21 @@ def _list(catalogue: Catalogue) -> int:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         out.print("  ".join([*cells, row[-1]]), markup=False, soft_wrap=True)
+    return 0
+
+
+def _list_ollama(store: Path) -> int:
+    rows = [("model", "served as", "size", "GGUF")]
+    rows += [(m.name, m.served_as, gib(m.size), str(m.blob)) for m in ollama_models(store)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        out.print("  ".join([*cells, row[-1]]), markup=False, soft_wrap=True)
+    out.print(
+        f"serve them: docker run -v {store}:/ollama:ro -e LLAMA_OLLAMA_MODELS=/ollama IMAGE",
+        markup=False,
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -135,6 +152,8 @@ def _recommend(options: ModelsOptions, catalogue: Catalogue) -> int:
 def _run(args: argparse.Namespace) -> int:
     options = resolve_models(args)
     catalogue = load_catalogue(options.catalogue)
+    if options.action == "list" and options.ollama is not None:
+        return _list_ollama(options.ollama)
     if options.action == "list":
         return _list(catalogue)
     if options.action == "pull":

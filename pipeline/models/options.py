@@ -22,6 +22,7 @@ class ModelsOptions:
     catalogue: Path
     name: str | None = None  # pull: the preset
     into: Path | None = None  # pull: also put the file here
+    ollama: Path | None = None  # list: the models of this Ollama store instead
     task: str | None = None  # recommend: None is the catalogue's
     min_tokens_per_second: float | None = None  # recommend: None is the catalogue's floor
 
@@ -34,6 +35,13 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         type=Path,
         help="pull: also put the file here (a hard link where possible), e.g. compose's ./models",
+    )
+    parser.add_argument(
+        "--ollama",
+        metavar="DIR",
+        type=Path,
+        help="list: the models of Ollama's store in DIR (~/.ollama/models) and the names the "
+        "image serves them under (LLAMA_OLLAMA_MODELS)",
     )
     parser.add_argument(
         "--task", choices=TASKS, help="recommend: the task (default: catalogue.yaml's)"
@@ -59,10 +67,11 @@ def resolve_models(args: argparse.Namespace) -> ModelsOptions:
     given = {
         "NAME": args.name is not None,
         "--into": args.into is not None,
+        "--ollama": args.ollama is not None,
         "--task": args.task is not None,
         "--min-tokens-per-second": args.min_tokens_per_second is not None,
     }
-    belongs = {"NAME": "pull", "--into": "pull", "--task": "recommend"}
+    belongs = {"NAME": "pull", "--into": "pull", "--ollama": "list", "--task": "recommend"}
     belongs["--min-tokens-per-second"] = "recommend"
     for option, present in given.items():
         if present and belongs[option] != args.action:
@@ -73,11 +82,15 @@ def resolve_models(args: argparse.Namespace) -> ModelsOptions:
     into = args.into.expanduser() if args.into is not None else None
     if into is not None and into.exists() and not into.is_dir():
         raise UsageError(f"--into {into}: not a directory", "name a directory (made if missing)")
+    ollama = args.ollama.expanduser() if args.ollama is not None else None
+    if ollama is not None and not ollama.is_dir():
+        raise UsageError(f"--ollama {ollama}: not a directory", "give ~/.ollama/models")
     return ModelsOptions(
         action=args.action,
         catalogue=args.catalogue,
         name=args.name,
         into=into,
+        ollama=ollama,
         task=args.task,
         min_tokens_per_second=args.min_tokens_per_second,
     )
