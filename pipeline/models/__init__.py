@@ -53,20 +53,22 @@ def _list(catalogue: Catalogue) -> int:
         )
         for m in catalogue.models.values()
     ]
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, the last one left to run on."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         out.print("  ".join([*cells, row[-1]]), markup=False, soft_wrap=True)
-    return 0
 
 
 def _list_ollama(store: Path) -> int:
     rows = [("model", "served as", "size", "GGUF")]
     rows += [(m.name, m.served_as, gib(m.size), str(m.blob)) for m in ollama_models(store)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        out.print("  ".join([*cells, row[-1]]), markup=False, soft_wrap=True)
+    _print_table(rows)
     out.print(
         f"serve them: docker run -v {store}:/ollama:ro -e LLAMA_OLLAMA_MODELS=/ollama IMAGE",
         markup=False,
