@@ -529,6 +529,50 @@ def test_a_command_that_is_not_an_option_runs_instead_of_the_server(
     assert failed.returncode == 3
 
 
+LIST_DEVICES = (
+    "load_backend: loaded CPU backend from /app/libggml-cpu-haswell.so\n"
+    "load_backend: loaded Vulkan backend from /app/libggml-vulkan.so\n"
+    "Available devices:\n"
+    "  Vulkan0: llvmpipe (LLVM 19.1.7, 256 bits) (15990 MiB, 15990 MiB free)\n"
+)
+
+
+@pytest.fixture
+def doctor_server(tmp_path: Path) -> Path:
+    """A stand-in llama-server whose --list-devices prints what a Vulkan image's would."""
+    shutil.copy(ENTRYPOINT, tmp_path / "entrypoint.sh")
+    script = tmp_path / "llama-server"
+    script.write_text(f"#!/bin/sh\ncat >&2 <<'EOF'\n{LIST_DEVICES}EOF\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_doctor_says_what_the_container_sees(doctor_server: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(1000))
+    done = run_entrypoint(doctor_server, {}, "doctor", "--model", str(model))
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert lines["backends"] == "CPU libggml-cpu-haswell.so, Vulkan libggml-vulkan.so"
+    assert lines["cpu kernels"].startswith("haswell (ggml loads the best variant")
+    assert lines["devices"].startswith("Vulkan0: llvmpipe")
+    assert lines["model"].startswith("weights 1004 bytes <= memory") and lines["verdict"] == "ok"
+    # JSON, for scripts; a model that is not GGUF is a problem: exit 1.
+    (tmp_path / "x.bin").write_bytes(b"nope")
+    done = run_entrypoint(doctor_server, {}, "doctor", "--json", f"--model={tmp_path}/x.bin")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["problems"] == "not-gguf"
+    assert report["cpu_kernels"] == "haswell" and report["memory_bytes"] > 0
+    # A CUDA image without a GPU: doctor says so and fails, as the server would.
+    cuda = {**CUDA13_ENV}
+    done = run_entrypoint(doctor_server, cuda, "doctor", "--json")
+    if not Path("/dev/nvidiactl").exists():
+        assert done.returncode == 1 and json.loads(done.stdout)["problems"] == "no-gpu"
+    bad = run_entrypoint(doctor_server, {}, "doctor", "--bogus")
+    assert bad.returncode == 64 and "doctor: unknown option --bogus" in bad.stderr
+
+
 CUDA13_ENV = {
     "LLAMA_GPU_BACKEND": "cuda",
     "LLAMA_CUDA_VERSION": "13.0",

@@ -27,6 +27,7 @@
 #   `docker run IMAGE ARGS`   appended last, so they win over everything above
 #   `docker run IMAGE CMD`    a first argument that is not an option is a command: it runs
 #                             instead of the server (`sh`, `ls /app`), as official images do
+#   `docker run IMAGE doctor [--model PATH] [--json]`: what this container sees (below)
 #
 # CUDA images set LLAMA_GPU_BACKEND=cuda, LLAMA_CUDA_VERSION, LLAMA_CUDA_MIN_DRIVER and
 # LLAMA_CUDA_INSTEAD (the tag suffix for older drivers): without them nothing is checked.
@@ -100,6 +101,109 @@ check_cuda_host() {
     fi
     die "no NVIDIA GPU is visible in this container: run it with --gpus all on a host with the NVIDIA driver and the NVIDIA Container Toolkit, or set LLAMA_ALLOW_CPU=1 to run on the CPU (slow)"
 }
+
+# `docker run IMAGE doctor [--model PATH] [--json]`: what this container sees, one fact a line
+# (or one JSON object): the backends llama-server loads and the CPU kernels ggml picked (the
+# best variant the CPU's features allow), the GPU devices and driver, the memory it may use,
+# and, given a model, whether its weights fit in that memory. Exit 1 when the server would not
+# run here: a CUDA image without a usable GPU, or a model larger than the memory.
+json_text() { # a JSON string's inside: backslashes and quotes escaped
+    printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g'
+}
+doctor() {
+    json=false doctor_model=
+    while [ "$#" -gt 0 ]; do
+        case $1 in
+            --json) json=true ;;
+            --model) [ "$#" -ge 2 ] || die "doctor: --model needs a path"; doctor_model=$2; shift ;;
+            --model=*) doctor_model=${1#--model=} ;;
+            *) die "doctor: unknown option $1 (usage: doctor [--model PATH] [--json])" ;;
+        esac
+        shift
+    done
+    problems=
+    listing=$("$server" --list-devices 2>&1) || true
+    backends=$(printf '%s\n' "$listing" | sed -n 's/.*loaded \([A-Za-z0-9_-]*\) backend from \(.*\)$/\1 \2/p' |
+        sed 's|/app/||' | tr '\n' ',' | sed 's/,$//; s/,/, /g')
+    devices=$(printf '%s\n' "$listing" | sed -n '/^Available devices/,$p' | sed -n 's/^ \{1,\}//p' |
+        tr '\n' ';' | sed 's/;$//; s/;/; /g')
+    cpu_kernels=$(printf '%s\n' "$backends" | tr ',' '\n' | sed -n 's/.*libggml-cpu-\([a-z0-9_]*\)\.so.*/\1/p' | head -n 1)
+    cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+    features=$(sed -n 's/^\(flags\|Features\)[[:space:]]*: //p' /proc/cpuinfo | head -n 1 | tr ' ' '\n' |
+        grep -E '^(sse4_2|avx|avx2|fma|f16c|avx512f|avx512_vnni|avx512_bf16|avx_vnni|amx_tile|asimd|asimddp|sve|sve2|i8mm)$' |
+        tr '\n' ' ' | sed 's/ $//')
+    limit=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || echo max)
+    total=$(($(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo) * 1024))
+    case $limit in
+        max | '' | *[!0-9]*) memory=$total memory_from="the host's MemTotal" ;;
+        *) memory=$limit memory_from="the container's cgroup limit" ;;
+    esac
+    gpus=
+    for node in /dev/nvidia[0-9]* /dev/dri/renderD* /dev/kfd; do
+        [ -e "$node" ] && gpus="${gpus:+$gpus }$node"
+    done
+    driver=$(nvidia_driver)
+    gpu_verdict=
+    if [ "${LLAMA_GPU_BACKEND:-}" = cuda ]; then
+        gpu_verdict="CUDA ${LLAMA_CUDA_VERSION:-} needs driver ${LLAMA_CUDA_MIN_DRIVER:-0}+"
+        if [ -z "$driver" ] && [ ! -e /dev/nvidiactl ]; then
+            gpu_verdict="$gpu_verdict: no NVIDIA GPU visible (run with --gpus all)"
+            if [ "${LLAMA_ALLOW_CPU:-}" = 1 ]; then
+                gpu_verdict="$gpu_verdict; LLAMA_ALLOW_CPU=1: the server runs on the CPU"
+            else
+                problems="$problems no-gpu"
+            fi
+        elif [ -n "$driver" ] && older "$driver" "${LLAMA_CUDA_MIN_DRIVER:-0}"; then
+            gpu_verdict="$gpu_verdict: driver $driver is too old"
+            [ "${LLAMA_ALLOW_CPU:-}" = 1 ] || problems="$problems old-driver"
+        else
+            gpu_verdict="$gpu_verdict: driver ${driver:-present} accepted"
+        fi
+    fi
+    model_verdict=
+    if [ -n "$doctor_model" ]; then
+        if [ ! -f "$doctor_model" ]; then
+            model_verdict="$doctor_model: no such file"
+            problems="$problems model-missing"
+        elif [ "$(head -c 4 "$doctor_model")" != GGUF ]; then
+            model_verdict="$doctor_model: not a GGUF file"
+            problems="$problems not-gguf"
+        else
+            weights=$(wc -c <"$doctor_model" | tr -d ' ')
+            if [ "$weights" -gt "$memory" ]; then
+                model_verdict="weights $weights bytes > memory $memory bytes: does not fit"
+                problems="$problems model-too-large"
+            else
+                model_verdict="weights $weights bytes <= memory $memory bytes: fits (the KV cache adds with --ctx-size)"
+            fi
+        fi
+    fi
+    problems=${problems# }
+    if [ "$json" = true ]; then
+        ok=false
+        [ -n "$problems" ] || ok=true
+        printf '{"backends": "%s", "cpu_kernels": "%s", "cpu": "%s", "cpu_features": "%s", "devices": "%s", "gpu_devices": "%s", "nvidia_driver": "%s", "gpu": "%s", "memory_bytes": %s, "memory_from": "%s", "model": "%s", "problems": "%s", "ok": %s}\n' \
+            "$(json_text "$backends")" "$(json_text "$cpu_kernels")" "$(json_text "$cpu_model")" \
+            "$features" "$(json_text "$devices")" "$gpus" "$driver" "$(json_text "$gpu_verdict")" \
+            "$memory" "$memory_from" "$(json_text "$model_verdict")" "$problems" "$ok"
+    else
+        printf 'backends: %s\n' "${backends:-none loaded}"
+        printf 'cpu kernels: %s (ggml loads the best variant the CPU supports; %s: %s)\n' \
+            "${cpu_kernels:-built in}" "${cpu_model:-this CPU}" "${features:-no SIMD extensions}"
+        printf 'devices: %s\n' "${devices:-none besides the CPU}"
+        printf 'gpu devices: %s; nvidia driver: %s\n' "${gpus:-none}" "${driver:-none}"
+        [ -z "$gpu_verdict" ] || printf 'gpu: %s\n' "$gpu_verdict"
+        printf 'memory: %s bytes (%s)\n' "$memory" "$memory_from"
+        [ -z "$model_verdict" ] || printf 'model: %s\n' "$model_verdict"
+        printf 'verdict: %s\n' "${problems:-ok}"
+    fi
+    [ -z "$problems" ]
+}
+if [ "${1:-}" = doctor ]; then
+    shift
+    doctor "$@" && exit 0
+    exit 1
+fi
 
 # `docker run IMAGE sh` (any first argument that is not an option) runs that command, as
 # Docker's official images do: llama-server takes no positional arguments.

@@ -173,7 +173,8 @@ class ServerContainer:
     The port is published on 127.0.0.1 only (a free one unless `host_port` is given); with
     `network_host` the container shares the host's network (for reaching a loopback server)
     and must itself listen on loopback. `mounts` are bind mounts, read-only; `gpus` asks for
-    every GPU (`--gpus all`); `user` and `read_only` are `docker run`'s --user and --read-only.
+    every GPU (`--gpus all`); `user`, `read_only` and `memory` are `docker run`'s --user,
+    --read-only and --memory (bytes).
     """
 
     def __init__(
@@ -192,6 +193,7 @@ class ServerContainer:
         gpus: bool = False,
         user: str | None = None,
         read_only: bool = False,
+        memory: int | None = None,
     ) -> None:
         self.client = client
         self.image = image
@@ -206,6 +208,7 @@ class ServerContainer:
         self.gpus = gpus
         self.user = user
         self.read_only = read_only
+        self.memory = memory
         self.run_id = secrets.token_hex(8)
         self.container: Any = None
         self.started_at = 0.0
@@ -225,6 +228,8 @@ class ServerContainer:
             options["user"] = self.user
         if self.read_only:
             options["read_only"] = True
+        if self.memory:
+            options["mem_limit"] = self.memory
         if self.gpus:  # `docker run --gpus all`: the NVIDIA Container Toolkit's device request
             from docker.types import DeviceRequest
 

@@ -451,3 +451,38 @@ def check_secret_file(run: SmokeRun) -> str:
     require(allowed.status_code == 200, f"/tokenize with the key answered {allowed.status_code}")
     require(key not in shown, "the API key shows in docker inspect or the process list")
     return "LLAMA_API_KEY_FILE: 401 without the key, 200 with it; not in inspect or ps"
+
+
+@smoke_check("doctor", Runs.CONTAINER)
+def check_doctor(run: SmokeRun) -> str:
+    # `docker run IMAGE doctor --model M --json`: the backends llama-server loads here and
+    # whether the model fits; then a model larger than the container's memory (a sparse GGUF
+    # of 64 MiB under --memory 16m: only its header and size are read): exit 1.
+    env, mounts = _model(run)
+    asked = ["doctor", "--model", run.model.container_path, "--json"]
+    with run.container(env=env, mounts=mounts, command=asked) as box:
+        code = box.wait_exit(run.timing.exit)
+        output = box.logs().strip()
+    try:
+        report = json.loads(output.splitlines()[-1])
+    except (ValueError, IndexError):
+        raise CheckFailed(f"doctor --json printed no JSON: {short(output)}") from None
+    require(code == 0 and report.get("ok") is True, f"exit {code}: {short(output)}")
+    require("CPU" in str(report.get("backends")), f"no CPU backend loaded: {short(output)}")
+    with tempfile.TemporaryDirectory(prefix="smoke-doctor-") as scratch:
+        big = Path(scratch) / "big.gguf"
+        with big.open("wb") as handle:
+            handle.write(b"GGUF")
+            handle.truncate(64 << 20)
+        big.chmod(0o644)
+        command = ["doctor", "--model", "/models/big.gguf"]
+        mount = {big: "/models/big.gguf"}
+        with run.container(mounts=mount, command=command, memory=16 << 20) as box:
+            small_code = box.wait_exit(run.timing.exit)
+            small = box.logs().strip()
+    require(small_code == 1 and "model-too-large" in small, f"exit {small_code}: {short(small)}")
+    kernels = report.get("cpu_kernels") or "built in"
+    return (
+        f"backends {report['backends']}; CPU kernels {kernels}; the model fits; a 64 MiB one "
+        "under --memory 16m: exit 1, model-too-large"
+    )
