@@ -408,6 +408,10 @@ def test_a_good_upstream_release_reaches_stable(
     assert line.channels() == {"latest": index, "edge": index}
     # Rebuilt without the layer cache, the cpu image is the digest edge holds.
     assert candidate["reproducible"] == f"identical: {candidate['images'][0]['digest']}"
+    rebuild = next(s for s in candidate["stages"] if s["stage"].startswith("rebuild"))
+    with capsys.disabled():
+        print(f"\nFIGURE train b101 reproducible: {candidate['reproducible']} "
+              f"(rebuilt without the layer cache in {rebuild['seconds']:.0f} s)")  # fmt: skip
     gates = _gates(run)
     assert all(g["passed"] for g in gates.values()), gates
     # Measured side by side, with both figures.
