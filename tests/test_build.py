@@ -544,6 +544,8 @@ def doctor_server(tmp_path: Path) -> Path:
     script = tmp_path / "llama-server"
     script.write_text(f"#!/bin/sh\ncat >&2 <<'EOF'\n{LIST_DEVICES}EOF\n")
     script.chmod(0o755)
+    for module in ("base", "cpu-haswell", "cpu-skylakex", "vulkan"):
+        (tmp_path / f"libggml-{module}.so").write_bytes(b"")
     return script
 
 
@@ -553,8 +555,8 @@ def test_doctor_says_what_the_container_sees(doctor_server: Path, tmp_path: Path
     done = run_entrypoint(doctor_server, {}, "doctor", "--model", str(model))
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
-    assert lines["backends"] == "CPU libggml-cpu-haswell.so, Vulkan libggml-vulkan.so"
-    assert lines["cpu kernels"].startswith("haswell (ggml loads the best variant")
+    assert lines["backends"] == "cpu-haswell, cpu-skylakex, vulkan"
+    assert lines["cpu kernels"].startswith("haswell skylakex (ggml loads the best variant")
     assert lines["devices"].startswith("Vulkan0: llvmpipe")
     assert lines["model"].startswith("weights 1004 bytes <= memory") and lines["verdict"] == "ok"
     # JSON, for scripts; a model that is not GGUF is a problem: exit 1.
@@ -563,7 +565,7 @@ def test_doctor_says_what_the_container_sees(doctor_server: Path, tmp_path: Path
     assert done.returncode == 1
     report = json.loads(done.stdout)
     assert report["ok"] is False and report["problems"] == "not-gguf"
-    assert report["cpu_kernels"] == "haswell" and report["memory_bytes"] > 0
+    assert report["cpu_kernels"] == "haswell skylakex" and report["memory_bytes"] > 0
     # A CUDA image without a GPU: doctor says so and fails, as the server would.
     cuda = {**CUDA13_ENV}
     done = run_entrypoint(doctor_server, cuda, "doctor", "--json")

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.lab import TEST_CPU_VARIANTS, build_lock, copy_project, require_lab
+from fixtures.lab import (
+    TEST_CPU_VARIANTS,
+    build_lock,
+    copy_project,
+    require_gpu_images,
+    require_lab,
+)
 
 from pipeline.build.options import BuildOptions
 from pipeline.build.sbom import sbom_files
@@ -38,6 +44,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 @pytest.fixture(scope="session")
 def cuda13_amd64(docker_engine: None, lab_project: Project) -> BuildRecord:
     from pipeline.build import build
+
+    require_gpu_images("cuda13")
 
     options = BuildOptions.named(
         lab_project,

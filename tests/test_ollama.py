@@ -24,6 +24,8 @@ from pipeline.modelfiles.ollama import MODEL_MEDIA_TYPE, ollama_models
 from pipeline.oci.engine import free_port
 
 ENTRYPOINT = REPO_ROOT / "dockerfiles" / "image" / "entrypoint.sh"
+# The real tier's first question (smoke.yaml), which the model answers right at temperature 0.
+QUESTION = "What is the capital of France? Answer in one word."
 
 
 def add_model(store: Path, reference: str, gguf: Path, *, digest_first: bool = False) -> str:
@@ -173,7 +175,7 @@ def test_the_image_serves_ollamas_store_read_only(
         assert listed == ["smollm2:135m"]
         body = {
             "model": "smollm2:135m",
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "messages": [{"role": "user", "content": QUESTION}],
             "max_tokens": 24,
             "temperature": 0,
         }

@@ -122,21 +122,34 @@ doctor() {
         shift
     done
     problems=
+    # The backend modules the image carries (ggml loads each one whose device is there; of
+    # several CPU variants, the best this CPU's features allow) and the devices llama-server
+    # finds. The loader's own log lines come from a thread that a short run may exit before.
+    backends=
+    for module in "${server%/*}"/libggml-*.so; do
+        [ -e "$module" ] || continue
+        case ${module##*/} in libggml-base.so) continue ;; esac
+        backends="${backends:+$backends, }${module##*/libggml-}"
+    done
+    backends=$(printf '%s' "$backends" | sed 's/\.so//g')
     listing=$("$server" --list-devices 2>&1) || true
-    backends=$(printf '%s\n' "$listing" | sed -n 's/.*loaded \([A-Za-z0-9_-]*\) backend from \(.*\)$/\1 \2/p' |
-        sed 's|/app/||' | tr '\n' ',' | sed 's/,$//; s/,/, /g')
-    devices=$(printf '%s\n' "$listing" | sed -n '/^Available devices/,$p' | sed -n 's/^ \{1,\}//p' |
+    devices=$(printf '%s\n' "$listing" | sed -n '/Available devices/,$p' | sed -n 's/^ \{1,\}//p' | grep -v '^(none)$' |
         tr '\n' ';' | sed 's/;$//; s/;/; /g')
-    cpu_kernels=$(printf '%s\n' "$backends" | tr ',' '\n' | sed -n 's/.*libggml-cpu-\([a-z0-9_]*\)\.so.*/\1/p' | head -n 1)
+    cpu_kernels=$(printf '%s\n' "$backends" | tr ',' '\n' | sed -n 's/^ *cpu-\([a-z0-9_]*\)$/\1/p' | tr '\n' ' ' | sed 's/ $//')
     cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
     features=$(sed -n 's/^\(flags\|Features\)[[:space:]]*: //p' /proc/cpuinfo | head -n 1 | tr ' ' '\n' |
         grep -E '^(sse4_2|avx|avx2|fma|f16c|avx512f|avx512_vnni|avx512_bf16|avx_vnni|amx_tile|asimd|asimddp|sve|sve2|i8mm)$' |
         tr '\n' ' ' | sed 's/ $//')
-    limit=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || echo max)
+    # cgroup v2, else v1 (whose "no limit" is a huge number): the smaller of it and MemTotal.
+    limit=$(cat /sys/fs/cgroup/memory.max 2>/dev/null ||
+        cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || echo max)
     total=$(($(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo) * 1024))
+    memory=$total memory_from="the host's MemTotal"
     case $limit in
-        max | '' | *[!0-9]*) memory=$total memory_from="the host's MemTotal" ;;
-        *) memory=$limit memory_from="the container's cgroup limit" ;;
+        max | '' | *[!0-9]*) ;;
+        *) if [ "${#limit}" -lt 19 ] && [ "$limit" -lt "$total" ]; then
+            memory=$limit memory_from="the container's cgroup limit"
+        fi ;;
     esac
     gpus=
     for node in /dev/nvidia[0-9]* /dev/dri/renderD* /dev/kfd; do
@@ -187,9 +200,9 @@ doctor() {
             "$features" "$(json_text "$devices")" "$gpus" "$driver" "$(json_text "$gpu_verdict")" \
             "$memory" "$memory_from" "$(json_text "$model_verdict")" "$problems" "$ok"
     else
-        printf 'backends: %s\n' "${backends:-none loaded}"
-        printf 'cpu kernels: %s (ggml loads the best variant the CPU supports; %s: %s)\n' \
-            "${cpu_kernels:-built in}" "${cpu_model:-this CPU}" "${features:-no SIMD extensions}"
+        printf 'backends: %s\n' "${backends:-none}"
+        printf 'cpu kernels: %s (ggml loads the best variant this CPU supports; %s: %s)\n' \
+            "${cpu_kernels:-one set, built in}" "${cpu_model:-this CPU}" "${features:-no SIMD extensions}"
         printf 'devices: %s\n' "${devices:-none besides the CPU}"
         printf 'gpu devices: %s; nvidia driver: %s\n' "${gpus:-none}" "${driver:-none}"
         [ -z "$gpu_verdict" ] || printf 'gpu: %s\n' "$gpu_verdict"
