@@ -457,7 +457,8 @@ def check_secret_file(run: SmokeRun) -> str:
 def check_doctor(run: SmokeRun) -> str:
     # `docker run IMAGE doctor --model M --json`: the backend modules the image carries and
     # whether the model fits; then a model larger than the container's memory (a sparse GGUF
-    # of 64 MiB under --memory 16m: only its header and size are read): exit 1.
+    # of 256 MiB under --memory 64m, room for QEMU's own under emulation: only its header and
+    # size are read): exit 1.
     env, mounts = _model(run)
     asked = ["doctor", "--model", run.model.container_path, "--json"]
     with run.container(env=env, mounts=mounts, command=asked) as box:
@@ -473,16 +474,16 @@ def check_doctor(run: SmokeRun) -> str:
         big = Path(scratch) / "big.gguf"
         with big.open("wb") as handle:
             handle.write(b"GGUF")
-            handle.truncate(64 << 20)
+            handle.truncate(256 << 20)
         big.chmod(0o644)
         command = ["doctor", "--model", "/models/big.gguf"]
         mount = {big: "/models/big.gguf"}
-        with run.container(mounts=mount, command=command, memory=16 << 20) as box:
+        with run.container(mounts=mount, command=command, memory=64 << 20) as box:
             small_code = box.wait_exit(run.timing.exit)
             small = box.logs().strip()
     require(small_code == 1 and "model-too-large" in small, f"exit {small_code}: {short(small)}")
     kernels = report.get("cpu_kernels") or "one set"
     return (
-        f"backends {report['backends']}; CPU kernels {kernels}; the model fits; a 64 MiB one "
-        "under --memory 16m: exit 1, model-too-large"
+        f"backends {report['backends']}; CPU kernels {kernels}; the model fits; a 256 MiB one "
+        "under --memory 64m: exit 1, model-too-large"
     )
