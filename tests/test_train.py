@@ -155,12 +155,10 @@ class Line:
     image: str = "acme/llama-server"
     runs: list[TrainRun] = field(default_factory=list)
     apt_sources: str = ""
-    reproducible: bool = False  # the next run's track checks it (train.yml's default: it does)
 
-    def run(self, ref: str = "", *, reproducible: bool = False) -> TrainRun:
+    def run(self, ref: str = "") -> TrainRun:
         """train.yml, dispatched by hand with `ref` (empty: what the schedule does)."""
         github = _github("workflow_dispatch", "refs/heads/main", "train.yml")
-        self.reproducible = reproducible
         return self.replay("train.yml", github, {"ref": ref}, ci_size_checkout)
 
     def release(self, version: str, branch: str) -> TrainRun:
@@ -187,7 +185,7 @@ class Line:
         artifacts.mkdir(parents=True)
         variables = {
             "TRACK_OPTIONS": f"--backend cpu --platform linux/amd64 --cpu-variants "
-            f"{TEST_CPU_VARIANTS}" + ("" if self.reproducible else " --no-reproducible"),
+            f"{TEST_CPU_VARIANTS} --no-reproducible",
             "APT_SOURCES": self.apt_sources,
         }
         secret_values = {
