@@ -9,18 +9,17 @@ set -eu
 
 port=
 lowest=
-for cmdline in /proc/[0-9]*/cmdline; do
-    pid=${cmdline#/proc/}
-    pid=${pid%/cmdline}
-    # Read NUL-separated arguments one per line (a process may exit while we read: skip it).
-    args=$(tr '\0' '\n' <"$cmdline" 2>/dev/null) || continue
-    case $(printf '%s\n' "$args" | head -n 1) in
-        llama-server | */llama-server) ;;
-        *) continue ;;
-    esac
+for dir in /proc/[0-9]*; do
+    pid=${dir#/proc/}
+    # Known by its name, not its argv[0]: under QEMU's user-mode emulation (binfmt_misc) the
+    # command line starts with the interpreter's path. `read` is a shell builtin: no process
+    # per pid (each costs ~0.1 s emulated). A process may exit while we read: skip it.
+    read -r name 2>/dev/null <"$dir/comm" || continue
+    [ "$name" = llama-server ] || continue
     if [ -n "$lowest" ] && [ "$pid" -gt "$lowest" ]; then
         continue
     fi
+    args=$(tr '\0' '\n' 2>/dev/null <"$dir/cmdline") || continue
     lowest=$pid
     port=$(printf '%s\n' "$args" | sed -n -e '/^--port$/{n;p;}' -e 's/^--port=//p' | tail -n 1)
 done
