@@ -454,12 +454,6 @@ def _gate_line(gates: dict[str, dict[str, Any]]) -> str:
     )
 
 
-@pytest.mark.xfail(
-    reason="known bug, found 2026-12-07: a package the debian base already holds (libzstd1) is "
-    "not upgraded by the builds' apt-get install, so while Debian has an update for it the "
-    "train sees it as newer on every run and rebuilds without changing it",
-    strict=False,
-)
 def test_nothing_newer_means_nothing_to_do(line: Line) -> None:
     """The counterpart of the packaging rebuild: the apt source is there, with nothing newer."""
     before = line.channels()

@@ -126,12 +126,14 @@ fi
 
 dpkg --add-architecture "$TARGETARCH"
 apt-get update
+# The base's own packages at their current updates too: the images copy some (libc, libzstd).
+apt-get upgrade -y --no-install-recommends
 if [ "$TARGETARCH" = "$BUILDARCH" ]; then
     compilers="gcc g++"
 else
     compilers="crossbuild-essential-$TARGETARCH"
 fi
-# Versions follow the base image's Debian release; pin the base by digest to pin them.
+# Versions: the base's Debian release and its updates; pin the base by digest to pin them.
 # shellcheck disable=SC2086 # $compilers is a list of package names
 apt-get install -y --no-install-recommends $compilers \
     cmake ninja-build ccache ca-certificates pkgconf \

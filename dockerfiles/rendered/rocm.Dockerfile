@@ -130,12 +130,14 @@ fi
 
 dpkg --add-architecture "$TARGETARCH"
 apt-get update
+# The base's own packages at their current updates too: the images copy some (libc, libzstd).
+apt-get upgrade -y --no-install-recommends
 if [ "$TARGETARCH" = "$BUILDARCH" ]; then
     compilers="gcc g++"
 else
     compilers="crossbuild-essential-$TARGETARCH"
 fi
-# Versions follow the base image's Debian release; pin the base by digest to pin them.
+# Versions: the base's Debian release and its updates; pin the base by digest to pin them.
 # shellcheck disable=SC2086 # $compilers is a list of package names
 apt-get install -y --no-install-recommends $compilers \
     cmake ninja-build ccache ca-certificates pkgconf libssl-dev
@@ -279,7 +281,9 @@ FROM ${RUNTIME_IMAGE} AS runtime
 ARG TARGETARCH
 ARG EXTRA_APT_SOURCES
 COPY --from=builder /opt/busybox/bin/busybox /usr/local/bin/busybox
-# Versions follow the base image's release; pin the base by digest to pin them.
+# Versions: the base image's release with its current updates (the upgrade: a security fix
+# reaches the packages the base already holds, as `nox -s track` expects); pin the base by
+# digest and the apt sources to a snapshot to pin them.
 # hadolint ignore=DL3008
 RUN --mount=type=cache,id=apt-cache-rocm-runtime-$TARGETARCH,target=/var/cache/apt,sharing=locked \
     --mount=type=cache,id=apt-lists-rocm-runtime-$TARGETARCH,target=/var/lib/apt/lists,sharing=locked <<'EOF'
@@ -290,6 +294,7 @@ if [ -n "$EXTRA_APT_SOURCES" ]; then
 fi
 
 apt-get update
+apt-get upgrade -y --no-install-recommends
 apt-get install -y --no-install-recommends libgomp1 libssl3t64 ca-certificates
 rm -f /etc/apt/sources.list.d/extra.list
 useradd --uid 10001 --user-group --create-home \
