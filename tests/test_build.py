@@ -356,7 +356,7 @@ def run_entrypoint(
     server: Path, env: dict[str, str], *args: str, shell: str = "/bin/sh"
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [shell, str(server.parent / "entrypoint.sh"), *args],
+        [*shell.split(), str(server.parent / "entrypoint.sh"), *args],
         env={"PATH": os.environ["PATH"], **env},
         capture_output=True,
         text=True,
@@ -382,7 +382,7 @@ def test_entrypoint_assembles_the_command_line(
         "LLAMA_SERVER_PORT": "9090",
         "LLAMA_SERVER_EXTRA_ARGS": "--ctx-size 512  --alias 'x*'",
     }
-    done = run_entrypoint(fake_server, env, "--threads", "2", shell=shell.split()[0])
+    done = run_entrypoint(fake_server, env, "--threads", "2", shell=shell)
     assert done.returncode == 0, done.stderr
     argv = Path(f"{fake_server}.args").read_text().splitlines()
     assert argv == [
@@ -999,3 +999,83 @@ def test_a_push_rides_out_a_failing_registry_and_a_dead_one_tags_nothing(
     fault_proxy.registry.start()
     listed = httpx.get(f"http://{host}/v2/{repo}/tags/list").json()
     assert "broken" not in (listed.get("tags") or [])
+
+
+def test_rpc_worker_listens_where_it_is_told_and_says_so(fake_server: Path) -> None:
+    """`docker run IMAGE rpc-worker` (or LLAMA_ROLE=rpc-worker): ggml-rpc-server on the port
+    and address given, with a line saying it has no authentication; bad values refused."""
+    worker = fake_server.with_name("ggml-rpc-server")
+    worker.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$0.args"\n')
+    worker.chmod(0o755)
+    env = {"LLAMA_RPC_HOST": "127.0.0.1", "LLAMA_RPC_PORT": "50100"}
+    done = run_entrypoint(fake_server, env, "rpc-worker", "--threads", "2")
+    assert done.returncode == 0, done.stderr
+    assert Path(f"{worker}.args").read_text().split() == [
+        *("--host", "127.0.0.1", "--port", "50100", "--threads", "2")
+    ]
+    assert "127.0.0.1:50100" in done.stderr and "no authentication" in done.stderr
+    by_role = run_entrypoint(fake_server, {**env, "LLAMA_ROLE": "rpc-worker"}, "-c")
+    assert by_role.returncode == 0, by_role.stderr
+    assert Path(f"{worker}.args").read_text().split()[-1] == "-c"
+    for bad, message in [
+        ({"LLAMA_ROLE": "worker"}, "LLAMA_ROLE=worker: server (the default) or rpc-worker"),
+        ({"LLAMA_ROLE": "rpc-worker", "LLAMA_RPC_PORT": "0"}, "LLAMA_RPC_PORT=0 is not a port"),
+    ]:
+        refused = run_entrypoint(fake_server, bad)
+        assert refused.returncode == 64 and refused.stderr.count("\n") == 1, refused.stderr
+        assert message in refused.stderr
+
+
+def busybox_tools(where: Path, *tools: str) -> str:
+    """A PATH whose `tools` are busybox's applets, as in the images (the host's may differ or be
+    missing), then the host's own."""
+    busybox = shutil.which("busybox")
+    require_lab(busybox is not None, "busybox (.ci/provision installs busybox-static)")
+    where.mkdir(exist_ok=True)
+    for tool in tools:
+        (where / tool).symlink_to(str(busybox))
+    return f"{where}:{os.environ['PATH']}"
+
+
+def test_rpc_workers_must_answer_before_the_server_starts(
+    fake_server: Path, tmp_path: Path
+) -> None:
+    """LLAMA_RPC_WORKERS: each worker is connected to first (ggml-rpc-server drops a connection
+    that ends at once); one that does not answer is one line naming it; then --rpc."""
+    import socket
+    import threading
+
+    path = busybox_tools(tmp_path / "bin", "nc", "timeout")
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                connection.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        env = {"PATH": path, "LLAMA_HF_REPO": "a/b", "LLAMA_RPC_WORKERS": f"127.0.0.1:{port}"}
+        done = run_entrypoint(fake_server, env)
+        assert done.returncode == 0, done.stderr
+        argv = Path(f"{fake_server}.args").read_text().split()
+        assert argv[argv.index("--rpc") + 1] == f"127.0.0.1:{port}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread: the port is closed
+        listener.close()
+    cases = [
+        (f"127.0.0.1:{port}", f"the worker 127.0.0.1 does not answer on port {port}"),
+        ("no-such-worker.invalid:50052", "the worker no-such-worker.invalid does not answer"),
+        ("worker-1", "worker-1 is not host:port"),
+        ("worker-1:99999", "port=99999 is not a port number"),
+    ]
+    for workers, message in cases:
+        env = {"PATH": path, "LLAMA_HF_REPO": "a/b", "LLAMA_RPC_WORKERS": workers}
+        refused = run_entrypoint(fake_server, env)
+        assert refused.returncode == 64 and refused.stderr.count("\n") == 1, refused.stderr
+        assert message in refused.stderr, refused.stderr

@@ -56,6 +56,8 @@ def release_tag(backend: str) -> str:
         ("llama-server", "cpu"),
         ("llama-embeddings", "cpu"),
         ("llama-ollama", "cpu"),
+        ("llama-rpc-server", "cpu"),
+        ("llama-rpc-worker-1", "cpu"),
         ("llama-cuda", "cuda"),
     ],
 )
@@ -158,3 +160,52 @@ def test_the_llama_profile_comes_up_healthy_answers_and_leaves_nothing(
             check=True,
         ).stdout.split()
         assert left == [], f"{kind}s left behind: {left}"
+
+
+@pytest.mark.docker
+def test_the_rpc_profile_splits_the_model_over_two_workers(
+    cpu_amd64: SmokeImage, real_gguf: Path, tmp_path: Path
+) -> None:
+    """`docker compose --profile rpc up`: two workers on an internal network, healthy, and the
+    server that splits the real model over them (its log names each worker's share)."""
+    require_lab(has_compose(), "Docker Compose v2 (.ci/provision installs the plugin)")
+    project_dir = tmp_path / "stack"
+    project_dir.mkdir()
+    shutil.copy(COMPOSE, project_dir / "compose.yaml")
+    repository, _, tag = cpu_amd64.ref.rpartition(":")
+    port = free_port()
+    (project_dir / ".env").write_text(
+        f"LLAMA_IMAGE={repository}\nLLAMA_TAG={tag}\nLLAMA_MODELS_HOST_DIR={real_gguf.parent}\n"
+        f"LLAMA_MODEL=/models/{real_gguf.name}\nLLAMA_PORT={port}\n"
+        "LLAMA_SERVER_EXTRA_ARGS=--ctx-size 2048 --parallel 1\n"
+    )
+    name = f"compose-rpc-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": name}
+    config = compose("--profile", "rpc", "config", "--format", "json", env=env, cwd=project_dir)
+    assert config.returncode == 0, config.stderr
+    data = json.loads(config.stdout)
+    assert data["networks"]["llama-rpc"]["internal"] is True
+    assert list(data["services"]["llama-rpc-worker-1"]["networks"]) == ["llama-rpc"]
+    try:
+        up = compose(
+            "--profile", "rpc", "up", "--wait", "--wait-timeout", "180", env=env, cwd=project_dir
+        )
+        assert up.returncode == 0, up.stderr
+        health = compose("ps", "--format", "json", env=env, cwd=project_dir).stdout
+        assert health.replace(" ", "").count('"Health":"healthy"') == 3, health
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 16,
+                "temperature": 0,
+            },
+            timeout=120,
+        ).json()
+        assert "Paris" in reply["choices"][0]["message"]["content"], reply
+        logs = compose("logs", "llama-rpc-server", env=env, cwd=project_dir).stdout
+        for worker in ("llama-rpc-worker-1", "llama-rpc-worker-2"):
+            assert f"[{worker}:50052] model buffer size" in logs, logs[-3000:]
+    finally:
+        down = compose("--profile", "rpc", "down", "--volumes", env=env, cwd=project_dir)
+    assert down.returncode == 0, down.stderr

@@ -57,7 +57,7 @@ chmod 0755 "$rootfs/app/entrypoint.sh" "$rootfs/app/healthcheck.sh"
 
 # Breadth-first over NEEDED: the server, every ggml backend module (dlopened, so their own
 # dependencies such as libgomp must be here too), then each library copied in.
-queue=$(find "$rootfs/app" -type f -name '*.so*' -o -type f -name llama-server)
+queue=$(find "$rootfs/app" -type f -name '*.so*' -o -type f -name llama-server -o -type f -name ggml-rpc-server)
 while [ -n "$queue" ]; do
     next=
     for file in $queue; do

@@ -28,6 +28,11 @@
 #   `docker run IMAGE CMD`    a first argument that is not an option is a command: it runs
 #                             instead of the server (`sh`, `ls /app`), as official images do
 #   `docker run IMAGE doctor [--model PATH] [--json]`: what this container sees (below)
+#   `docker run IMAGE rpc-worker [options]` (or LLAMA_ROLE=rpc-worker): a worker of llama.cpp's
+#                             RPC backend (ggml-rpc-server), on LLAMA_RPC_PORT (default 50052)
+#                             of this container's private-network address (or LLAMA_RPC_HOST)
+#   LLAMA_RPC_WORKERS         host:port,... of running workers: the model is split over them
+#                             (--rpc); each must answer when the server starts
 #
 # CUDA images set LLAMA_GPU_BACKEND=cuda, LLAMA_CUDA_VERSION, LLAMA_CUDA_MIN_DRIVER and
 # LLAMA_CUDA_INSTEAD (the tag suffix for older drivers): without them nothing is checked.
@@ -218,12 +223,6 @@ if [ "${1:-}" = doctor ]; then
     exit 1
 fi
 
-# `docker run IMAGE sh` (any first argument that is not an option) runs that command, as
-# Docker's official images do: llama-server takes no positional arguments.
-if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
-    exec "$@"
-fi
-
 # A port as llama-server would take it: 1-65535, digits only.
 check_port() {
     case $2 in
@@ -231,6 +230,43 @@ check_port() {
     esac
     [ "$2" -le 65535 ] || die "$1=$2 is not a port number (1-65535)"
 }
+
+# `docker run IMAGE rpc-worker [ggml-rpc-server options]`, or LLAMA_ROLE=rpc-worker: one of the
+# machines llama.cpp's RPC backend splits a model over (the server names its workers in
+# LLAMA_RPC_WORKERS). ggml-rpc-server has no authentication: it listens on this container's
+# private-network address (10/8, 172.16/12, 192.168/16: a Docker network's, or a private LAN's
+# with --network host), never on a public one, unless LLAMA_RPC_HOST names one explicitly.
+rpc_worker() {
+    host=${LLAMA_RPC_HOST:-} port=${LLAMA_RPC_PORT:-50052} chosen=
+    check_port LLAMA_RPC_PORT "$port"
+    if [ -z "$host" ]; then
+        # The kernel's own table of this network namespace's addresses: no tool needed.
+        host=$(awk '/\|--/ { ip = $2 }
+            /\/32 host LOCAL/ && ip ~ /^(10\.|192\.168\.|172\.(1[6-9]|2[0-9]|3[01])\.)/ { print ip; exit }' \
+            /proc/net/fib_trie 2>/dev/null)
+        [ -n "$host" ] || die "rpc-worker: this container has no private-network address (10/8, 172.16/12, 192.168/16) to listen on, and ggml-rpc-server has no authentication; run it on a Docker or private network, or set LLAMA_RPC_HOST to the address to listen on"
+        chosen="this container's private-network address; no authentication: publish the port to no one else"
+    else
+        chosen="LLAMA_RPC_HOST, your choice; ggml-rpc-server has no authentication"
+    fi
+    printf 'llama-server image: rpc-worker: ggml-rpc-server on %s:%s (%s)\n' "$host" "$port" "$chosen" >&2
+    exec "${server%/*}/ggml-rpc-server" --host "$host" --port "$port" "$@"
+}
+case ${LLAMA_ROLE:-server} in
+    server) ;;
+    rpc-worker) [ "${1:-}" = rpc-worker ] || set -- rpc-worker "$@" ;;
+    *) die "LLAMA_ROLE=$LLAMA_ROLE: server (the default) or rpc-worker" ;;
+esac
+if [ "${1:-}" = rpc-worker ]; then
+    shift
+    rpc_worker "$@"
+fi
+
+# `docker run IMAGE sh` (any first argument that is not an option) runs that command, as
+# Docker's official images do: llama-server takes no positional arguments.
+if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
+    exec "$@"
+fi
 
 # <NAME>_FILE: the secret read from a file (a mounted Docker or Compose secret), so that it is
 # in neither `docker inspect` nor the process list. Exported under its own name for whoever
@@ -259,7 +295,7 @@ secret_from_file LLAMA_API_KEY
 # by name; tests/test_build.py checks them against the snapshot's sources), and compose.yaml's,
 # which reach the container too when it reads the stack's .env.
 known_knobs=" LLAMA_MODEL LLAMA_HF_REPO LLAMA_HF_FILE LLAMA_HF_REVISION LLAMA_HF_TOKEN
-    LLAMA_HF_TOKEN_FILE LLAMA_API_KEY_FILE LLAMA_METRICS LLAMA_OLLAMA_MODELS LLAMA_MODELS_DIR LLAMA_SERVER_HOST LLAMA_SERVER_PORT LLAMA_SERVER_EXTRA_ARGS LLAMA_ALLOW_CPU
+    LLAMA_HF_TOKEN_FILE LLAMA_API_KEY_FILE LLAMA_METRICS LLAMA_ROLE LLAMA_RPC_HOST LLAMA_RPC_PORT LLAMA_RPC_WORKERS LLAMA_OLLAMA_MODELS LLAMA_MODELS_DIR LLAMA_SERVER_HOST LLAMA_SERVER_PORT LLAMA_SERVER_EXTRA_ARGS LLAMA_ALLOW_CPU
     LLAMA_GPU_BACKEND LLAMA_CUDA_VERSION LLAMA_CUDA_MIN_DRIVER LLAMA_CUDA_INSTEAD
     LLAMA_API_KEY LLAMA_CACHE LLAMA_TRACE LLAMA_MEDIA_MARKER LLAMA_APP_CMD
     LLAMA_SERVER_CHILD_MODE LLAMA_SERVER_ROUTER_PORT LLAMA_SERVER_SLOTS_N_DIFF
@@ -454,6 +490,29 @@ for arg in "$@"; do
     esac
     previous=$arg
 done
+
+# The RPC workers the model is split over (llama.cpp's --rpc): each must answer now, or the
+# server would fail deep in its model load.
+if [ -n "${LLAMA_RPC_WORKERS:-}" ]; then
+    for worker in $(printf '%s' "$LLAMA_RPC_WORKERS" | tr ',' ' '); do
+        case $worker in
+            *:*) ;;
+            *) die "LLAMA_RPC_WORKERS: $worker is not host:port (e.g. worker-1:50052)" ;;
+        esac
+        check_port "LLAMA_RPC_WORKERS: $worker's port" "${worker##*:}"
+        # A connection and an immediate end: ggml-rpc-server drops it and waits for the next.
+        # It serves one client at a time: one already serving another server takes the
+        # connection but never reads it.
+        if ! said=$(timeout 10 nc -w 5 "${worker%:*}" "${worker##*:}" </dev/null 2>&1 >/dev/null); then
+            case $said in
+                *"can't connect"* | *"bad address"* | *refused* | *unreachable*)
+                    die "LLAMA_RPC_WORKERS: the worker ${worker%:*} does not answer on port ${worker##*:}; start it first (docker run IMAGE rpc-worker) on a network this container shares" ;;
+                *) die "LLAMA_RPC_WORKERS: the worker $worker took the connection but did not end it: a worker serves one llama-server at a time; is another server using it?" ;;
+            esac
+        fi
+    done
+    set -- --rpc "$LLAMA_RPC_WORKERS" "$@"
+fi
 
 case ${LLAMA_METRICS:-1} in
     1) set -- --metrics "$@" ;;

@@ -4,7 +4,9 @@
 # --port, the last one winning as in llama-server; else LLAMA_ARG_PORT, which it reads itself;
 # else 8080). Read from the server's own command line, so it cannot disagree with it. The
 # server is the llama-server process with the lowest pid: in router mode its children (one per
-# loaded model) listen on ports of their own. POSIX sh: busybox in the scratch images.
+# loaded model) listen on ports of their own. An RPC worker (`rpc-worker`: ggml-rpc-server,
+# which speaks no HTTP) is healthy while it listens on its port. POSIX sh: busybox in the
+# scratch images.
 set -eu
 
 port=
@@ -15,7 +17,19 @@ for dir in /proc/[0-9]*; do
     # command line starts with the interpreter's path. `read` is a shell builtin: no process
     # per pid (each costs ~0.1 s emulated). A process may exit while we read: skip it.
     read -r name 2>/dev/null <"$dir/comm" || continue
-    [ "$name" = llama-server ] || continue
+    case $name in
+        ggml-rpc-server)
+            args=$(tr '\0' '\n' 2>/dev/null <"$dir/cmdline") || continue
+            port=$(printf '%s\n' "$args" | sed -n '/^--port$/{n;p;}' | tail -n 1)
+            # Listening on its port (state 0A): it serves one client at a time, so a probe's
+            # connection would wait behind the server it serves.
+            exec awk -v port=":$(printf '%04X' "${port:-50052}")" \
+                '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
+                /proc/net/tcp /proc/net/tcp6
+            ;;
+        llama-server) ;;
+        *) continue ;;
+    esac
     if [ -n "$lowest" ] && [ "$pid" -gt "$lowest" ]; then
         continue
     fi

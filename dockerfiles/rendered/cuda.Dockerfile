@@ -231,6 +231,7 @@ cmake -S /src -B /build -G Ninja \
     -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_OPENSSL=ON \
+    -DGGML_RPC=ON \
     -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON \
     "-DCMAKE_INSTALL_RPATH=\$ORIGIN" \
     -DGGML_CUDA=ON \
@@ -241,11 +242,11 @@ cmake -S /src -B /build -G Ninja \
     "$@"
 ccache --zero-stats >/dev/null
 # llama-server and everything it links: ggml depends on every backend module, so this builds
-# them all (CPU variants too).
+# them all (CPU variants too); and the RPC backend's worker.
 # No UI yet (tools/ui embeds an empty table when it finds no assets): this step needs nothing
 # of the ui stage, so it compiles while the UI builds. The build tree stays in this layer for
 # the next step, which embeds the UI.
-cmake --build /build --target llama-server
+cmake --build /build --target llama-server ggml-rpc-server
 ccache --show-stats
 EOF
 
@@ -265,10 +266,10 @@ esac
 
 strip="$triplet-strip"
 ccache --zero-stats >/dev/null
-cmake --build /build --target llama-server
+cmake --build /build --target llama-server ggml-rpc-server
 ccache --show-stats
 mkdir -p /out/app
-cp /build/bin/llama-server /out/app/
+cp /build/bin/llama-server /build/bin/ggml-rpc-server /out/app/
 find /build/bin -maxdepth 1 -name '*.so*' -exec cp -P {} /out/app/ \;
 find /out/app -type f -exec "$strip" --strip-unneeded {} +
 rm -rf /build

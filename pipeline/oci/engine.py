@@ -12,6 +12,8 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,22 @@ def remove_containers(client: Any, **labels: str) -> int:
     return removed
 
 
+@contextmanager
+def private_network(client: Any, prefix: str) -> Iterator[str]:
+    """A user-defined bridge network of its own (its containers reach each other by name); its
+    name. Removed on exit: the containers on it must be gone by then (theirs exit first)."""
+    from docker.errors import NotFound
+
+    name = f"{prefix}-{secrets.token_hex(4)}"
+    labels = {RUN_LABEL: name, RUN_PID_LABEL: str(os.getpid())}
+    network = client.networks.create(name, driver="bridge", labels=labels)
+    try:
+        yield name
+    finally:
+        with suppress(NotFound):
+            network.remove()
+
+
 class ServerExited(Exception):
     """The container stopped before the condition we were waiting for."""
 
@@ -174,7 +192,8 @@ class ServerContainer:
     `network_host` the container shares the host's network (for reaching a loopback server)
     and must itself listen on loopback. `mounts` are bind mounts, read-only; `gpus` asks for
     every GPU (`--gpus all`); `user`, `read_only` and `memory` are `docker run`'s --user,
-    --read-only and --memory (bytes).
+    --read-only and --memory (bytes); `network` a user-defined network to join (its other
+    containers reach this one by `name`), `restart` a restart policy (`on-failure`).
     """
 
     def __init__(
@@ -194,6 +213,9 @@ class ServerContainer:
         user: str | None = None,
         read_only: bool = False,
         memory: int | None = None,
+        network: str | None = None,
+        name: str | None = None,
+        restart: str | None = None,
     ) -> None:
         self.client = client
         self.image = image
@@ -209,6 +231,9 @@ class ServerContainer:
         self.user = user
         self.read_only = read_only
         self.memory = memory
+        self.network = network
+        self.name = name
+        self.restart = restart
         self.run_id = secrets.token_hex(8)
         self.container: Any = None
         self.started_at = 0.0
@@ -230,6 +255,12 @@ class ServerContainer:
             options["read_only"] = True
         if self.memory:
             options["mem_limit"] = self.memory
+        if self.network:
+            options["network"] = self.network
+        if self.name:
+            options["name"] = self.name
+        if self.restart:
+            options["restart_policy"] = {"Name": self.restart}
         if self.gpus:  # `docker run --gpus all`: the NVIDIA Container Toolkit's device request
             from docker.types import DeviceRequest
 

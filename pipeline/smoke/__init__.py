@@ -45,7 +45,7 @@ from pipeline.records import (
 )
 
 # The checks register themselves where they are defined, in this order.
-from pipeline.smoke import checks, router, tiers  # noqa: F401
+from pipeline.smoke import checks, router, rpc, tiers  # noqa: F401
 from pipeline.smoke.junit import junit_xml, print_record
 from pipeline.smoke.options import ModelSource, SmokeOptions, add_smoke_arguments, resolve_smoke
 from pipeline.smoke.real import run_real

@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,21 @@ def run_real(run: SmokeRun) -> SmokeRecord:
     check)."""
     real = run.settings.real
     extra_args, template_mounts = real_server(real)
-    checks = named(real.checks, "smoke.yaml: real.checks", Runs.SERVER)
+    listed = named(real.checks, "smoke.yaml: real.checks")
+    checks = [c for c in listed if c.runs is Runs.SERVER]
+    apart = [c for c in listed if c.runs is Runs.CONTAINER]  # containers of their own
     env = {
         "LLAMA_MODEL": run.model.container_path,
         "LLAMA_SERVER_PORT": str(run.settings.server.container_port),
         "LLAMA_SERVER_EXTRA_ARGS": extra_args,
     }
     mounts = {run.model.host_path: run.model.container_path, **template_mounts}
-    started, _ = run.serve(checks, env, mounts)
+    started, healthy = run.serve(checks, env, mounts)
+    for check in apart:
+        if healthy:
+            run.check(check.name, partial(check.fn, run))
+        else:
+            run.skip([check.name], "the server never became healthy")
     return run.record(started, REAL_TIER)
 
 

@@ -125,6 +125,13 @@ class Load(Ask):
 
 
 @dataclass(frozen=True)
+class RpcSplit:
+    workers: int  # worker containers the model is split over
+    questions: int  # the first factual questions, asked of one node and of the split
+    extra_args: str  # both servers' llama-server arguments
+
+
+@dataclass(frozen=True)
 class RealTier:
     """The real tier: its model and server, the checks it runs in order, and what each asks."""
 
@@ -142,6 +149,7 @@ class RealTier:
     stream: Ask
     cancel: CancelAsk
     load: Load
+    rpc: RpcSplit
 
 
 def _ask(spec: Fields) -> dict[str, Any]:
@@ -178,6 +186,10 @@ def _real(real: Fields) -> RealTier:
     tool = section("tool_call", "example", "tool")
     cancel = section("cancel", "after_chunks")
     load = section("load", "clients", "requests", "requests_emulated", "within")
+    rpc = real.sub("rpc", ("workers", "questions", "extra_args"))
+    questions = rpc.integer("questions", minimum=1)
+    if questions > len(expected):
+        rpc.fail(f"questions is {questions}, but factual has {len(expected)}")
     return RealTier(
         model=real.text("model"),
         alias=real.text("alias"),
@@ -207,6 +219,7 @@ def _real(real: Fields) -> RealTier:
             requests_emulated=load.integer("requests_emulated", minimum=1),
             within=load.number("within", above=0),
         ),
+        rpc=RpcSplit(rpc.integer("workers", minimum=1), questions, rpc.text("extra_args")),
     )
 
 
