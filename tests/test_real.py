@@ -44,6 +44,7 @@ REAL_CHECKS = {
     "stream-usage",
     "stream-cancel",
     "load",
+    "rpc-split",
 }
 
 

@@ -153,7 +153,10 @@ def test_the_server_compiles_while_the_ui_builds(rendered: dict[str, str]) -> No
     for backend, text in rendered.items():
         builder = next(body for f, body in stages(text) if f.endswith(" AS builder"))
         builds = [
-            m.start() for m in re.finditer(r"cmake --build /build --target llama-server\n", builder)
+            m.start()
+            for m in re.finditer(
+                r"cmake --build /build --target llama-server ggml-rpc-server\n", builder
+            )
         ]
         assert len(builds) == 2, backend
         if " AS ui" in text:

@@ -30,7 +30,7 @@ from pipeline.records import CheckResult, SmokeRecord, load_smoke_records
 from pipeline.smoke import write_smoke_record
 from pipeline.smoke.hubserver import HubServer
 from pipeline.smoke.junit import junit_xml
-from pipeline.smoke.settings import load_settings
+from pipeline.smoke.settings import SETTINGS_FILE, load_settings
 
 ALL_CHECKS = {
     "library-closure",
@@ -389,6 +389,13 @@ def test_every_backend_carries_its_smoke_settings_in_the_matrix(tmp_path: Path) 
         load_settings(broken)
     # The one field reader's words: the file, the key, what was expected.
     assert "smoke.yaml: timing.native: missing key 'request'" in failure.value.line()
+    # The RPC split asks the first factual questions: no more than there are.
+    data = yaml.safe_load(SETTINGS_FILE.read_text())
+    data["real"]["rpc"]["questions"] = len(data["real"]["factual"]["questions"]) + 1
+    broken.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as failure:
+        load_settings(broken)
+    assert "real.rpc: questions is 8, but factual has 7" in failure.value.line()
 
 
 @pytest.mark.docker
