@@ -41,6 +41,7 @@ from pipeline.core.errors import (
 from pipeline.core.project import Project
 from pipeline.core.version import load_version
 from pipeline.matrix import configure_flags, host_platform, load_matrix
+from pipeline.modelfiles.gguf import generate_model, preset
 from pipeline.oci.buildx import BuilderInfo
 from pipeline.oci.image import MANIFEST_ACCEPT
 from pipeline.records import (
@@ -50,6 +51,7 @@ from pipeline.records import (
     write_record,
 )
 from pipeline.records.snapshot import check_snapshot
+from pipeline.smoke.hubserver import HubServer
 
 MATRIX = load_matrix()
 VERSION = load_version(REPO_ROOT / "version.json")
@@ -444,6 +446,51 @@ def test_entrypoint_passes_the_token_by_environment_only(fake_server: Path) -> N
     assert "LLAMA_HF_TOKEN" not in Path(f"{fake_server}.env").read_text()
 
 
+def test_a_revision_with_a_slash_is_one_url_segment(fake_server: Path, tmp_path: Path) -> None:
+    """LLAMA_HF_REVISION=refs/pr/1 (a pull request's files on the Hub): sent as refs%2Fpr%2F1,
+    as the Hub's own clients send it, and the cached file's name has no `/` in it. The local
+    Hub answers the entrypoint's check; the URL reaches llama-server by its variable."""
+    model = generate_model(preset("tiny"), tmp_path / "m.gguf")
+    with HubServer() as hub:
+        hub.add_file("acme/tiny", "tiny.gguf", model, branch="refs/pr/1")
+        env = {
+            "LLAMA_HF_REPO": "acme/tiny",
+            "LLAMA_HF_FILE": "tiny.gguf",
+            "LLAMA_HF_REVISION": "refs/pr/1",
+            "HF_ENDPOINT": hub.url,
+            "LLAMA_CACHE": str(tmp_path / "cache"),
+        }
+        done = run_entrypoint(fake_server, env)
+        checked = [(r.path, r.status) for r in hub.requests]
+    assert done.returncode == 0, done.stderr
+    assert checked == [("/acme/tiny/resolve/refs%2Fpr%2F1/tiny.gguf", 200)]
+    argv = Path(f"{fake_server}.args").read_text().split()
+    assert argv[argv.index("--model") + 1] == f"{tmp_path}/cache/acme_tiny_refs%2Fpr%2F1_tiny.gguf"
+    url = f"LLAMA_ARG_MODEL_URL={hub.url}/acme/tiny/resolve/refs%2Fpr%2F1/tiny.gguf"
+    assert url in Path(f"{fake_server}.env").read_text().splitlines()
+
+
+def test_a_mirrors_password_is_on_no_command_line(fake_server: Path, tmp_path: Path) -> None:
+    """MODEL_ENDPOINT with a user:password (a mirror's basic auth), from MODEL_ENDPOINT_FILE:
+    not in the arguments, not checked with a command-line tool (wget would show it in `ps`);
+    llama-server gets it in its own variables only."""
+    secret = tmp_path / "endpoint"
+    secret.write_text("http://mirror-user:s3cret@127.0.0.1:9/\n")
+    env = {
+        "LLAMA_HF_REPO": "acme/tiny",
+        "LLAMA_HF_FILE": "tiny.gguf",
+        "LLAMA_HF_REVISION": "v1",
+        "MODEL_ENDPOINT_FILE": str(secret),
+        "LLAMA_CACHE": str(tmp_path / "cache"),
+    }
+    done = run_entrypoint(fake_server, env)
+    assert done.returncode == 0 and "s3cret" not in done.stderr, done.stderr
+    assert "s3cret" not in Path(f"{fake_server}.args").read_text()
+    seen = Path(f"{fake_server}.env").read_text().splitlines()
+    assert "MODEL_ENDPOINT=http://mirror-user:s3cret@127.0.0.1:9/" in seen
+    assert not any(line.startswith("MODEL_ENDPOINT_FILE=") for line in seen)
+
+
 def test_entrypoint_refuses_what_llama_server_cannot_do(fake_server: Path, tmp_path: Path) -> None:
     cases = [
         ({}, "no model: set LLAMA_MODEL=/models/<file>.gguf"),
@@ -462,6 +509,9 @@ def test_entrypoint_refuses_what_llama_server_cannot_do(fake_server: Path, tmp_p
         ({"LLAMA_HF_REPO": "a/b", "LLAMA_HF_TOKEN_FILE": "/absent"}, "no readable file"),
         ({"LLAMA_MODELS_DIR": str(tmp_path), "LLAMA_HF_REPO": "a/b"}, "serves every model"),
         ({"LLAMA_MODELS_DIR": str(tmp_path / "absent")}, "no such directory in the container"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_HF_FILE": "f", "LLAMA_HF_REVISION": "../x"}, "not a rev"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_HF_FILE": "f", "LLAMA_HF_REVISION": "a b"}, "not a rev"),
+        ({"LLAMA_HF_REPO": "a/b", "LLAMA_HF_FILE": "f", "LLAMA_HF_REVISION": "-v"}, "not a rev"),
     ]
     for env, message in cases:
         done = run_entrypoint(fake_server, env)
@@ -556,9 +606,11 @@ def test_doctor_says_what_the_container_sees(doctor_server: Path, tmp_path: Path
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
     assert lines["backends"] == "cpu-haswell, cpu-skylakex, vulkan"
-    assert lines["cpu kernels"].startswith("haswell skylakex (ggml loads the best variant")
+    # The variant the loader took (its -v line), of those the image carries.
+    assert lines["cpu kernels"].startswith("haswell (of haswell skylakex: the best variant")
     assert lines["devices"].startswith("Vulkan0: llvmpipe")
-    assert lines["model"].startswith("weights 1004 bytes <= memory") and lines["verdict"] == "ok"
+    assert lines["model"].startswith("weights 1004 bytes (KV cache not estimated")
+    assert lines["model"].endswith("fits") and lines["verdict"] == "ok"
     # JSON, for scripts; a model that is not GGUF is a problem: exit 1.
     (tmp_path / "x.bin").write_bytes(b"nope")
     done = run_entrypoint(doctor_server, {}, "doctor", "--json", f"--model={tmp_path}/x.bin")
@@ -566,6 +618,7 @@ def test_doctor_says_what_the_container_sees(doctor_server: Path, tmp_path: Path
     report = json.loads(done.stdout)
     assert report["ok"] is False and report["problems"] == "not-gguf"
     assert report["cpu_kernels"] == "haswell skylakex" and report["memory_bytes"] > 0
+    assert report["cpu_variant"] == "haswell" and report["kv_cache_bytes"] is None
     # A CUDA image without a GPU: doctor says so and fails, as the server would.
     cuda = {**CUDA13_ENV}
     done = run_entrypoint(doctor_server, cuda, "doctor", "--json")
@@ -573,6 +626,33 @@ def test_doctor_says_what_the_container_sees(doctor_server: Path, tmp_path: Path
         assert done.returncode == 1 and json.loads(done.stdout)["problems"] == "no-gpu"
     bad = run_entrypoint(doctor_server, {}, "doctor", "--bogus")
     assert bad.returncode == 64 and "doctor: unknown option --bogus" in bad.stderr
+    bad = run_entrypoint(doctor_server, {}, "doctor", "--ctx-size", "4k")
+    assert bad.returncode == 64 and "--ctx-size 4k is not a number of tokens" in bad.stderr
+
+
+@pytest.mark.parametrize("shell", shells())
+def test_doctor_estimates_the_kv_cache_from_the_models_metadata(
+    doctor_server: Path, tmp_path: Path, shell: str
+) -> None:
+    """Weights + KV cache (f16 K and V, every layer, every token of the context) against the
+    memory: the attention shape read from the GGUF's metadata (a per-layer head_count_kv array
+    summed), at --ctx-size or else the model's own context. tests/test_real.py checks the
+    figure against what llama-server allocates for the real model."""
+    model = generate_model(preset("tiny", n_embd=128, n_head=4, n_head_kv=2), tmp_path / "m.gguf")
+    weights = model.stat().st_size
+    per_token = 2 * 2 * 2 * (128 // 4) * 2  # layers x kv heads x (K + V) x head dim x f16
+    done = run_entrypoint(doctor_server, {}, "doctor", "--json", "--model", str(model), shell=shell)
+    report = json.loads(done.stdout)
+    assert report["kv_cache_bytes"] == 2048 * per_token, report  # the model's own context
+    done = run_entrypoint(doctor_server, {}, "doctor", "-m", str(model), "-c", "100", shell=shell)
+    assert done.returncode == 0, done.stderr
+    verdict = f"weights {weights} + KV cache {100 * per_token} (ctx 100, f16) = "
+    assert verdict + f"{weights + 100 * per_token} bytes <= memory" in done.stdout
+    # A context too large for the memory: the weights alone fit, the cache does not.
+    huge = run_entrypoint(doctor_server, {}, "doctor", "--model", str(model), "--ctx-size=99999999")
+    assert (
+        huge.returncode == 1 and "does not fit" in huge.stdout and "model-too-large" in huge.stdout
+    )
 
 
 CUDA13_ENV = {

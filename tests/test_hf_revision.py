@@ -71,3 +71,20 @@ def test_a_revision_that_does_not_exist_is_one_line(cpu_amd64: SmokeImage, tmp_p
             lines = [line for line in box.logs().splitlines() if line.strip()]
     assert code != 0
     assert len(lines) == 1 and "no-such-revision" in lines[0] and "404" in lines[0], lines
+
+
+def test_a_pull_requests_revision_is_served(cpu_amd64: SmokeImage, tmp_path: Path) -> None:
+    """LLAMA_HF_REVISION=refs/pr/1: the files of a pull request on the Hub, downloaded by the
+    real llama-server as one encoded path segment into a cache file without a `/` in its name."""
+    main_model = generate_model(preset("tiny", seed=1), tmp_path / "main.gguf")
+    proposed = generate_model(preset("tiny", seed=4), tmp_path / "pr.gguf")
+    with HubServer() as hub:
+        hub.add_file(REPO, FILE, main_model)
+        hub.add_file(REPO, FILE, proposed, branch="refs/pr/1")
+        with serve(cpu_amd64.ref, hub, "refs/pr/1") as box:
+            box.wait_healthy(box.base_url, 60)
+            props = httpx.get(f"{box.base_url}/props", timeout=10).json()
+        downloads = [r for r in hub.requests if r.method == "GET" and r.path.endswith(f"/{FILE}")]
+    assert props["model_path"].endswith(f"/{REPO.replace('/', '_')}_refs%2Fpr%2F1_{FILE}"), props
+    assert downloads and all("/resolve/refs%2Fpr%2F1/" in r.path for r in downloads), downloads
+    assert downloads[-1].status == 200

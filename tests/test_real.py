@@ -278,6 +278,49 @@ def test_each_real_check_can_fail(project: Project, cpu_amd64: SmokeImage, real_
 
 
 @pytest.mark.docker
+def test_doctor_estimates_the_kv_cache_the_server_allocates(
+    cpu_amd64: SmokeImage, real_gguf: Path
+) -> None:
+    """`docker run IMAGE doctor --model M --ctx-size N`: its KV-cache figure, read from the
+    GGUF's metadata, is what llama-server allocates for the real model at that context (its
+    log's `llama_kv_cache: size`), and the CPU kernels it names are those the loader took."""
+    model, ctx = "/models/" + real_gguf.name, 2048
+    doctor = subprocess.run(
+        [
+            *("docker", "run", "--rm", "-v", f"{real_gguf}:{model}:ro", cpu_amd64.ref),
+            *("doctor", "--model", model, "--ctx-size", str(ctx), "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert doctor.returncode == 0, doctor.stderr
+    report = json.loads(doctor.stdout.splitlines()[-1])
+    with ServerContainer(
+        docker_client(),
+        cpu_amd64.ref,
+        env={"LLAMA_MODEL": model},
+        command=["--ctx-size", str(ctx), "-v"],  # -v: the loader's and the cache's lines
+        mounts={real_gguf: model},
+        container_port=8080,
+    ) as box:
+        box.wait_healthy(box.base_url, 60)
+        log = box.logs()
+    allocated = re.findall(r"llama_kv_cache: size = +([\d.]+) MiB", log)
+    loaded = re.search(r"loaded CPU backend from /app/libggml-(cpu[\w-]*)\.so", log)
+    assert allocated and loaded, log[-3000:]
+    # The log prints MiB to two decimals.
+    assert abs(report["kv_cache_bytes"] / 2**20 - float(allocated[-1])) < 0.01, (report, allocated)
+    variant = loaded[1].removeprefix("cpu-") if loaded[1] != "cpu" else "one set, built in"
+    assert report["cpu_variant"] == variant
+    print(
+        f"\nFIGURE doctor KV cache at ctx {ctx}: {report['kv_cache_bytes']} bytes; "
+        f"llama-server allocated {allocated[-1]} MiB"
+    )
+
+
+@pytest.mark.docker
 def test_the_official_openai_client_against_the_image(
     cpu_amd64: SmokeImage, real_gguf: Path
 ) -> None:

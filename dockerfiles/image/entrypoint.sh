@@ -10,8 +10,9 @@
 #                             models, named as Ollama names them (smollm2:135m)
 #   LLAMA_HF_FILE             a file in that repo                           -> --hf-file
 #   LLAMA_HF_REVISION         a commit, tag or branch of LLAMA_HF_REPO (needs LLAMA_HF_FILE):
-#                             -> --model-url <endpoint>/<repo>/resolve/<revision>/<file>
+#                             -> LLAMA_ARG_MODEL_URL=<endpoint>/<repo>/resolve/<revision>/<file>
 #                                --model <llama.cpp's cache>/<repo>_<revision>_<file>
+#                             (a `/` in the revision, as in refs/pr/1, sent and stored as %2F)
 #   LLAMA_HF_TOKEN            exported as HF_TOKEN, which llama-server reads (never an argument)
 #   LLAMA_SERVER_HOST         --host, default 0.0.0.0 (unless LLAMA_ARG_HOST is set: it is used)
 #   LLAMA_SERVER_PORT         --port, default 8080 (unless LLAMA_ARG_PORT is set: it is used)
@@ -20,7 +21,8 @@
 #                             runs on its CPU kernels, with a warning, instead of refusing
 #   LLAMA_METRICS             0: no Prometheus /metrics endpoint (served by default)
 #   LLAMA_CACHE               where downloads go (llama.cpp reads it): the image's /cache volume
-#   <NAME>_FILE               for LLAMA_HF_TOKEN and LLAMA_API_KEY: the secret read from that
+#   <NAME>_FILE               for LLAMA_HF_TOKEN, LLAMA_API_KEY and MODEL_ENDPOINT (a mirror's
+#                             URL with its password): the secret read from that
 #                             file (a Docker/Compose secret), not kept in the environment
 #                             (llama-server reads LLAMA_ARG_API_KEY_FILE itself)
 #   LLAMA_ARG_*               llama-server's own options by environment, passed through untouched
@@ -107,29 +109,89 @@ check_cuda_host() {
     die "no NVIDIA GPU is visible in this container: run it with --gpus all on a host with the NVIDIA driver and the NVIDIA Container Toolkit, or set LLAMA_ALLOW_CPU=1 to run on the CPU (slow)"
 }
 
-# `docker run IMAGE doctor [--model PATH] [--json]`: what this container sees, one fact a line
-# (or one JSON object): the backends llama-server loads and the CPU kernels ggml picked (the
-# best variant the CPU's features allow), the GPU devices and driver, the memory it may use,
-# and, given a model, whether its weights fit in that memory. Exit 1 when the server would not
-# run here: a CUDA image without a usable GPU, or a model larger than the memory.
+# `docker run IMAGE doctor [--model PATH] [--ctx-size N] [--json]`: what this container sees,
+# one fact a line (or one JSON object): the backends llama-server loads and the CPU kernels ggml
+# picked (the best variant the CPU's features allow), the GPU devices and driver, the memory it
+# may use, and, given a model, whether its weights and KV cache at that context (llama-server's
+# default: the model's own) fit in that memory. Exit 1 when the server would not run here: a
+# CUDA image without a usable GPU, or a model larger than the memory.
+# A GGUF's attention shape from its metadata: "layers context_length kv_heads_over_layers
+# key_length value_length", empty when the file is not GGUF v2+ or the keys are not in its
+# first BYTES (the architecture's keys come first, before the tokenizer's). kv_heads_over_layers
+# is head_count_kv summed over the layers (a per-layer array, or the one value times the layers).
+gguf_attention() { # PATH BYTES
+    head -c "$2" "$1" | od -An -v -tu1 | awk '
+        { for (i = 1; i <= NF; i++) b[n++] = $i }
+        function u(at, len,   v, i, m) {
+            v = 0; m = 1
+            for (i = 0; i < len; i++) { v += b[at + i] * m; m *= 256 }
+            return v
+        }
+        function text(at, len,   s, i) {
+            s = ""
+            for (i = 0; i < len && at + i < n; i++) s = s sprintf("%c", b[at + i])
+            return s
+        }
+        END {
+            # "GGUF", little-endian version >= 2 (64-bit counts)
+            if (n < 24 || u(0, 4) != 1179993927 || u(4, 4) < 2) exit
+            size[0] = 1; size[1] = 1; size[7] = 1; size[2] = 2; size[3] = 2
+            size[4] = 4; size[5] = 4; size[6] = 4; size[10] = 8; size[11] = 8; size[12] = 8
+            pairs = u(16, 8); p = 24
+            for (k = 0; k < pairs && p + 12 <= n; k++) {
+                len = u(p, 8); key = text(p + 8, len); p += 8 + len
+                if (key ~ /^tokenizer\./) break
+                type = u(p, 4); p += 4
+                count = 1; sum = 0; top = 0
+                if (type == 9) { type = u(p, 4); count = u(p + 4, 8); p += 12 }
+                for (j = 0; j < count && p < n; j++) {
+                    if (type == 8) { len = u(p, 8); value = text(p + 8, len); p += 8 + len; continue }
+                    if (!(type in size)) exit
+                    v = (type == 6 || type == 12) ? 0 : u(p, size[type])
+                    sum += v; if (v > top) top = v
+                    p += size[type]
+                }
+                if (key == "general.architecture") arch = value
+                else fact[key] = (type == 8) ? value : sum
+                top_of[key] = top; count_of[key] = count
+            }
+            layers = fact[arch ".block_count"] + 0
+            heads = top_of[arch ".attention.head_count"] + 0
+            kv = arch ".attention.head_count_kv"
+            kv_heads = (kv in fact) ? fact[kv] : fact[arch ".attention.head_count"]
+            if (((kv in fact) ? count_of[kv] : count_of[arch ".attention.head_count"]) == 1) kv_heads *= layers
+            key_length = fact[arch ".attention.key_length"] + 0
+            if (key_length == 0 && heads > 0) key_length = int(fact[arch ".embedding_length"] / heads)
+            value_length = fact[arch ".attention.value_length"] + 0
+            if (value_length == 0) value_length = key_length
+            if (layers > 0 && kv_heads > 0 && key_length > 0)
+                printf "%d %d %d %d %d\n", layers, fact[arch ".context_length"], kv_heads, key_length, value_length
+        }'
+}
+
 json_text() { # a JSON string's inside: backslashes and quotes escaped
     printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g'
 }
 doctor() {
-    json=false doctor_model=
+    json=false doctor_model='' doctor_ctx=''
     while [ "$#" -gt 0 ]; do
         case $1 in
             --json) json=true ;;
-            --model) [ "$#" -ge 2 ] || die "doctor: --model needs a path"; doctor_model=$2; shift ;;
+            -m | --model) [ "$#" -ge 2 ] || die "doctor: $1 needs a path"; doctor_model=$2; shift ;;
             --model=*) doctor_model=${1#--model=} ;;
-            *) die "doctor: unknown option $1 (usage: doctor [--model PATH] [--json])" ;;
+            -c | --ctx-size) [ "$#" -ge 2 ] || die "doctor: $1 needs a number of tokens"; doctor_ctx=$2; shift ;;
+            --ctx-size=*) doctor_ctx=${1#--ctx-size=} ;;
+            *) die "doctor: unknown option $1 (usage: doctor [--model PATH] [--ctx-size N] [--json])" ;;
         esac
         shift
     done
+    case $doctor_ctx in
+        *[!0-9]* | ?????????*) die "doctor: --ctx-size $doctor_ctx is not a number of tokens (0: the model's own)" ;;
+    esac
     problems=
     # The backend modules the image carries (ggml loads each one whose device is there; of
-    # several CPU variants, the best this CPU's features allow) and the devices llama-server
-    # finds. The loader's own log lines come from a thread that a short run may exit before.
+    # several CPU variants, the best this CPU's features allow: its loader names the one it
+    # took, at -v) and the devices llama-server finds.
     backends=
     for module in "${server%/*}"/libggml-*.so; do
         [ -e "$module" ] || continue
@@ -137,7 +199,9 @@ doctor() {
         backends="${backends:+$backends, }${module##*/libggml-}"
     done
     backends=$(printf '%s' "$backends" | sed 's/\.so//g')
-    listing=$("$server" --list-devices 2>&1) || true
+    listing=$("$server" -v --list-devices 2>&1) || true
+    cpu_variant=$(printf '%s\n' "$listing" | sed -n 's|.*loaded CPU backend from .*/libggml-\(cpu[a-z0-9_-]*\)\.so.*|\1|p' | head -n 1)
+    case $cpu_variant in cpu-*) cpu_variant=${cpu_variant#cpu-} ;; cpu) cpu_variant="one set, built in" ;; esac
     devices=$(printf '%s\n' "$listing" | sed -n '/Available devices/,$p' | sed -n 's/^ \{1,\}//p' | grep -v '^(none)$' |
         tr '\n' ';' | sed 's/;$//; s/;/; /g')
     cpu_kernels=$(printf '%s\n' "$backends" | tr ',' '\n' | sed -n 's/^ *cpu-\([a-z0-9_]*\)$/\1/p' | tr '\n' ' ' | sed 's/ $//')
@@ -188,11 +252,27 @@ doctor() {
             problems="$problems not-gguf"
         else
             weights=$(wc -c <"$doctor_model" | tr -d ' ')
-            if [ "$weights" -gt "$memory" ]; then
-                model_verdict="weights $weights bytes > memory $memory bytes: does not fit"
+            # The KV cache: K and V (f16, llama-server's default type) for every token of the
+            # context in every layer; the compute buffers come on top (tens of MiB).
+            facts=$(gguf_attention "$doctor_model" 16384)
+            [ -n "$facts" ] || facts=$(gguf_attention "$doctor_model" 1048576)
+            kv_cache='' need=$weights
+            if [ -n "$facts" ]; then
+                # shellcheck disable=SC2086 # five numbers
+                set -- $facts
+                ctx=${doctor_ctx:-0}
+                [ "$ctx" -gt 0 ] || ctx=$2
+                kv_cache=$((ctx * $3 * ($4 + $5) * 2))
+                need=$((weights + kv_cache))
+                parts="weights $weights + KV cache $kv_cache (ctx $ctx, f16) = $need bytes"
+            else
+                parts="weights $weights bytes (KV cache not estimated: no attention shape in the GGUF's metadata)"
+            fi
+            if [ "$need" -gt "$memory" ]; then
+                model_verdict="$parts > memory $memory bytes: does not fit"
                 problems="$problems model-too-large"
             else
-                model_verdict="weights $weights bytes <= memory $memory bytes: fits (the KV cache adds with --ctx-size)"
+                model_verdict="$parts <= memory $memory bytes: fits"
             fi
         fi
     fi
@@ -200,14 +280,18 @@ doctor() {
     if [ "$json" = true ]; then
         ok=false
         [ -n "$problems" ] || ok=true
-        printf '{"backends": "%s", "cpu_kernels": "%s", "cpu": "%s", "cpu_features": "%s", "devices": "%s", "gpu_devices": "%s", "nvidia_driver": "%s", "gpu": "%s", "memory_bytes": %s, "memory_from": "%s", "model": "%s", "problems": "%s", "ok": %s}\n' \
-            "$(json_text "$backends")" "$(json_text "$cpu_kernels")" "$(json_text "$cpu_model")" \
+        printf '{"backends": "%s", "cpu_kernels": "%s", "cpu_variant": "%s", "cpu": "%s", "cpu_features": "%s", "devices": "%s", "gpu_devices": "%s", "nvidia_driver": "%s", "gpu": "%s", "memory_bytes": %s, "memory_from": "%s", "model": "%s", "kv_cache_bytes": %s, "problems": "%s", "ok": %s}\n' \
+            "$(json_text "$backends")" "$(json_text "$cpu_kernels")" "$cpu_variant" "$(json_text "$cpu_model")" \
             "$features" "$(json_text "$devices")" "$gpus" "$driver" "$(json_text "$gpu_verdict")" \
-            "$memory" "$memory_from" "$(json_text "$model_verdict")" "$problems" "$ok"
+            "$memory" "$memory_from" "$(json_text "$model_verdict")" "${kv_cache:-null}" "$problems" "$ok"
     else
         printf 'backends: %s\n' "${backends:-none}"
-        printf 'cpu kernels: %s (ggml loads the best variant this CPU supports; %s: %s)\n' \
-            "${cpu_kernels:-one set, built in}" "${cpu_model:-this CPU}" "${features:-no SIMD extensions}"
+        if [ -n "$cpu_kernels" ]; then
+            printf 'cpu kernels: %s (of %s: the best variant this CPU supports; %s: %s)\n' \
+                "${cpu_variant:-none loaded}" "$cpu_kernels" "${cpu_model:-this CPU}" "${features:-no SIMD extensions}"
+        else
+            printf 'cpu kernels: one set, built in (%s: %s)\n' "${cpu_model:-this CPU}" "${features:-no SIMD extensions}"
+        fi
         printf 'devices: %s\n' "${devices:-none besides the CPU}"
         printf 'gpu devices: %s; nvidia driver: %s\n' "${gpus:-none}" "${driver:-none}"
         [ -z "$gpu_verdict" ] || printf 'gpu: %s\n' "$gpu_verdict"
@@ -289,6 +373,12 @@ secret_from_file() {
 }
 secret_from_file LLAMA_HF_TOKEN
 secret_from_file LLAMA_API_KEY
+secret_from_file MODEL_ENDPOINT # a mirror's URL may carry its user:password
+
+# A URL with its user:password (a mirror's basic auth) as ***, for messages.
+redacted() {
+    printf '%s' "$1" | sed 's|^\([A-Za-z][A-Za-z0-9+.-]*://\)[^/@]*@|\1***@|'
+}
 
 # A LLAMA_* variable nobody reads is most often a typo (LLAMA_MODLE): name it, then go on.
 # Known: this script's knobs, the image's own, llama.cpp's (LLAMA_ARG_* and the few it reads
@@ -427,6 +517,10 @@ fi
 if [ -n "$revision" ] && [ -z "$repo" ]; then
     die "LLAMA_HF_REVISION is set without LLAMA_HF_REPO"
 fi
+case $revision in
+    *[!A-Za-z0-9._/-]* | [./-]* | */ | *..* | *//*)
+        die "LLAMA_HF_REVISION=$revision is not a revision: give a commit, a tag, a branch or refs/pr/<n>" ;;
+esac
 model_url=
 if [ -n "$revision" ] && [ "$revision" != main ]; then
     # llama-server's -hf follows the main branch only; a pinned revision is downloaded through
@@ -439,17 +533,22 @@ if [ -n "$revision" ] && [ "$revision" != main ]; then
         die "LLAMA_HF_REVISION=$revision needs LLAMA_HF_FILE: the file to take from that revision"
     fi
     endpoint=${MODEL_ENDPOINT:-${HF_ENDPOINT:-https://huggingface.co}}
-    model_url="${endpoint%/}/$repo/resolve/$revision/$file"
+    # The revision as one path segment, as the Hub's clients send it (refs/pr/1 -> refs%2Fpr%2F1).
+    encoded=$(printf '%s' "$revision" | sed 's|/|%2F|g')
+    model_url="${endpoint%/}/$repo/resolve/$encoded/$file"
+    shown=$(redacted "$model_url")
     # One line for a revision or file that does not exist (llama-server would log a page). A
     # private repository answers 401 without the token, which is never put on a command line:
-    # then llama-server, which sends it, decides.
-    status=$(wget -S --spider -T 30 "$model_url" 2>&1 | sed -n 's/^ *HTTP\/[0-9.]* \([0-9]*\).*/\1/p' | tail -n 1)
-    case $status in
-        404) die "LLAMA_HF_REVISION=$revision: $repo has no $file at that revision ($model_url answered 404)" ;;
-        '') die "LLAMA_HF_REVISION=$revision: $model_url cannot be reached" ;;
-    esac
+    # then llama-server, which sends it, decides; so it does for an endpoint with a password.
+    if [ "$shown" = "$model_url" ]; then
+        status=$(wget -S --spider -T 30 "$model_url" 2>&1 | sed -n 's/^ *HTTP\/[0-9.]* \([0-9]*\).*/\1/p' | tail -n 1)
+        case $status in
+            404) die "LLAMA_HF_REVISION=$revision: $repo has no $file at that revision ($shown answered 404)" ;;
+            '') die "LLAMA_HF_REVISION=$revision: $shown cannot be reached" ;;
+        esac
+    fi
     cache=${LLAMA_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/llama.cpp}
-    model_path="$cache/$(printf '%s' "$repo" | sed 's|/|_|g')_${revision}_$(printf '%s' "$file" | sed 's|/|_|g')"
+    model_path="$cache/$(printf '%s' "$repo" | sed 's|/|_|g')_${encoded}_$(printf '%s' "$file" | sed 's|/|_|g')"
 fi
 if [ -z "$model" ] && [ -z "$repo" ] && [ -z "$models_dir" ] && [ "$model_in_args" = false ]; then
     die "no model: set LLAMA_MODEL=/models/<file>.gguf (mount it: -v \"\$PWD/models:/models:ro\") or LLAMA_HF_REPO=<user>/<repo>[:quant]"
@@ -523,7 +622,11 @@ esac
 # Prepended in reverse: host/port, then the model, then the extra and docker-run arguments
 # already in "$@" (llama-server takes the last value of a repeated option).
 if [ -n "$model_url" ]; then
-    set -- --model-url "$model_url" --model "$model_path" "$@"
+    # The URL by llama-server's own variable, not an argument: a mirror's password in it would
+    # show in `ps`. An explicit --model-url argument still wins.
+    LLAMA_ARG_MODEL_URL=$model_url
+    export LLAMA_ARG_MODEL_URL
+    set -- --model "$model_path" "$@"
 else
     if [ -n "$file" ]; then
         set -- --hf-file "$file" "$@"
