@@ -10,7 +10,7 @@ import secrets
 from pathlib import Path
 
 import pytest
-from fixtures.lab import build_lock
+from fixtures.lab import TEST_CPU_VARIANTS, build_lock, copy_project
 
 from pipeline.build.options import BuildOptions
 from pipeline.core.project import Project
@@ -73,6 +73,14 @@ def own_ccache_mount(project: Project, salt: str) -> Path:
     return path
 
 
+def carry_project(lab_project: Project, root: Path) -> Project:
+    """A project of the test's own on the lab's snapshot: its reports, logs and image tag are
+    not the session's (the other tests smoke the session's cpu image by its report)."""
+    copy_project(root)
+    (root / "third_party").symlink_to(lab_project.third_party.parent)
+    return Project(root)
+
+
 def build_cpu(project: Project, **options: object) -> BuildRecord:
     from pipeline.build import build
 
@@ -82,7 +90,10 @@ def build_cpu(project: Project, **options: object) -> BuildRecord:
                 project,
                 platforms=("linux/amd64",),
                 backends=("cpu",),
-                cpu_variants="baseline",
+                # The session's kernel set: its compile is in the shared mount already, so the
+                # first build below is all hits; the seeded ones start from an empty mount.
+                cpu_variants=TEST_CPU_VARIANTS,
+                tags=("carry-test/llama-server:carry",),
                 quiet=True,
                 **options,  # type: ignore[arg-type]
             ),
@@ -102,10 +113,11 @@ def hits(project: Project) -> tuple[int, int]:
 def test_a_seed_carries_the_compile_and_a_corrupt_one_only_slows_it(
     lab_project: Project, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    project = carry_project(lab_project, tmp_path / "project")
     exported = tmp_path / "ccache"
     # The compile itself runs (not its cached layer), so the mount holds what it compiled even
     # where BuildKit's garbage collection took the mount and left the layers.
-    build_cpu(lab_project, ccache_to=exported, no_cache_filter=("builder",))
+    build_cpu(project, ccache_to=exported, no_cache_filter=("builder",))
     carried = exported / "cpu-amd64"
     size = ccache_bytes(carried)
     assert 1_000_000 < size < 2 * 1024**3, size  # entries, within CCACHE_MAXSIZE
@@ -116,13 +128,13 @@ def test_a_seed_carries_the_compile_and_a_corrupt_one_only_slows_it(
     # A fresh runner given the export: its empty mount is seeded, the compile is all hits.
     reexported = tmp_path / "reexported"
     seeded = build_cpu(
-        lab_project,
+        project,
         ccache_from=exported,
         ccache_to=reexported,
-        dockerfile=own_ccache_mount(lab_project, "seeded-" + secrets.token_hex(4)),
+        dockerfile=own_ccache_mount(project, "seeded-" + secrets.token_hex(4)),
         no_cache_filter=("builder",),
     )
-    good, calls = hits(lab_project)
+    good, calls = hits(project)
     assert calls > 100 and good == calls, (good, calls)
     # What it hands on has no lock files: a CI cache saves it and the next runner copies it.
     assert not [p for p in reexported.rglob("*") if p.name.endswith((".lock", ".alive"))]
@@ -136,18 +148,18 @@ def test_a_seed_carries_the_compile_and_a_corrupt_one_only_slows_it(
         data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
         entry.write_bytes(bytes(data))
     corrupt = build_cpu(
-        lab_project,
+        project,
         ccache_from=exported,
-        dockerfile=own_ccache_mount(lab_project, "corrupt-" + secrets.token_hex(4)),
+        dockerfile=own_ccache_mount(project, "corrupt-" + secrets.token_hex(4)),
         no_cache_filter=("builder",),
     )
-    partial, calls_again = hits(lab_project)
+    partial, calls_again = hits(project)
     # (A corrupt manifest also costs a preprocessor lookup: more cacheable calls, not fewer.)
     assert calls_again >= calls and 0 < partial < calls_again, (partial, calls_again)
     # A seed that is not there: the build says so and goes on (the Dockerfile's own empty
     # seed stands in, so this is the warm build the first one was, cache keys and all).
     capsys.readouterr()
-    missing = build_cpu(lab_project, ccache_from=tmp_path / "nothing-here")
+    missing = build_cpu(project, ccache_from=tmp_path / "nothing-here")
     assert "ccache: no seed at" in capsys.readouterr().err
     # Each of them produced an image (whether their digests agree is not checked here).
     assert seeded.digest and corrupt.digest and missing.digest

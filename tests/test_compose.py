@@ -177,7 +177,7 @@ def test_the_rpc_profile_splits_the_model_over_two_workers(
     (project_dir / ".env").write_text(
         f"LLAMA_IMAGE={repository}\nLLAMA_TAG={tag}\nLLAMA_MODELS_HOST_DIR={real_gguf.parent}\n"
         f"LLAMA_MODEL=/models/{real_gguf.name}\nLLAMA_PORT={port}\n"
-        "LLAMA_SERVER_EXTRA_ARGS=--ctx-size 2048 --parallel 1\n"
+        "LLAMA_SERVER_EXTRA_ARGS=--ctx-size 2048 --parallel 1 -lv 4\n"  # -lv 4: the split
     )
     name = f"compose-rpc-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "COMPOSE_PROJECT_NAME": name}

@@ -263,6 +263,7 @@ def test_each_real_check_can_fail(project: Project, cpu_amd64: SmokeImage, real_
         cancel=replace(tier.cancel, after_chunks=100000),  # more than the stream can give
         invalid_schema={"type": "object"},  # a valid schema: no 4xx
         load=replace(tier.load, within=0.001),
+        rpc=replace(tier.rpc, extra_args=tier.rpc.extra_args + " -ngl 0"),  # nothing offloaded
     )
     record = real_run(project, cpu_amd64, replace(settings, real=real))
     checks = {c.name: c for c in record.checks}
@@ -274,6 +275,7 @@ def test_each_real_check_can_fail(project: Project, cpu_amd64: SmokeImage, real_
     assert "the stream ended after" in checks["stream-cancel"].detail
     assert "expected 4xx" in checks["json-schema-invalid"].detail
     assert "out of time" in checks["load"].detail
+    assert "no model buffer on" in checks["rpc-split"].detail
     assert checks["stream-usage"].passed  # unchanged: still passes
 
 

@@ -140,7 +140,10 @@ def check_rpc_split(run: SmokeRun) -> Outcome:
         _recovered(run, server)
         again, _ = _answers(run, server)
         require(again == alone, f"after recovery answered {short(again)}, one node {short(alone)}")
-    parts = ", ".join(f"{host.split('-worker-')[-1]}: {mib:.1f} MiB" for host, mib in held.items())
+    parts = ", ".join(
+        f"worker-{host.split('-worker-')[-1].split(':')[0]} {mib:.1f} MiB"
+        for host, mib in held.items()
+    )
     detail = (
         f"weights on {rpc.workers} workers ({parts}); {len(split)} answers as on one node; "
         f"{split_speed:.1f} vs {alone_speed:.1f} tokens/s alone; a worker killed mid-stream: "
