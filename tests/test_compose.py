@@ -25,8 +25,10 @@ from pipeline.matrix import load_matrix
 from pipeline.modelfiles.catalogue import catalogue_model
 from pipeline.oci.engine import free_port
 from pipeline.oci.tags import TagKind, load_tag_rules
+from pipeline.smoke.settings import load_settings
 
 COMPOSE = REPO_ROOT / "compose.yaml"
+REAL = load_settings().real
 PRESET = "smollm2-135m"
 
 
@@ -196,9 +198,11 @@ def test_the_rpc_profile_splits_the_model_over_two_workers(
         reply = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             json={
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                # The real tier's first question, asked as it asks it.
+                "messages": [{"role": "user", "content": REAL.factual.questions[0].question}],
                 "max_tokens": 16,
                 "temperature": 0,
+                "seed": REAL.seed,
             },
             timeout=120,
         ).json()

@@ -116,9 +116,10 @@ check_cuda_host() {
 # default: the model's own) fit in that memory. Exit 1 when the server would not run here: a
 # CUDA image without a usable GPU, or a model larger than the memory.
 # A GGUF's attention shape from its metadata: "layers context_length kv_heads_over_layers
-# key_length value_length", empty when the file is not GGUF v2+ or the keys are not in its
-# first BYTES (the architecture's keys come first, before the tokenizer's). kv_heads_over_layers
-# is head_count_kv summed over the layers (a per-layer array, or the one value times the layers).
+# key_length value_length"; "more" when its first BYTES end inside the metadata before the
+# tokenizer's keys (the architecture's come first); empty when the file is not GGUF v2+ or the
+# keys are not there. kv_heads_over_layers is head_count_kv summed over the layers (a
+# per-layer array, or the one value times the layers).
 gguf_attention() { # PATH BYTES
     head -c "$2" "$1" | od -An -v -tu1 | awk '
         { for (i = 1; i <= NF; i++) b[n++] = $i }
@@ -140,7 +141,7 @@ gguf_attention() { # PATH BYTES
             pairs = u(16, 8); p = 24
             for (k = 0; k < pairs && p + 12 <= n; k++) {
                 len = u(p, 8); key = text(p + 8, len); p += 8 + len
-                if (key ~ /^tokenizer\./) break
+                if (key ~ /^tokenizer\./) { stopped = 1; break }
                 type = u(p, 4); p += 4
                 count = 1; sum = 0; top = 0
                 if (type == 9) { type = u(p, 4); count = u(p + 4, 8); p += 12 }
@@ -155,6 +156,7 @@ gguf_attention() { # PATH BYTES
                 else fact[key] = (type == 8) ? value : sum
                 top_of[key] = top; count_of[key] = count
             }
+            if (!stopped && (k < pairs || p > n)) { print "more"; exit }
             layers = fact[arch ".block_count"] + 0
             heads = top_of[arch ".attention.head_count"] + 0
             kv = arch ".attention.head_count_kv"
@@ -255,7 +257,8 @@ doctor() {
             # The KV cache: K and V (f16, llama-server's default type) for every token of the
             # context in every layer; the compute buffers come on top (tens of MiB).
             facts=$(gguf_attention "$doctor_model" 16384)
-            [ -n "$facts" ] || facts=$(gguf_attention "$doctor_model" 1048576)
+            [ "$facts" != more ] || facts=$(gguf_attention "$doctor_model" 1048576)
+            [ "$facts" != more ] || facts=
             kv_cache='' need=$weights
             if [ -n "$facts" ]; then
                 # shellcheck disable=SC2086 # five numbers
