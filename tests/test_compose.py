@@ -84,6 +84,20 @@ def has_compose() -> bool:
     )
 
 
+def stack(tmp_path: Path, image: str, env_file: str) -> tuple[Path, int]:
+    """A directory holding compose.yaml and a .env naming `image`, a free host port and
+    `env_file`'s lines, as users set them; (the directory, the port)."""
+    project_dir = tmp_path / "stack"
+    project_dir.mkdir()
+    shutil.copy(COMPOSE, project_dir / "compose.yaml")
+    repository, _, tag = image.rpartition(":")
+    port = free_port()
+    (project_dir / ".env").write_text(
+        f"LLAMA_IMAGE={repository}\nLLAMA_TAG={tag}\nLLAMA_PORT={port}\n{env_file}"
+    )
+    return project_dir, port
+
+
 @pytest.mark.docker
 def test_the_llama_profile_comes_up_healthy_answers_and_leaves_nothing(
     cpu_amd64: SmokeImage, real_gguf: Path, tmp_path: Path
@@ -94,18 +108,13 @@ def test_the_llama_profile_comes_up_healthy_answers_and_leaves_nothing(
     models = tmp_path / "models"
     assert main(["models", "pull", PRESET, "--into", str(models)]) == 0
     model = models / catalogue_model(PRESET).file
-    project_dir = tmp_path / "stack"
-    project_dir.mkdir()
-    shutil.copy(COMPOSE, project_dir / "compose.yaml")
-    repository, _, tag = cpu_amd64.ref.rpartition(":")
-    port = free_port()
-    # Every knob from .env, as users set them.
-    (project_dir / ".env").write_text(
-        f"LLAMA_IMAGE={repository}\nLLAMA_TAG={tag}\nLLAMA_MODELS_HOST_DIR={models}\n"
-        f"LLAMA_MODEL=/models/{model.name}\nLLAMA_PORT={port}\n"
+    # Every knob from .env: llama-server's own option too, and a typo the entrypoint names.
+    project_dir, port = stack(
+        tmp_path,
+        cpu_amd64.ref,
+        f"LLAMA_MODELS_HOST_DIR={models}\nLLAMA_MODEL=/models/{model.name}\n"
         "LLAMA_SERVER_EXTRA_ARGS=--alias compose-model\n"
-        # llama-server's own option, and a typo the entrypoint names.
-        "LLAMA_ARG_CTX_SIZE=1024\nLLAMA_MODLE=typo.gguf\n"
+        "LLAMA_ARG_CTX_SIZE=1024\nLLAMA_MODLE=typo.gguf\n",
     )
     name = f"compose-test-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "COMPOSE_PROJECT_NAME": name}
@@ -171,15 +180,11 @@ def test_the_rpc_profile_splits_the_model_over_two_workers(
     """`docker compose --profile rpc up`: two workers on an internal network, healthy, and the
     server that splits the real model over them (its log names each worker's share)."""
     require_lab(has_compose(), "Docker Compose v2 (.ci/provision installs the plugin)")
-    project_dir = tmp_path / "stack"
-    project_dir.mkdir()
-    shutil.copy(COMPOSE, project_dir / "compose.yaml")
-    repository, _, tag = cpu_amd64.ref.rpartition(":")
-    port = free_port()
-    (project_dir / ".env").write_text(
-        f"LLAMA_IMAGE={repository}\nLLAMA_TAG={tag}\nLLAMA_MODELS_HOST_DIR={real_gguf.parent}\n"
-        f"LLAMA_MODEL=/models/{real_gguf.name}\nLLAMA_PORT={port}\n"
-        "LLAMA_SERVER_EXTRA_ARGS=--ctx-size 2048 --parallel 1 -lv 4\n"  # -lv 4: the split
+    project_dir, port = stack(
+        tmp_path,
+        cpu_amd64.ref,
+        f"LLAMA_MODELS_HOST_DIR={real_gguf.parent}\nLLAMA_MODEL=/models/{real_gguf.name}\n"
+        "LLAMA_SERVER_EXTRA_ARGS=--ctx-size 2048 --parallel 1 -lv 4\n",  # -lv 4: the split
     )
     name = f"compose-rpc-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "COMPOSE_PROJECT_NAME": name}
