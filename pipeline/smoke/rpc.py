@@ -11,7 +11,6 @@ server (restart policy on-failure, as in compose.yaml) answers again, the same a
 from __future__ import annotations
 
 import re
-import threading
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -69,8 +68,7 @@ def _worker_listening(run: SmokeRun, box: ServerContainer) -> None:
 def _killed_mid_stream(run: SmokeRun, server: ServerContainer, worker: ServerContainer) -> str:
     """Kill `worker` while the server streams an answer; how the client's stream ended."""
     cancel = run.settings.real.cancel
-    chunks, ended = 0, "the stream finished normally"
-    finished = threading.Event()
+    chunks, ended, killed = 0, "the stream finished normally", False
     started = time.perf_counter()
     with httpx.Client(base_url=server.base_url, timeout=run.timing.request) as http:
         try:
@@ -84,9 +82,9 @@ def _killed_mid_stream(run: SmokeRun, server: ServerContainer, worker: ServerCon
                         break
                     if line.startswith("data:"):
                         chunks += 1
-                    if chunks == cancel.after_chunks and not finished.is_set():
-                        finished.set()
+                    if chunks == cancel.after_chunks and not killed:
                         worker.container.kill()
+                        killed = True
                 else:
                     ended = "the stream ended without [DONE]"
         except httpx.TimeoutException:
@@ -95,9 +93,21 @@ def _killed_mid_stream(run: SmokeRun, server: ServerContainer, worker: ServerCon
             ) from None
         except httpx.HTTPError as exc:
             ended = f"{type(exc).__name__}"
-    require(finished.is_set(), f"the stream ended after {chunks} chunks, before a worker died")
+    require(killed, f"the stream ended after {chunks} chunks, before a worker died")
     require(ended != "the stream finished normally", "the stream finished as if nothing happened")
     return f"{ended} after {time.perf_counter() - started:.1f} s"
+
+
+def _start_workers(run: SmokeRun, network: str, stack: ExitStack) -> list[ServerContainer]:
+    """`rpc.workers` worker containers on `network`, each listening (removed with `stack`)."""
+    workers = []
+    for i in range(1, run.settings.real.rpc.workers + 1):
+        name = f"{network}-worker-{i}"
+        workers.append(
+            stack.enter_context(run.container(command=["rpc-worker"], network=network, name=name))
+        )
+        _worker_listening(run, workers[-1])
+    return workers
 
 
 def _workers_reached(run: SmokeRun, network: str, names: list[str]) -> str:
@@ -124,12 +134,7 @@ def check_rpc_split(run: SmokeRun) -> Outcome:
     rpc = run.settings.real.rpc
     if run.settings.emulated(run.target.platform.name):
         with private_network(run.client, "smoke-rpc") as network, ExitStack() as stack:
-            names = [f"{network}-worker-{i}" for i in range(1, rpc.workers + 1)]
-            for name in names:
-                worker = stack.enter_context(
-                    run.container(command=["rpc-worker"], network=network, name=name)
-                )
-                _worker_listening(run, worker)
+            names = [str(w.name) for w in _start_workers(run, network, stack)]
             return Outcome(_workers_reached(run, network, names))
     env = {"LLAMA_MODEL": run.model.container_path, "LLAMA_SERVER_EXTRA_ARGS": rpc.extra_args}
     mounts = {run.model.host_path: run.model.container_path}
@@ -137,13 +142,8 @@ def check_rpc_split(run: SmokeRun) -> Outcome:
         one.wait_healthy(one.base_url, run.timing.healthy)
         alone, alone_speed = _answers(run, one)
     with private_network(run.client, "smoke-rpc") as network, ExitStack() as stack:
-        names = [f"{network}-worker-{i}" for i in range(1, rpc.workers + 1)]
-        workers = [
-            stack.enter_context(run.container(command=["rpc-worker"], network=network, name=n))
-            for n in names
-        ]
-        for worker in workers:
-            _worker_listening(run, worker)
+        workers = _start_workers(run, network, stack)
+        names = [str(w.name) for w in workers]
         addresses = ",".join(f"{name}:{WORKER_PORT}" for name in names)
         server = stack.enter_context(
             run.container(
