@@ -27,7 +27,7 @@ from pipeline.bench.core import machine_info
 from pipeline.bench.lock import lab_lock
 from pipeline.bench.options import BENCH_PARTS, parse_parts
 from pipeline.bench.parts.rebuild import touched
-from pipeline.bench.parts.size import loaded_files
+from pipeline.bench.parts.size import VULKAN_PARTS, loaded_files, part_weights
 from pipeline.bench.report import (
     README_END,
     README_START,
@@ -52,6 +52,7 @@ from pipeline.bench.report import (
 from pipeline.core.errors import BuildError, BuildTimedOut, ConfigError
 from pipeline.core.project import Project
 from pipeline.oci.buildx import run_buildx
+from pipeline.oci.elf import ImageTree
 
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 MACHINE = {"cpus": 2, "cpu_model": "Test CPU", "memory_gib": 8, "docker": "28.5.2"}
@@ -62,6 +63,23 @@ def part(name: str, metrics: tuple[Metric, ...], commit: str = COMMIT) -> PartRe
 
 
 # --------------------------------------------------------------------------- maths
+
+
+def test_an_images_weight_by_part_counts_each_file_once() -> None:
+    tree = ImageTree(
+        sizes={
+            "/app/llama-server": 5,
+            "/app/libggml-vulkan.so": 50,
+            "/lib/x86_64-linux-gnu/libLLVM.so.19.1": 120,
+            "/lib/x86_64-linux-gnu/libvulkan_lvp.so": 10,
+            "/lib/x86_64-linux-gnu/libvulkan.so.1": 1,
+            "/lib/x86_64-linux-gnu/libc.so.6": 2,
+            "/bin/busybox": 1,
+        }
+    )
+    weights = part_weights(tree, VULKAN_PARTS)
+    assert list(weights.values()) == [55, 120, 10, 1, 3]
+    assert sum(weights.values()) == sum(tree.sizes.values())
 
 
 def test_median_odd_even_and_spread() -> None:

@@ -193,15 +193,16 @@ def test_only_backends_that_run_target_code_need_an_emulator() -> None:
     amd64_only = BuilderInfo("default", "docker", ("linux/amd64", "linux/amd64/v2", "linux/386"))
     cpu_arm64 = plan_jobs(request("arm64"))
     check_builder_platforms(amd64_only, cpu_arm64)  # cross-compiled, FROM scratch: fine
-    vulkan_arm64 = plan_jobs(request("arm64", backends=("vulkan",)))
+    check_builder_platforms(amd64_only, plan_jobs(request("arm64", backends=("vulkan",))))
+    cuda_arm64 = plan_jobs(request("arm64", backends=("cuda",)))  # nvcc runs on the target
     with pytest.raises(BuildError) as err:
-        check_builder_platforms(amd64_only, vulkan_arm64)
+        check_builder_platforms(amd64_only, cuda_arm64)
     line = err.value.line()
-    assert "cannot run linux/arm64 code, which the vulkan image needs" in line
+    assert "cannot run linux/arm64 code, which the cuda image needs" in line
     assert "update-binfmts --enable qemu-aarch64" in line
     assert "docker buildx create --append" in line
     check_builder_platforms(
-        BuilderInfo("multi", "remote", ("linux/amd64", "linux/arm64")), vulkan_arm64
+        BuilderInfo("multi", "remote", ("linux/amd64", "linux/arm64")), cuda_arm64
     )
 
 

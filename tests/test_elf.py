@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fixtures.lab import require_lab
 
-from pipeline.oci.elf import ImageTree, closure_gaps, describe_gaps, read_dynamic
+from pipeline.oci.elf import ImageTree, Unresolved, closure_gaps, describe_gaps, read_dynamic
 
 TRIPLET = "x86_64-linux-gnu"
 
@@ -94,3 +94,26 @@ def test_runpath_origin_is_where_a_library_is_found(ls_closure: dict[str, Path])
     assert {g.library for g in gaps} >= {"libc.so.6"}  # ls has no RUNPATH: /app is not searched
     assert closure_gaps(ImageTree.from_tar(tar_of(image)), "amd64", env_path="/app") == []
     assert libc.exists()
+
+
+def test_a_vulkan_manifests_driver_must_be_in_the_image(
+    ls_closure: dict[str, Path], tmp_path: Path
+) -> None:
+    """The loader dlopens the library an ICD manifest names (a bare name: the default
+    directories): nothing NEEDS it, yet an image without it finds no device."""
+    manifest = tmp_path / "lvp_icd.json"
+    manifest.write_text('{"ICD": {"api_version": "1.4.305", "library_path": "libvulkan_lvp.so"}}')
+    libraries = {f"lib/{TRIPLET}/{n}": p for n, p in ls_closure.items() if n != "ls"}
+    image: dict[str, Path | str] = {
+        "bin/ls": ls_closure["ls"],
+        **libraries,
+        "usr/share/vulkan/icd.d/lvp_icd.json": manifest,
+    }
+    gaps = closure_gaps(ImageTree.from_tar(tar_of(image)), "amd64")
+    assert gaps == [Unresolved("/usr/share/vulkan/icd.d/lvp_icd.json", "libvulkan_lvp.so")]
+    # Any ELF file stands in for the driver: what counts is that the name resolves.
+    image[f"lib/{TRIPLET}/libvulkan_lvp.so"] = ls_closure["libc.so.6"]
+    assert closure_gaps(ImageTree.from_tar(tar_of(image)), "amd64") == []
+    manifest.write_text('{"ICD": {}}')
+    gaps = closure_gaps(ImageTree.from_tar(tar_of(image)), "amd64")
+    assert [g.library for g in gaps] == ["(no library_path)"]

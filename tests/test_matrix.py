@@ -69,8 +69,9 @@ def test_gpu_backends_carry_their_architecture_lists(matrix: Matrix) -> None:
     # Native builders for CUDA/ROCm (no cross nvcc/hipcc): they run target code.
     assert matrix.backend("cuda").runs_target_code
     assert matrix.backend("cuda").smoke.needs_gpu
-    # vulkan is cross-compiled but its Debian runtime runs apt-get for the target.
-    assert matrix.backend("vulkan").runs_target_code
+    # vulkan is cross-compiled and assembled from files like cpu: no target code runs.
+    assert not matrix.backend("vulkan").runs_target_code
+    assert matrix.backend("vulkan").runtime.vulkan_drivers["amd64"][-1] == "lvp"
 
 
 def test_cuda_backends_share_one_template_and_say_what_they_need(matrix: Matrix) -> None:
@@ -169,6 +170,12 @@ def test_cross_field_rules(raw: dict[str, Any]) -> None:
     bad = copy.deepcopy(raw)
     bad["backends"]["cuda"]["gpu_architectures"] = []
     assert "go together" in _error(bad)
+    bad = copy.deepcopy(raw)
+    bad["backends"]["vulkan"]["runtime"]["vulkan_drivers"]["riscv64"] = ["lvp"]
+    assert "backends.vulkan.runtime.vulkan_drivers: unknown key(s) 'riscv64'" in _error(bad)
+    bad = copy.deepcopy(raw)
+    bad["backends"]["vulkan"]["runtime"]["vulkan_drivers"]["amd64"] = ["lvp_icd.json"]
+    assert "vulkan_drivers" in _error(bad) and "'lvp_icd.json'" in _error(bad)
     bad = copy.deepcopy(raw)
     bad["backends"]["cpu"]["cpu_variants"] = "fast"
     assert "cpu_variants 'fast' is not declared" in _error(bad)

@@ -17,7 +17,9 @@
 #
 # Environment: ASSEMBLE_LIBRARY_DIRS, more directories to take libraries from (searched first:
 # a CUDA toolkit's); ASSEMBLE_HOST_LIBRARIES, NEEDED names the host provides at run time (the
-# NVIDIA driver's libcuda.so.1), left out.
+# NVIDIA driver's libcuda.so.1), left out; ASSEMBLE_VULKAN_DRIVERS, the Vulkan drivers to carry
+# by the names of their ICD manifests (/usr/share/vulkan/icd.d/NAME_icd.json): each manifest at
+# its own path, where the Vulkan loader looks, and the driver library it names in /lib/TRIPLET.
 set -eu
 
 if [ "$#" -ne 8 ]; then
@@ -55,9 +57,37 @@ cp "$entrypoint" "$rootfs/app/entrypoint.sh"
 cp "${entrypoint%/*}/healthcheck.sh" "$rootfs/app/healthcheck.sh"
 chmod 0755 "$rootfs/app/entrypoint.sh" "$rootfs/app/healthcheck.sh"
 
+# Mesa's manifests name their driver by a bare file name (one manifest for every architecture:
+# the package is Multi-Arch: same), which the loader's dlopen finds in /lib/TRIPLET.
+drivers=
+for name in ${ASSEMBLE_VULKAN_DRIVERS:-}; do
+    manifest=/usr/share/vulkan/icd.d/${name}_icd.json
+    if [ ! -f "$manifest" ]; then
+        there=$(find /usr/share/vulkan/icd.d -name '*_icd.json' 2>/dev/null | sed 's|.*/||; s|_icd\.json$||' | sort | tr '\n' ' ')
+        echo "error: no Vulkan driver manifest $manifest (matrix.yaml: vulkan_drivers names $name; there are: ${there:-none})" >&2
+        exit 1
+    fi
+    lib=$(sed -n 's/.*"library_path": *"\([^"]*\)".*/\1/p' "$manifest")
+    case $lib in
+        "" | */*)
+            echo "error: $manifest names library_path '${lib}', expected a bare library name" >&2
+            exit 1 ;;
+    esac
+    if ! source=$(find_lib "$lib"); then
+        echo "error: the Vulkan driver $lib ($manifest) is in none of: $search" >&2
+        exit 1
+    fi
+    mkdir -p "$rootfs${manifest%/*}"
+    cp "$manifest" "$rootfs$manifest"
+    cp -L "$source" "$libdir/$lib"
+    printf '%s\t%s\n' "$manifest" "$manifest" "/lib/$triplet/$lib" "$source" >>"$origins"
+    drivers="$drivers $libdir/$lib"
+done
+
 # Breadth-first over NEEDED: the server, every ggml backend module (dlopened, so their own
-# dependencies such as libgomp must be here too), then each library copied in.
-queue=$(find "$rootfs/app" -type f -name '*.so*' -o -type f -name llama-server -o -type f -name ggml-rpc-server)
+# dependencies such as libgomp must be here too), the Vulkan drivers, then each library copied
+# in.
+queue="$(find "$rootfs/app" -type f -name '*.so*' -o -type f -name llama-server -o -type f -name ggml-rpc-server)$drivers"
 while [ -n "$queue" ]; do
     next=
     for file in $queue; do

@@ -12,7 +12,6 @@
 # Base images; override to use a mirror or a pinned digest.
 ARG BUILDER_IMAGE=debian:trixie
 ARG WEB_UI_BUILDER_IMAGE=debian:trixie
-ARG RUNTIME_IMAGE=debian:trixie
 # The llama.cpp commit to build: must equal the commit recorded in snapshot.json.
 ARG LLAMA_CPP_COMMIT=0c1e57098bba43ac29e6e3b677cdceebdd22334f
 # Upstream's build number (b<N> release tags; 0 when the pin is not a release tag).
@@ -139,7 +138,8 @@ fi
 apt-get install -y --no-install-recommends $compilers \
     cmake ninja-build ccache ca-certificates pkgconf gcc g++ glslc spirv-headers \
     "libssl-dev:$TARGETARCH" \
-    "libvulkan-dev:$TARGETARCH"
+    "libvulkan-dev:$TARGETARCH" \
+    "mesa-vulkan-drivers:$TARGETARCH"
 apt-get download "busybox-static:$TARGETARCH"
 dpkg -x busybox-static_*.deb /tmp/busybox-static
 # In /usr/bin since Debian 13, in /bin before and on Ubuntu.
@@ -279,38 +279,40 @@ RUN --mount=type=cache,id=ccache-$TARGETARCH,target=/root/.cache/ccache,sharing=
 FROM scratch AS ccache-export
 COPY --from=ccache-collect /ccache/ /
 
-# ---- runtime
-FROM ${RUNTIME_IMAGE} AS runtime
+# ---- rootfs: the runtime's whole filesystem: llama-server and its ggml modules, the target's
+# shared libraries (their NEEDED closure, read with readelf), busybox for /bin/sh and wget,
+# CA certificates, passwd/group with the non-root user; and the inventory of every file in it
+# (where it came from: a Debian package and version, or llama.cpp), for the image's SBOM.
+FROM builder AS rootfs
 ARG TARGETARCH
-ARG EXTRA_APT_SOURCES
-COPY --from=builder /opt/busybox/bin/busybox /usr/local/bin/busybox
-# Versions: the base image's release with its current updates (the upgrade: a security fix
-# reaches the packages the base already holds, as `nox -s track` expects); pin the base by
-# digest and the apt sources to a snapshot to pin them.
-# hadolint ignore=DL3008
-RUN --mount=type=cache,id=apt-cache-vulkan-runtime-$TARGETARCH,target=/var/cache/apt,sharing=locked \
-    --mount=type=cache,id=apt-lists-vulkan-runtime-$TARGETARCH,target=/var/lib/apt/lists,sharing=locked <<'EOF'
+RUN --mount=type=bind,from=support,target=/support <<'EOF'
 set -eu
-rm -f /etc/apt/apt.conf.d/docker-clean
-if [ -n "$EXTRA_APT_SOURCES" ]; then
-    printf '%s\n' "$EXTRA_APT_SOURCES" >/etc/apt/sources.list.d/extra.list
-fi
+case "$TARGETARCH" in
+    amd64) triplet=x86_64-linux-gnu ;;
+    arm64) triplet=aarch64-linux-gnu ;;
+    *) echo "error: vulkan is not built for $TARGETARCH (platforms: linux/amd64, linux/arm64)" >&2; exit 1 ;;
+esac
 
-apt-get update
-apt-get upgrade -y --no-install-recommends
-apt-get install -y --no-install-recommends libvulkan1 mesa-vulkan-drivers libgomp1 libssl3t64 ca-certificates
-rm -f /etc/apt/sources.list.d/extra.list
-useradd --uid 10001 --user-group --create-home \
-    --home-dir /home/llama --shell /usr/sbin/nologin llama
-ln -s busybox /usr/local/bin/wget
-# Downloads: the user's, writable by group 0 too (a run as an arbitrary uid of group 0).
-install -d -o 10001 -g 0 -m 2775 /cache
+# The Vulkan drivers carried (matrix.yaml: runtime.vulkan_drivers).
+case "$TARGETARCH" in
+    amd64) export ASSEMBLE_VULKAN_DRIVERS="radeon intel intel_hasvk nouveau lvp" ;;
+    arm64) export ASSEMBLE_VULKAN_DRIVERS="radeon nouveau lvp broadcom freedreno panfrost" ;;
+esac
+sh /support/assemble-rootfs.sh "$triplet" /out/app /opt/busybox/bin/busybox \
+    /support/entrypoint.sh llama 10001 /rootfs \
+    /tmp/origins.tsv
+mkdir -p /sbom
+sh /support/inventory.sh /rootfs /tmp/origins.tsv llama.cpp /bin/busybox "$TARGETARCH" \
+    /sbom/files.tsv
 EOF
 
-COPY --from=builder /out/app/ /app/
-# `support` is the named build context dockerfiles/image/, not a stage.
-# hadolint ignore=DL3022
-COPY --chmod=0755 --from=support entrypoint.sh healthcheck.sh /app/
+# ---- sbom: the inventory alone (`nox -s build` exports it and writes the CycloneDX SBOM).
+FROM scratch AS sbom
+COPY --from=rootfs /sbom/ /
+
+# ---- runtime
+FROM scratch AS runtime
+COPY --from=rootfs /rootfs/ /
 
 ARG LLAMA_CPP_COMMIT
 ARG LLAMA_CPP_BUILD_NUMBER
@@ -318,7 +320,7 @@ ARG IMAGE_VERSION
 ARG IMAGE_CREATED
 ARG CPU_VARIANTS
 LABEL org.opencontainers.image.title="llama.cpp server (Vulkan)" \
-      org.opencontainers.image.description="The OpenAI-compatible llama-server of llama.cpp with the Vulkan backend; carries Mesa's lavapipe so it also runs, slowly, on machines without a GPU." \
+      org.opencontainers.image.description="The OpenAI-compatible llama-server of llama.cpp with the Vulkan backend: the Vulkan loader and Mesa's drivers for AMD, Intel and NVIDIA GPUs, and lavapipe, so it also runs, slowly, on machines without a GPU; a minimal image built from scratch." \
       org.opencontainers.image.source="https://github.com/ggml-org/llama.cpp" \
       org.opencontainers.image.revision="${LLAMA_CPP_COMMIT}" \
       org.opencontainers.image.version="${IMAGE_VERSION}" \

@@ -53,6 +53,7 @@ __all__ = [
 MATRIX_FILE = Path(__file__).with_name("matrix.yaml")
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_ICD_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")  # Mesa's ICD manifest names: intel_hasvk
 # npm pinned by version and the sha512 of its tarball, as corepack takes it.
 _NPM_RE = re.compile(r"^\d+\.\d+\.\d+\+sha512\.[0-9a-f]{128}$")
 _TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a CMake target name
@@ -150,12 +151,18 @@ def _variant_sets(top: Fields, arches: set[str]) -> dict[str, CpuVariantSet]:
     return sets
 
 
-def _runtime(spec: Fields) -> Runtime:
+def _runtime(spec: Fields, arches: set[str]) -> Runtime:
     runtime = spec.sub("runtime", expected="a mapping with kind (scratch or distribution)")
     kind = runtime.choice("kind", RUNTIME_KINDS)
     if kind == "scratch":
-        runtime.no_unknown(("kind",))
-        return Runtime(kind)
+        runtime.no_unknown(("kind", "vulkan_drivers"))
+        drivers: dict[str, tuple[str, ...]] = {}
+        if runtime.has("vulkan_drivers"):
+            per_arch = runtime.sub(
+                "vulkan_drivers", arches, expected="a mapping arch -> ICD manifest names"
+            )
+            drivers = {arch: per_arch.strings(arch, _ICD_RE) for arch in per_arch.data}
+        return Runtime(kind, vulkan_drivers=drivers)
     runtime.no_unknown(("kind", "image", "packages"))
     return Runtime(kind, runtime.text("image", _IMAGE_RE), runtime.strings("packages", _PACKAGE_RE))
 
@@ -257,7 +264,7 @@ def _backend(
         cross_compile=spec.boolean("cross_compile"),
         tag_suffix=spec.text("tag_suffix", _NAME_RE, allow_empty=True),
         builder_image=spec.text("builder_image", _IMAGE_RE),
-        runtime=_runtime(spec),
+        runtime=_runtime(spec, {platforms[p].arch for p in platform_names}),
         build_packages=spec.strings("build_packages", _PACKAGE_RE),
         target_packages=spec.strings("target_packages", _PACKAGE_RE),
         cmake_flags=_cmake_flags(spec, "cmake_flags"),

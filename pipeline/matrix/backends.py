@@ -53,6 +53,9 @@ class Runtime:
     kind: str  # scratch | distribution
     image: str | None = None  # the distribution base; build arg RUNTIME_IMAGE overrides it
     packages: tuple[str, ...] = ()
+    # scratch only: arch -> the Vulkan drivers carried, by the names of their ICD manifests
+    # (/usr/share/vulkan/icd.d/<name>_icd.json, each with the driver library it names)
+    vulkan_drivers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 RUNTIME_KINDS = ("scratch", "distribution")

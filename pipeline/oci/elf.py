@@ -10,6 +10,7 @@ toolkit) is named per backend in matrix.yaml and left out.
 
 from __future__ import annotations
 
+import json
 import posixpath
 import struct
 import tarfile
@@ -91,9 +92,13 @@ class ImageTree:
     the dynamic info of its ELF files."""
 
     files: set[str] = field(default_factory=set)
+    sizes: dict[str, int] = field(default_factory=dict)  # regular file -> bytes
     links: dict[str, str] = field(default_factory=dict)
     elves: dict[str, DynamicInfo] = field(default_factory=dict)
     ld_conf: dict[str, bytes] = field(default_factory=dict)
+    # Vulkan ICD manifest -> the driver library it names: the loader dlopens it, so no NEEDED
+    # entry anywhere says the image must carry it.
+    vulkan_drivers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[bytes]) -> ImageTree:
@@ -112,6 +117,7 @@ class ImageTree:
                     tree.links[path] = "/" + member.linkname.removeprefix("./")
                 elif member.isfile():
                     tree.files.add(path)
+                    tree.sizes[path] = member.size
                     handle = tar.extractfile(member)
                     if handle is None:
                         continue
@@ -122,6 +128,8 @@ class ImageTree:
                             tree.elves[path] = info
                     elif path == "/etc/ld.so.conf" or path.startswith("/etc/ld.so.conf.d/"):
                         tree.ld_conf[path] = head + handle.read()
+                    elif _is_icd_manifest(path):
+                        tree.vulkan_drivers[path] = _icd_library(head + handle.read())
         return tree
 
     def resolve(self, path: str, depth: int = 0) -> str | None:
@@ -149,6 +157,25 @@ class ImageTree:
                 if line and not line.startswith("include"):
                     dirs.append(line)
         return dirs
+
+
+# Where the Vulkan loader looks for driver manifests (its default XDG directories).
+ICD_DIRS = ("/usr/share/vulkan/icd.d/", "/usr/local/share/vulkan/icd.d/", "/etc/vulkan/icd.d/")
+
+
+def _is_icd_manifest(path: str) -> bool:
+    return path.endswith(".json") and path.startswith(ICD_DIRS)
+
+
+def _icd_library(text: bytes) -> str:
+    """The library_path of an ICD manifest ("" when it names none or is not JSON)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return ""
+    icd = data.get("ICD") if isinstance(data, dict) else None
+    path = icd.get("library_path") if isinstance(icd, dict) else None
+    return path if isinstance(path, str) else ""
 
 
 @dataclass(frozen=True)
@@ -188,6 +215,15 @@ def closure_gaps(
                 )
             if found is None:
                 gaps.append(Unresolved(path, library))
+    # A manifest's bare library name is dlopened: the default directories (ld.so.conf's too).
+    for manifest, library in sorted(tree.vulkan_drivers.items()):
+        if not library:
+            gaps.append(Unresolved(manifest, "(no library_path)"))
+            continue
+        dirs = [*tree.conf_dirs(), *defaults]
+        candidates = [library] if "/" in library else [f"{d}/{library}" for d in dirs]
+        if not any(tree.resolve(c) for c in candidates):
+            gaps.append(Unresolved(manifest, library))
     return gaps
 
 

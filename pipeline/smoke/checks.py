@@ -301,7 +301,9 @@ def check_library_closure(run: SmokeRun) -> str:
     gaps = closure_gaps(tree, run.target.platform.arch, host, env.get("LD_LIBRARY_PATH", ""))
     require(not gaps, f"unresolved: {describe_gaps(gaps)}")
     provided = f"; from the host: {', '.join(host)}" if host else ""
-    return f"every NEEDED of {len(tree.elves)} ELF files resolves in the image{provided}"
+    drivers = len(tree.vulkan_drivers)
+    named = f" and the libraries of {drivers} Vulkan driver manifests" if drivers else ""
+    return f"every NEEDED of {len(tree.elves)} ELF files{named} resolves in the image{provided}"
 
 
 @smoke_check("revision-label", Runs.IMAGE)

@@ -13,7 +13,8 @@ from pipeline.bench.core import MB, Bench, Measured
 from pipeline.bench.report import Figure, Goal, Metric
 from pipeline.core.errors import BuildError
 from pipeline.modelfiles.gguf import ensure_model
-from pipeline.oci.engine import image_sizes
+from pipeline.oci.elf import ImageTree
+from pipeline.oci.engine import image_sizes, image_tree
 from pipeline.oci.image import LABEL_PREFIX
 from pipeline.records import load_build_records
 
@@ -24,6 +25,17 @@ GOAL_SIZE_MB = 60.0
 # no image registry is reachable); our CUDA image is held to a share of it.
 UPSTREAM_CUDA_COMPRESSED_MB = 2600.0
 GOAL_CUDA_RATIO = 0.35
+# The vulkan image assembled from files, against the Debian-based one it replaced (465.9 MB:
+# debian:trixie 133 MB, its apt layer 267 MB, llama-server 62 MB), weighed part by part.
+GOAL_VULKAN_MB = 300.0
+DEBIAN_VULKAN_MB = 465.9
+VULKAN_PARTS = (  # (part, what its paths contain), the first that matches counts
+    ("llama-server and its ggml modules", "/app/"),
+    ("LLVM (RADV's and lavapipe's compiler)", "/libLLVM"),
+    ("Mesa's Vulkan drivers", "/libvulkan_"),
+    ("the Vulkan loader", "/libvulkan.so"),
+    ("C/C++ runtime, X11/Wayland/DRM and the rest", ""),
+)
 
 
 def loaded_files(pid: int, exclude: Sequence[str] = ("/models/",)) -> dict[str, int]:
@@ -101,10 +113,12 @@ def measure(bench: Bench) -> Measured:
         Metric("size.overhead", "our image ÷ its floor", "MB", o["raw"], o["floor"], "floor"),
     )
     cuda_metrics, cuda_notes, cuda_details = _cuda_size(bench)
-    metrics += cuda_metrics
-    details.update(cuda_details)
+    vulkan_metrics, vulkan_notes, vulkan_details = _vulkan_size(bench)
+    metrics += cuda_metrics + vulkan_metrics
+    details.update(cuda_details | vulkan_details)
     notes = (
         *cuda_notes,
+        *vulkan_notes,
         "uncompressed: the layers' sizes added up (docker history); compressed: the image's "
         "size in the containerd image store; floor: files mapped by the serving llama-server "
         "process (executable, shared libraries, the CPU variant it chose), model excluded",
@@ -112,49 +126,85 @@ def measure(bench: Bench) -> Measured:
     return Measured(metrics, notes, details)
 
 
-def _cuda_size(bench: Bench) -> tuple[tuple[Metric, ...], tuple[str, ...], dict[str, Any]]:
-    """Our cuda13 amd64 image (the build report's, `nox -s build -- --backend cuda13`) against
-    upstream's published server-cuda size: no server runs (no GPU needed to weigh it)."""
-    record = next(
+def _built_image(bench: Bench, backend: str) -> str | None:
+    """The build report's amd64 image of `backend`, when the engine still has it."""
+    return next(
         (
-            r
+            r.ref
             for r in load_build_records(bench.options.project.reports_dir)
-            if (r.backend, r.platform) == ("cuda13", "linux/amd64") and bench.has_image(r.ref)
+            if (r.backend, r.platform) == (backend, "linux/amd64") and bench.has_image(r.ref)
         ),
         None,
     )
+
+
+def part_weights(tree: ImageTree, parts: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """Bytes per part of an image's files: each file counts for the first part whose pattern
+    its path contains."""
+    weights = dict.fromkeys((name for name, _ in parts), 0)
+    for path, size in tree.sizes.items():
+        name = next(name for name, pattern in parts if pattern in path)
+        weights[name] += size
+    return weights
+
+
+def _vulkan_size(bench: Bench) -> tuple[tuple[Metric, ...], tuple[str, ...], dict[str, Any]]:
+    """Our vulkan amd64 image (`nox -s build -- --backend vulkan`), by part."""
+    reference = Figure.of(DEBIAN_VULKAN_MB, note="the Debian-based image it replaced")
+    ref = _built_image(bench, "vulkan")
+    if ref is None:
+        ours = Figure.missing("no vulkan amd64 image: nox -s build -- --backend vulkan")
+        return (_row(_VULKAN_ROW, ours, reference),), (), {}
+    measured = image_sizes(bench.client, ref, "linux/amd64")
+    if measured is None:
+        raise BuildError(f"the engine cannot say how large {ref} is")
+    weights = part_weights(image_tree(bench.client, ref, "linux/amd64"), VULKAN_PARTS)
+    shown = ", ".join(f"{name} {size / MB:.1f} MB" for name, size in weights.items())
+    compressed = f", compressed {measured.compressed / MB:.0f} MB" if measured.compressed else ""
+    note = f"vulkan: {ref}: {shown}{compressed}"
+    ours = Figure.of(measured.uncompressed / MB)
+    details = {"vulkan": {"image": ref, "uncompressed_bytes": measured.uncompressed,
+                          "compressed_bytes": measured.compressed, "parts": weights}}  # fmt: skip
+    return (_row(_VULKAN_ROW, ours, reference),), (note,), details
+
+
+def _cuda_size(bench: Bench) -> tuple[tuple[Metric, ...], tuple[str, ...], dict[str, Any]]:
+    """Our cuda13 amd64 image (the build report's, `nox -s build -- --backend cuda13`) against
+    upstream's published server-cuda size: no server runs (no GPU needed to weigh it)."""
+    ref = _built_image(bench, "cuda13")
     reference = Figure.of(UPSTREAM_CUDA_COMPRESSED_MB, note="upstream's published server-cuda")
-    if record is None:
+    if ref is None:
         ours = Figure.missing("no cuda13 amd64 image: nox -s build -- --backend cuda13")
-        return (_cuda_metric(ours, reference),), (), {}
-    measured = image_sizes(bench.client, record.ref, "linux/amd64")
+        return (_row(_CUDA_ROW, ours, reference),), (), {}
+    measured = image_sizes(bench.client, ref, "linux/amd64")
     if measured is None or measured.compressed is None:
-        raise BuildError(f"the engine cannot say how large {record.ref} is")
-    architectures = bench.client.images.get(record.ref).labels.get(GPU_LABEL, "?")
+        raise BuildError(f"the engine cannot say how large {ref} is")
+    architectures = bench.client.images.get(ref).labels.get(GPU_LABEL, "?")
     note = f"GPU architectures {architectures}"
     ours = Figure.of(measured.compressed / MB, note=note)
     notes = (
-        f"cuda13: {record.ref} ({note}; uncompressed {measured.uncompressed / MB:.0f} MB) against "
+        f"cuda13: {ref} ({note}; uncompressed {measured.uncompressed / MB:.0f} MB) against "
         f"upstream's server-cuda as published ({UPSTREAM_CUDA_COMPRESSED_MB:.0f} MB compressed; "
         "not pullable here, so not re-measured)",
     )
     details = {
         "cuda13": {
-            "image": record.ref,
+            "image": ref,
             "gpu_architectures": architectures,
             "uncompressed_bytes": measured.uncompressed,
             "compressed_bytes": measured.compressed,
         }
     }
-    return (_cuda_metric(ours, reference),), notes, details
+    return (_row(_CUDA_ROW, ours, reference),), notes, details
 
 
-def _cuda_metric(ours: Figure, reference: Figure) -> Metric:
-    return Metric(
-        "size.cuda.compressed",
-        "CUDA image size, compressed (cuda13 amd64)",
-        "MB",
-        ours,
-        reference,
-        goal=Goal("<=", GOAL_CUDA_RATIO, on="ratio"),
-    )
+# The GPU images' rows: (key, label, goal).
+_CUDA_ROW = ("size.cuda.compressed", "CUDA image size, compressed (cuda13 amd64)",
+             Goal("<=", GOAL_CUDA_RATIO, on="ratio"))  # fmt: skip
+_VULKAN_ROW = ("size.vulkan.uncompressed", "Vulkan image size, uncompressed (amd64)",
+               Goal("<=", GOAL_VULKAN_MB))  # fmt: skip
+
+
+def _row(row: tuple[str, str, Goal], ours: Figure, reference: Figure) -> Metric:
+    key, label, goal = row
+    return Metric(key, label, "MB", ours, reference, goal=goal)
