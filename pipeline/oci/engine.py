@@ -193,7 +193,8 @@ class ServerContainer:
     and must itself listen on loopback. `mounts` are bind mounts, read-only; `gpus` asks for
     every GPU (`--gpus all`); `user`, `read_only` and `memory` are `docker run`'s --user,
     --read-only and --memory (bytes); `network` a user-defined network to join (its other
-    containers reach this one by `name`), `restart` a restart policy (`on-failure`).
+    containers reach this one by `name`), `restart` a restart policy (`on-failure`),
+    `entrypoint` another program than the image's (QEMU, for the cpus tier).
     """
 
     def __init__(
@@ -216,6 +217,7 @@ class ServerContainer:
         network: str | None = None,
         name: str | None = None,
         restart: str | None = None,
+        entrypoint: list[str] | None = None,
     ) -> None:
         self.client = client
         self.image = image
@@ -234,6 +236,7 @@ class ServerContainer:
         self.network = network
         self.name = name
         self.restart = restart
+        self.entrypoint = entrypoint
         self.run_id = secrets.token_hex(8)
         self.container: Any = None
         self.started_at = 0.0
@@ -261,6 +264,8 @@ class ServerContainer:
             options["name"] = self.name
         if self.restart:
             options["restart_policy"] = {"Name": self.restart}
+        if self.entrypoint:
+            options["entrypoint"] = self.entrypoint
         if self.gpus:  # `docker run --gpus all`: the NVIDIA Container Toolkit's device request
             from docker.types import DeviceRequest
 

@@ -10,6 +10,7 @@ RecordMissingError, one that is not ours a RecordInvalidError, whichever stage r
 """
 
 from pipeline.records.images import (
+    CPUS_TIER,
     NO_GPU_TIER,
     OUTPUTS,
     PUSHED_OUTPUTS,
@@ -30,6 +31,7 @@ from pipeline.records.images import (
 from pipeline.records.schema import SCHEMA
 
 __all__ = [
+    "CPUS_TIER",
     "NO_GPU_TIER",
     "OUTPUTS",
     "PUSHED_OUTPUTS",

@@ -21,6 +21,8 @@ from pipeline.records.schema import SCHEMA, Record
 NO_GPU_TIER = "no-gpu"
 # The tier every backend has too: a trained model's answers checked (pipeline/smoke/real.py).
 REAL_TIER = "real"
+# The CPU kernels under QEMU's CPU models (pipeline/smoke/cpus.py), with the real model.
+CPUS_TIER = "cpus"
 Output = Literal["load", "push", "push-by-digest", "oci"]
 OUTPUTS: tuple[Output, ...] = ("load", "push", "push-by-digest", "oci")
 PUSHED_OUTPUTS = frozenset({"push", "push-by-digest"})

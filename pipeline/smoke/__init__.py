@@ -35,6 +35,7 @@ from pipeline.oci.engine import (
 )
 from pipeline.oci.image import split_reference
 from pipeline.records import (
+    CPUS_TIER,
     NO_GPU_TIER,
     REAL_TIER,
     BuildRecord,
@@ -46,6 +47,7 @@ from pipeline.records import (
 
 # The checks register themselves where they are defined, in this order.
 from pipeline.smoke import checks, router, rpc, tiers  # noqa: F401
+from pipeline.smoke.cpus import run_cpus
 from pipeline.smoke.junit import junit_xml, print_record
 from pipeline.smoke.options import ModelSource, SmokeOptions, add_smoke_arguments, resolve_smoke
 from pipeline.smoke.real import run_real
@@ -54,16 +56,19 @@ from pipeline.smoke.settings import Settings, load_settings
 
 __all__ = ["COMMANDS", "smoke"]
 
+# The tiers that run smoke.yaml's trained model rather than the one given.
+MODEL_TIERS = (REAL_TIER, CPUS_TIER)
+
 
 def resolve_model(
     project: Project, source: ModelSource, settings: Settings, tier: str | None = None
 ) -> ModelMount:
     """Validate the model before any container starts; refuse anything that is not GGUF, and
     for the real tier anything but its catalogue model's pinned bytes."""
-    if tier == REAL_TIER or source.preset:
-        if tier == REAL_TIER and (source.path or source.hf_repo or source.preset):
+    if tier in MODEL_TIERS or source.preset:
+        if tier in MODEL_TIERS and (source.path or source.hf_repo or source.preset):
             raise UsageError(
-                "the real tier runs its own model (smoke.yaml's real.model), not "
+                f"the {tier} tier runs its own model (smoke.yaml's real.model), not "
                 "--model/--hf-repo/--preset",
                 "drop the model option, or run another tier",
             )
@@ -186,10 +191,10 @@ def smoke(options: SmokeOptions, builds: Sequence[BuildRecord]) -> list[SmokeRec
     records: list[SmokeRecord] = []
     failures = []
     for target in _targets(client, options, builds):
-        real = options.tier == REAL_TIER
-        # The real tier runs in the environment of the backend's device tier.
-        tier = default_tier(target.backend) if real or not options.tier else options.tier
-        shown = f"{REAL_TIER} (on {tier})" if real else tier
+        special = options.tier in MODEL_TIERS
+        # The real and cpus tiers run in the environment of the backend's device tier.
+        tier = default_tier(target.backend) if special or not options.tier else options.tier
+        shown = f"{options.tier} (on {tier})" if special else tier
         err.print(
             f"smoke: {target.image} on {target.platform.name} with {model.label}, tier {shown}"
         )
@@ -203,7 +208,10 @@ def smoke(options: SmokeOptions, builds: Sequence[BuildRecord]) -> list[SmokeRec
             host_port=options.port,
             healthy_timeout=options.healthy_timeout,
         )
-        record = run_real(run) if real else run.run()
+        if options.tier == CPUS_TIER:
+            record = run_cpus(run)
+        else:
+            record = run_real(run) if options.tier == REAL_TIER else run.run()
         write_smoke_record(record, project, options.report_dir)
         print_record(record)
         records.append(record)

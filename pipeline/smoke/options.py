@@ -15,7 +15,7 @@ from pipeline.core.project import Project
 from pipeline.matrix import Backend, Matrix, TargetPlatform
 from pipeline.matrix.choose import Resolved, backends_named, platforms_named
 from pipeline.oci.image import split_reference
-from pipeline.records import REAL_TIER
+from pipeline.records import CPUS_TIER, REAL_TIER
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SmokeOptions(Resolved):
 
     def check(self) -> None:
         """What would fail only once an image ran, or at the end: refused now."""
-        if self.tier is not None and self.tier != REAL_TIER:
+        if self.tier is not None and self.tier not in (REAL_TIER, CPUS_TIER):
             self.backend.smoke.tier(self.backend.name, self.tier)
         if self.image is not None:
             try:
@@ -116,8 +116,9 @@ def add_smoke_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tier",
         help="smoke tier: no-gpu (anywhere) or gpu (matrix.yaml; default: gpu where the "
-        "backend has one and this machine shows an NVIDIA GPU, else no-gpu), or real (a "
-        "trained model's answers checked, smoke.yaml's real:)",
+        "backend has one and this machine shows an NVIDIA GPU, else no-gpu), real (a "
+        "trained model's answers checked, smoke.yaml's real:), or cpus (the CPU kernels under "
+        "QEMU's CPU models, smoke.yaml's cpus:)",
     )
 
 

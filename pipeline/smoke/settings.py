@@ -132,6 +132,46 @@ class RpcSplit:
 
 
 @dataclass(frozen=True)
+class CpuModel:
+    cpu: str  # QEMU's name for it (`qemu-<arch>-static -cpu help`)
+    loads: str  # the CPU backend library ggml's loader must take on it
+
+
+@dataclass(frozen=True)
+class CpusTier:
+    """The cpus tier: llama-server under QEMU with each CPU model (pipeline/smoke/cpus.py)."""
+
+    qemu: dict[str, str]  # arch -> the user-mode emulator's program name
+    extra_args: str  # llama-server's arguments besides the model and port
+    max_tokens: int
+    timeout: float  # seconds for one model to start and answer
+    models: dict[str, tuple[CpuModel, ...]]  # arch -> the models, in order
+
+
+_CPU_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_LIBRARY_RE = re.compile(r"^libggml-cpu[A-Za-z0-9._-]*\.so$")
+
+
+def _cpus(spec: Fields) -> CpusTier:
+    qemu = spec.string_map("qemu")
+    models: dict[str, tuple[CpuModel, ...]] = {}
+    per_arch = spec.sub("models", qemu, expected="a mapping arch -> CPU models")
+    for arch in per_arch.data:
+        found = []
+        for model in per_arch.items(arch, "model"):
+            model.no_unknown(("cpu", "loads"))
+            found.append(CpuModel(model.text("cpu", _CPU_RE), model.text("loads", _LIBRARY_RE)))
+        models[arch] = tuple(found)
+    return CpusTier(
+        qemu,
+        spec.text("extra_args"),
+        spec.integer("max_tokens", minimum=1),
+        spec.number("timeout", above=0),
+        models,
+    )
+
+
+@dataclass(frozen=True)
 class RealTier:
     """The real tier: its model and server, the checks it runs in order, and what each asks."""
 
@@ -230,6 +270,7 @@ class Settings:
     requests: Requests
     hub_repo: str
     real: RealTier
+    cpus: CpusTier
 
     def timing_for(self, platform: str) -> Timing:
         """`native` on this machine's platform, `emulated` (QEMU, ten times slower) else."""
@@ -246,7 +287,9 @@ def _timing(spec: Fields) -> Timing:
 
 
 def load_settings(path: Path = SETTINGS_FILE) -> Settings:
-    top = Fields(load_yaml(path), path.name, ("timing", "server", "requests", "hub", "real"))
+    top = Fields(
+        load_yaml(path), path.name, ("timing", "server", "requests", "hub", "real", "cpus")
+    )
     keys = tuple(Timing._fields)
     timing = {name: _timing(spec) for name, spec in top.entries("timing", keys)}
     missing = {"native", "emulated"} - set(timing)
@@ -274,4 +317,5 @@ def load_settings(path: Path = SETTINGS_FILE) -> Settings:
         ),
         hub_repo=hub.text("repo"),
         real=_real(top.sub("real")),
+        cpus=_cpus(top.sub("cpus", tuple(CpusTier.__dataclass_fields__))),
     )
