@@ -29,7 +29,7 @@ from pipeline.matrix.backends import (
     host_platform,
     normalize_platform,
 )
-from pipeline.records import CPUS_TIER, REAL_TIER
+from pipeline.records import MODEL_TIERS
 
 __all__ = [
     "MATRIX_FILE",
@@ -199,7 +199,7 @@ def _smoke(backend: Fields) -> BackendSmoke:
     if spec.raw("publish_without_gpu", None) is not None:
         without_gpu = spec.strings("publish_without_gpu")
     for tier in (*requires, *(without_gpu or ())):
-        if tier not in tiers and tier not in (REAL_TIER, CPUS_TIER):
+        if tier not in tiers and tier not in MODEL_TIERS:
             spec.fail(f"publish names tier {tier!r}, not one of its tiers")
     if without_gpu and any(t in tiers and tiers[t].gpus for t in without_gpu):
         spec.fail("publish_without_gpu names a tier that needs a GPU")

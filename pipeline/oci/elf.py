@@ -196,6 +196,7 @@ def closure_gaps(
     triplet = TRIPLETS.get(arch, "")
     defaults = [d.format(triplet=triplet) for d in DEFAULT_DIRS]
     extra = [p for p in env_path.split(":") if p]
+    system = [*tree.conf_dirs(), *defaults]  # ld.so.conf's directories, then the defaults
     gaps: list[Unresolved] = []
     for path in sorted(tree.elves):
         info = tree.elves[path]
@@ -203,7 +204,7 @@ def closure_gaps(
         # DT_RPATH counts only without DT_RUNPATH; LD_LIBRARY_PATH comes between them.
         before = [] if info.runpath else [_expand(e, origin) for e in info.rpath]
         search = [*before, *extra, *(_expand(e, origin) for e in info.runpath)]
-        search += [*tree.conf_dirs(), *defaults]
+        search += system
         for library in info.needed:
             if library in provided:
                 continue
@@ -220,8 +221,7 @@ def closure_gaps(
         if not library:
             gaps.append(Unresolved(manifest, "(no library_path)"))
             continue
-        dirs = [*tree.conf_dirs(), *defaults]
-        candidates = [library] if "/" in library else [f"{d}/{library}" for d in dirs]
+        candidates = [library] if "/" in library else [f"{d}/{library}" for d in system]
         if not any(tree.resolve(c) for c in candidates):
             gaps.append(Unresolved(manifest, library))
     return gaps

@@ -11,6 +11,7 @@ RecordMissingError, one that is not ours a RecordInvalidError, whichever stage r
 
 from pipeline.records.images import (
     CPUS_TIER,
+    MODEL_TIERS,
     NO_GPU_TIER,
     OUTPUTS,
     PUSHED_OUTPUTS,
@@ -32,6 +33,7 @@ from pipeline.records.schema import SCHEMA
 
 __all__ = [
     "CPUS_TIER",
+    "MODEL_TIERS",
     "NO_GPU_TIER",
     "OUTPUTS",
     "PUSHED_OUTPUTS",

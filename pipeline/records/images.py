@@ -23,6 +23,8 @@ NO_GPU_TIER = "no-gpu"
 REAL_TIER = "real"
 # The CPU kernels under QEMU's CPU models (pipeline/smoke/cpus.py), with the real model.
 CPUS_TIER = "cpus"
+# The tiers every backend has besides matrix.yaml's: each runs smoke.yaml's trained model.
+MODEL_TIERS = (REAL_TIER, CPUS_TIER)
 Output = Literal["load", "push", "push-by-digest", "oci"]
 OUTPUTS: tuple[Output, ...] = ("load", "push", "push-by-digest", "oci")
 PUSHED_OUTPUTS = frozenset({"push", "push-by-digest"})

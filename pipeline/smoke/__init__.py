@@ -36,6 +36,7 @@ from pipeline.oci.engine import (
 from pipeline.oci.image import split_reference
 from pipeline.records import (
     CPUS_TIER,
+    MODEL_TIERS,
     NO_GPU_TIER,
     REAL_TIER,
     BuildRecord,
@@ -56,8 +57,8 @@ from pipeline.smoke.settings import Settings, load_settings
 
 __all__ = ["COMMANDS", "smoke"]
 
-# The tiers that run smoke.yaml's trained model rather than the one given.
-MODEL_TIERS = (REAL_TIER, CPUS_TIER)
+# The model tiers' own runs; the other tiers are SmokeRun.run.
+MODEL_TIER_RUNS = {REAL_TIER: run_real, CPUS_TIER: run_cpus}
 
 
 def resolve_model(
@@ -208,10 +209,8 @@ def smoke(options: SmokeOptions, builds: Sequence[BuildRecord]) -> list[SmokeRec
             host_port=options.port,
             healthy_timeout=options.healthy_timeout,
         )
-        if options.tier == CPUS_TIER:
-            record = run_cpus(run)
-        else:
-            record = run_real(run) if options.tier == REAL_TIER else run.run()
+        model_run = MODEL_TIER_RUNS.get(options.tier or "")
+        record = model_run(run) if model_run else run.run()
         write_smoke_record(record, project, options.report_dir)
         print_record(record)
         records.append(record)

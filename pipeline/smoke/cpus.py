@@ -85,15 +85,15 @@ def _answer(run: SmokeRun, box: ServerContainer) -> tuple[str, str, float]:
     except (ServerExited, TimeoutError) as exc:
         state, code = box.status()
         logs = box.logs()
+        tail = short([line for line in logs.splitlines() if line.strip()][-3:])
         if code == ILLEGAL_INSTRUCTION or "Illegal instruction" in logs:
-            tail = short(box.log_tail(2))
             raise CheckFailed(f"illegal instruction (exit {code}): {tail}") from None
         if NO_KERNELS in logs:
             # ggml scores each kernel library against the CPU's features and loads none
             # that needs more than the CPU has: a refusal, not a crash.
             needs = f"no CPU kernels for this CPU: the image's need more ({NO_KERNELS})"
             raise CheckFailed(needs) from None
-        raise CheckFailed(f"{exc} ({state}); log: {short(box.log_tail(3))}") from None
+        raise CheckFailed(f"{exc} ({state}); log: {tail}") from None
     loaded = LOADED_RE.search(box.logs())
     require(loaded is not None, f"the log names no CPU backend: {short(box.log_tail(3))}")
     assert loaded is not None
@@ -105,14 +105,15 @@ def _answer(run: SmokeRun, box: ServerContainer) -> tuple[str, str, float]:
     return Path(loaded.group(1)).name, content_of(data), speed
 
 
-def _server(run: SmokeRun, program: Path | None, cpu: str | None) -> ServerContainer:
+def _server(run: SmokeRun, emulated: tuple[Path, str] | None = None) -> ServerContainer:
     """llama-server itself as the entrypoint (not entrypoint.sh: the kernels are what is
-    tested), under `program -cpu CPU` when given."""
+    tested), under `emulator -cpu CPU` when `emulated` is (emulator, CPU)."""
     cpus = run.settings.cpus
     server = ["/app/llama-server", "-m", run.model.container_path, "--host", "0.0.0.0"]
     server += ["--port", str(SERVER_PORT), *cpus.extra_args.split()]
     mounts = {run.model.host_path: run.model.container_path}
-    if program is not None and cpu is not None:
+    if emulated is not None:
+        program, cpu = emulated
         mounts[program] = EMULATOR_PATH
         server = [EMULATOR_PATH, "-cpu", cpu, *server]
     return run.container(
@@ -133,7 +134,7 @@ def run_cpus(run: SmokeRun) -> SmokeRecord:
     reference: list[str] = []
 
     def on_this_cpu() -> Outcome:
-        with _server(run, None, None) as box:
+        with _server(run) as box:
             library, answer, speed = _answer(run, box)
         reference.append(answer)
         figure = Figure("tokens_per_second", round(speed, 2), "tokens/s")
@@ -147,7 +148,7 @@ def run_cpus(run: SmokeRun) -> SmokeRecord:
 
         def emulated(model: CpuModel = model) -> Outcome:
             began = time.perf_counter()
-            with _server(run, program, model.cpu) as box:
+            with _server(run, (program, model.cpu)) as box:
                 library, answer, speed = _answer(run, box)
             require(library == model.loads, f"loaded {library}, expected {model.loads}")
             require(

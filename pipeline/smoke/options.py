@@ -15,7 +15,7 @@ from pipeline.core.project import Project
 from pipeline.matrix import Backend, Matrix, TargetPlatform
 from pipeline.matrix.choose import Resolved, backends_named, platforms_named
 from pipeline.oci.image import split_reference
-from pipeline.records import CPUS_TIER, REAL_TIER
+from pipeline.records import MODEL_TIERS
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SmokeOptions(Resolved):
 
     def check(self) -> None:
         """What would fail only once an image ran, or at the end: refused now."""
-        if self.tier is not None and self.tier not in (REAL_TIER, CPUS_TIER):
+        if self.tier is not None and self.tier not in MODEL_TIERS:
             self.backend.smoke.tier(self.backend.name, self.tier)
         if self.image is not None:
             try:
