@@ -5,6 +5,7 @@ tests/test_train.py, against real servers."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,12 @@ def test_tiers_gate_passes_only_when_every_required_tier_passed() -> None:
     refused = tiers_gate(candidate(image(failed)), matrix)
     assert not refused.passed and "real failed (facts)" in refused.detail
     assert not tiers_gate(candidate(), matrix).passed  # no image: nothing was proven
+    # An image with every CPU variant (its build record's, or edge's label) needs the cpus tier.
+    every = replace(image(PASSED), cpu_variants="all")
+    gate = tiers_gate(candidate(every), matrix)
+    assert not gate.passed and "cpu linux/amd64 cpus missing" in gate.detail
+    cpus = (*PASSED, TierResult("cpus", True, 370.0, ()))
+    assert tiers_gate(candidate(replace(every, tiers=cpus)), matrix).passed
 
 
 def test_size_gate_takes_the_largest_ratio_of_a_backends_platforms() -> None:

@@ -91,6 +91,9 @@ def test_cuda_backends_share_one_template_and_say_what_they_need(matrix: Matrix)
         assert backend.smoke.required(gpu_runner=False) == ("no-gpu", "real")
     assert matrix.backend("rocm").smoke.required(gpu_runner=False) is None
     assert matrix.backend("cpu").smoke.required(gpu_runner=False) == ("no-gpu", "real")
+    every = ("no-gpu", "real", "cpus")
+    assert matrix.backend("cpu").smoke.required(False, "all") == every
+    assert matrix.backend("cpu").smoke.required(True, "x86-64-v3") == ("no-gpu", "real")
 
 
 @pytest.mark.parametrize(
@@ -100,6 +103,14 @@ def test_cuda_backends_share_one_template_and_say_what_they_need(matrix: Matrix)
         (lambda s: s.update(publish_requires=["gpu"]), "not one of its tiers"),
         (lambda s: s["tiers"]["no-gpu"].update(gpus="yes"), "expected true or false"),
         (lambda s: s["tiers"]["no-gpu"].update(device_log=[]), "device_log is empty"),
+        (
+            lambda s: s.update(publish_requires_by_cpu_variants={"every": ["cpus"]}),
+            "'every' is not a CPU variant set",
+        ),
+        (
+            lambda s: s.update(publish_requires_by_cpu_variants={"all": ["emulated"]}),
+            "all names tier 'emulated', not one of its tiers",
+        ),
     ],
 )
 def test_smoke_tiers_are_checked(change: Any, message: str) -> None:

@@ -71,7 +71,7 @@ def tiers(builds: list[BuildRecord], *names: str) -> list[SmokeRecord]:
 
 def cpu_release() -> tuple[list[BuildRecord], list[SmokeRecord]]:
     builds = [build("cpu", p) for p in DIGESTS]
-    return builds, tiers(builds, "no-gpu", "real")
+    return builds, tiers(builds, "no-gpu", "real", "cpus")
 
 
 def test_a_smoke_tested_release_passes_review(options: PublishOptions) -> None:
@@ -125,6 +125,22 @@ def test_what_refuses_a_publish_is_named(
     assert any(expected in refusal.message for refusal in refusals), refusals
     # The same release unspoilt passes: the refusal comes from the spoiling alone.
     assert review(options, *cpu_release()).refusals == ()
+
+
+def test_an_image_with_every_cpu_variant_needs_the_cpus_tier(options: PublishOptions) -> None:
+    """matrix.yaml: cpu's publish_requires_by_cpu_variants {all: [cpus]}. An image with one
+    kernel set (CI's x86-64-v3) leaves ggml no choice to prove, and needs no cpus tier."""
+    builds = [build("cpu", p) for p in DIGESTS]
+    without_cpus = tiers(builds, "no-gpu", "real")
+    refusals = [r.message for r in review(options, builds, without_cpus).refusals]
+    assert len(refusals) == 1 and "tier cpus, has no smoke report" in refusals[0], refusals
+    assert "cpu linux/arm64" in refusals[0] and "cpu linux/amd64" in refusals[0]
+    one_set = [replace(b, cpu_variants="x86-64-v3") for b in builds]
+    assert review(options, one_set, tiers(one_set, "no-gpu", "real")).refusals == ()
+    # Required means passed: a failed cpus tier refuses too.
+    failed = [replace(s, passed=False, checks=(FAILED_CHAT,)) for s in tiers(builds, "cpus")]
+    refusals = [r.message for r in review(options, builds, [*without_cpus, *failed]).refusals]
+    assert any("failed its smoke test (chat)" in r for r in refusals), refusals
 
 
 def test_gpu_backends_need_their_gpu_tier_unless_the_release_had_no_gpu_runner(

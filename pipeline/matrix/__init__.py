@@ -185,8 +185,11 @@ def _tier(name: str, spec: Fields) -> SmokeTier:
     )
 
 
-def _smoke(backend: Fields) -> BackendSmoke:
-    keys = ("tiers", "timing_scale", "host_libraries", "publish_requires", "publish_without_gpu")
+def _smoke(backend: Fields, variant_sets: Mapping[str, CpuVariantSet]) -> BackendSmoke:
+    keys = (
+        *("tiers", "timing_scale", "host_libraries"),
+        *("publish_requires", "publish_without_gpu", "publish_requires_by_cpu_variants"),
+    )
     spec = backend.sub("smoke", keys, expected="a mapping (tiers, publish_requires, ...)")
     known = ("gpus", "env", "device_log", "checks")
     tiers = {
@@ -203,12 +206,26 @@ def _smoke(backend: Fields) -> BackendSmoke:
             spec.fail(f"publish names tier {tier!r}, not one of its tiers")
     if without_gpu and any(t in tiers and tiers[t].gpus for t in without_gpu):
         spec.fail("publish_without_gpu names a tier that needs a GPU")
+    by_variants: dict[str, tuple[str, ...]] = {}
+    if spec.has("publish_requires_by_cpu_variants"):
+        extra = spec.sub("publish_requires_by_cpu_variants", expected="a mapping of sets to tiers")
+        for name in extra.data:
+            if name not in variant_sets:
+                extra.fail(
+                    f"{name!r} is not a CPU variant set",
+                    f"declared under 'cpu_variants': {', '.join(variant_sets)}",
+                )
+            by_variants[name] = extra.strings(name)
+            for tier in by_variants[name]:
+                if tier not in tiers and tier not in MODEL_TIERS:
+                    extra.fail(f"{name} names tier {tier!r}, not one of its tiers")
     return BackendSmoke(
         tiers,
         spec.number("timing_scale", above=0, default=1.0),
         spec.strings("host_libraries", default=()),
         requires,
         without_gpu,
+        by_variants,
     )
 
 
@@ -271,7 +288,7 @@ def _backend(
         cpu_variants=variants,
         gpu_architectures=gpu_architectures,
         gpu_architectures_flag=gpu_flag,
-        smoke=_smoke(spec),
+        smoke=_smoke(spec, variant_sets),
         cuda=_cuda(spec),
         web_ui=spec.boolean("web_ui", default=False),
     )

@@ -87,6 +87,9 @@ class BackendSmoke:
     publish_requires: tuple[str, ...]  # tiers that must have passed for each digest
     # What publish accepts when the release has no GPU runner; None: nothing less.
     publish_without_gpu: tuple[str, ...] | None
+    # Tiers an image built with a CPU variant set also needs (cpu, `all`: the cpus tier proves
+    # the choice ggml makes between its kernel libraries; an image with one set has none).
+    publish_requires_by_cpu_variants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def needs_gpu(self) -> bool:
@@ -94,11 +97,18 @@ class BackendSmoke:
         # The real tier (every backend's) runs where the device tier runs.
         return any(t in self.tiers and self.tiers[t].gpus for t in self.publish_requires)
 
-    def required(self, gpu_runner: bool = True) -> tuple[str, ...] | None:
-        """The tiers publish requires; None when, without a GPU runner, it must not publish."""
+    def required(
+        self, gpu_runner: bool = True, cpu_variants: str | None = None
+    ) -> tuple[str, ...] | None:
+        """The tiers publish requires of an image built with the CPU variant set
+        `cpu_variants`; None when, without a GPU runner, it must not publish."""
+        tiers = self.publish_without_gpu
         if gpu_runner or not self.needs_gpu:
-            return self.publish_requires
-        return self.publish_without_gpu
+            tiers = self.publish_requires
+        if tiers is None:
+            return None
+        extra = self.publish_requires_by_cpu_variants.get(cpu_variants or "", ())
+        return (*tiers, *(t for t in extra if t not in tiers))
 
     def tier(self, backend: str, name: str) -> SmokeTier:
         """The tier `name` of `backend`; a UsageError listing its tiers when it has none."""

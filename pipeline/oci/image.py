@@ -33,6 +33,7 @@ LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_REVISION = "org.opencontainers.image.revision"
 # Namespace of this project's own image labels (backend, CPU variant set, GPU targets).
 LABEL_PREFIX = "org.llamacpp-images"
+LABEL_CPU_VARIANTS = f"{LABEL_PREFIX}.cpu-variants"
 # BuildKit marks attestation manifests in an index with this annotation.
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 

@@ -83,7 +83,8 @@ def tiers_gate(candidate: CandidateRecord, matrix: Matrix) -> Gate:
     problems = []
     for image in candidate.images:
         ran = {t.tier: t for t in image.tiers}
-        required = matrix.backend(image.backend).smoke.required("gpu" in ran) or ("gpu",)
+        smoke = matrix.backend(image.backend).smoke
+        required = smoke.required("gpu" in ran, image.cpu_variants) or ("gpu",)
         for tier in required:
             result = ran.get(tier)
             if result is None or not result.passed:

@@ -94,7 +94,8 @@ def review(
                 )
     tested = {}
     for build in chosen:
-        tiers = options.matrix.backend(build.backend).smoke.required(not options.no_gpu_runner)
+        smoke = options.matrix.backend(build.backend).smoke
+        tiers = smoke.required(not options.no_gpu_runner, build.cpu_variants)
         passed = [
             s
             for s in smokes
@@ -159,7 +160,7 @@ def check_reports(
     for build in builds:
         where = f"{build.backend} {build.platform} ({build.digest[:19]}…)"
         backend = options.matrix.backend(build.backend)
-        tiers = backend.smoke.required(gpu_runner=not options.no_gpu_runner)
+        tiers = backend.smoke.required(not options.no_gpu_runner, build.cpu_variants)
         if tiers is None:
             problems.append(
                 f"{where} needs a smoke test on a GPU, and matrix.yaml publishes it with "

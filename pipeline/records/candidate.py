@@ -62,6 +62,9 @@ class CandidateImage(Record):
     tiers: tuple[TierResult, ...]
     compressed_bytes: int | None = None
     size_bytes: int | None = None
+    # The CPU variant set it was built with (its build record's; None: not known, as for
+    # images read back from edge, whose tiers are what their attestations say).
+    cpu_variants: str | None = None
 
     @property
     def passed(self) -> bool:

@@ -145,7 +145,8 @@ def _run(options: TrackOptions, chain: Chain) -> None:
     chain.run("render", "render")
     chain.run("sync", "sync", "--remote", options.remote)
     for backend in options.backends:
-        tiers = backend.smoke.required(options.gpu_runner) or ()
+        variants = options.cpu_variants or backend.cpu_variants
+        tiers = backend.smoke.required(options.gpu_runner, variants) or ()
         for platform in options.platforms_of(backend):
             where = f"{backend.name} {platform.name}"
             chain.run(
@@ -197,7 +198,13 @@ def _images(options: TrackOptions, root: Path) -> list[CandidateImage]:
                 compressed = manifest.compressed_bytes
             images.append(
                 CandidateImage(
-                    build.backend, build.platform, build.digest, tiers, compressed, build.size_bytes
+                    build.backend,
+                    build.platform,
+                    build.digest,
+                    tiers,
+                    compressed,
+                    build.size_bytes,
+                    build.cpu_variants,
                 )
             )
     return images

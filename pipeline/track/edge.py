@@ -12,7 +12,7 @@ from pipeline.core.version import SemVer
 from pipeline.matrix import Backend
 from pipeline.oci.buildx import docker_config
 from pipeline.oci.cosign import SMOKE_PREDICATE, Cosign, Verifier, verifier_from_env
-from pipeline.oci.image import LABEL_REVISION, LABEL_VERSION
+from pipeline.oci.image import LABEL_CPU_VARIANTS, LABEL_REVISION, LABEL_VERSION
 from pipeline.oci.registry import PlatformImage, RegistryClient
 from pipeline.oci.tags import EDGE, load_tag_rules
 from pipeline.records import SmokeRecord
@@ -86,8 +86,11 @@ def from_edge(options: TrackOptions) -> CandidateRecord | None:
                 manifest = client.manifest(repository.repository, image.digest)
                 size = manifest.compressed_bytes if manifest else None
                 tiers = _tiers(cosign, verifier, f"{repository}@{image.digest}", image)
+                variants = image.labels.get(LABEL_CPU_VARIANTS)
                 images.append(
-                    CandidateImage(backend.name, image.platform, image.digest, tiers, size)
+                    CandidateImage(
+                        backend.name, image.platform, image.digest, tiers, size, None, variants
+                    )
                 )
     record = CandidateRecord(
         ref=info.llama_cpp.ref,
