@@ -65,7 +65,9 @@ def own_ccache_mount(project: Project, salt: str) -> Path:
     fresh runner (the other cache mounts stay warm). A mount's id is not part of BuildKit's
     cache key: the builds below also rebuild the builder stage (--no-cache-filter)."""
     text = project.rendered_dockerfile("cpu").read_text()
-    salted, count = re.subn(r"id=ccache-\$TARGETARCH\b", f"id=ccache-$TARGETARCH-{salt}", text)
+    salted, count = re.subn(
+        r"id=ccache-cpu-\$TARGETARCH\b", f"id=ccache-cpu-$TARGETARCH-{salt}", text
+    )
     assert count == 3  # the compile's two steps and the export
     path = project.build_dir / f"cpu-{salt}.Dockerfile"
     path.parent.mkdir(parents=True, exist_ok=True)

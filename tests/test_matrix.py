@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fixtures.lab import REPO_ROOT
 
 from pipeline.core.errors import ConfigError, UsageError
 from pipeline.matrix import (
@@ -216,6 +217,24 @@ def test_quick_targets_are_for_a_host_build_only(raw: dict[str, Any], matrix: Ma
     bad = copy.deepcopy(raw)
     bad["cpu_variants"]["host"]["quick_targets"] = ["-O0"]
     assert "quick_targets" in _error(bad)
+
+
+def test_each_compiler_has_its_own_compiler_cache(raw: dict[str, Any], matrix: Matrix) -> None:
+    """One bounded ccache mount per backend (a cuda13 rebuild once found none of its objects
+    in the one mount all backends shared); vulkan shares cpu's, the same compiler's."""
+    caches = {b.name: b.compiler_cache for b in matrix.backends.values()}
+    assert caches == {
+        "cpu": "cpu",
+        "vulkan": "cpu",
+        "cuda": "cuda",
+        "cuda13": "cuda13",
+        "rocm": "rocm",
+    }
+    rendered = (REPO_ROOT / "dockerfiles" / "rendered" / "cuda13.Dockerfile").read_text()
+    assert rendered.count("id=ccache-cuda13-$TARGETARCH,") == 3  # the compile's steps, export
+    bad = copy.deepcopy(raw)
+    bad["backends"]["vulkan"]["compiler_cache"] = "opencl"
+    assert "compiler_cache 'opencl' is not a backend" in _error(bad)
 
 
 def test_the_web_uis_npm_is_pinned_by_hash(raw: dict[str, Any], matrix: Matrix) -> None:

@@ -156,17 +156,17 @@ COPY vendor/ /src/
 ARG LLAMA_CPP_COMMIT
 ARG LLAMA_CPP_BUILD_NUMBER
 ARG CPU_VARIANTS
-# ccache in a cache mount keyed by the target alone: a rebuild after an upstream change
-# recompiles only the files that changed, and a backend built after another finds the CPU
-# kernels, libllama and the server already compiled (the same sources, flags and compiler;
-# ccache tells apart what differs). Paths are fixed (/src, /build) so entries match.
-# CCACHE_MAXSIZE bounds it (least recently used entries go first), and with it what a release
-# runner carries to the next one.
+# ccache in a cache mount per backend (matrix.yaml: compiler_cache) and architecture: a rebuild
+# after an upstream change recompiles only the files that changed. Each mount has its own
+# bound, CCACHE_MAXSIZE (least recently used entries go first; with it, what a release runner
+# carries to the next one), so one backend's objects never push out another's; backends with
+# the same compiler share one (vulkan finds cpu's kernels, libllama and server compiled).
+# Paths are fixed (/src, /build) so entries match.
 ARG CCACHE_MAXSIZE=2G
 ENV CCACHE_DIR=/root/.cache/ccache \
     CCACHE_SLOPPINESS=time_macros,include_file_mtime,include_file_ctime \
     CCACHE_MAXSIZE=${CCACHE_MAXSIZE}
-RUN --mount=type=cache,id=ccache-$TARGETARCH,target=/root/.cache/ccache,sharing=locked \
+RUN --mount=type=cache,id=ccache-cpu-$TARGETARCH,target=/root/.cache/ccache,sharing=locked \
     --mount=type=bind,from=ccache-seed,target=/ccache-seed <<'EOF'
 set -eu
 # A seed adds entries the mount lacks. ccache checks every entry it reads, so a corrupt or
@@ -241,7 +241,7 @@ EOF
 COPY --from=ui /ui-dist/ /src/tools/ui/dist/
 # The UI's assets compiled in (the embedded table and the HTTP layer that includes its header),
 # llama-server linked again; then the binaries stripped.
-RUN --mount=type=cache,id=ccache-$TARGETARCH,target=/root/.cache/ccache,sharing=locked <<'EOF'
+RUN --mount=type=cache,id=ccache-cpu-$TARGETARCH,target=/root/.cache/ccache,sharing=locked <<'EOF'
 set -eu
 # What tools/ui's build-info plugin writes, with this build's number (the UI shows it).
 printf '{"version":"%s"}' "$LLAMA_CPP_BUILD_NUMBER" >/src/tools/ui/dist/build.json
@@ -272,7 +272,7 @@ ARG CCACHE_EXPORT_ID=
 COPY --from=builder /out/app/llama-server /tmp/built-with-this-cache
 # Lock files are left out: ccache's locks are symlinks to a process's name, so one a killed
 # build left behind is a dangling link that a cache restore or a copy on the runner trips on.
-RUN --mount=type=cache,id=ccache-$TARGETARCH,target=/root/.cache/ccache,sharing=locked \
+RUN --mount=type=cache,id=ccache-cpu-$TARGETARCH,target=/root/.cache/ccache,sharing=locked \
     echo "ccache export ${CCACHE_EXPORT_ID}" && cp -a /root/.cache/ccache /ccache \
     && find /ccache \( -name '*.lock' -o -name '*.alive' \) -delete
 

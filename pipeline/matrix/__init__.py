@@ -94,6 +94,7 @@ _BACKEND_KEYS = (
     "smoke",
     "cuda",
     "web_ui",
+    "compiler_cache",
 )
 
 
@@ -291,6 +292,7 @@ def _backend(
         smoke=_smoke(spec, variant_sets),
         cuda=_cuda(spec),
         web_ui=spec.boolean("web_ui", default=False),
+        compiler_cache=spec.text("compiler_cache", _NAME_RE, default=name),
     )
 
 
@@ -338,6 +340,13 @@ def parse_matrix(data: object, where: str = "matrix.yaml") -> Matrix:
             f"default_backend {default!r} is not a backend", f"backends: {', '.join(backends)}"
         )
     _check_tag_suffixes(top, backends)
+    for backend in backends.values():
+        if backend.compiler_cache not in backends:
+            top.fail(
+                f"backends.{backend.name}: compiler_cache {backend.compiler_cache!r} is not a "
+                "backend (it names the backend whose compiler cache this one shares)",
+                f"backends: {', '.join(backends)}",
+            )
     return Matrix(
         default_backend=default,
         runtime_user=user,

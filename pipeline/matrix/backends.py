@@ -168,6 +168,9 @@ class Backend:
     cuda: CudaRuntime | None = None
     # Upstream's web UI (tools/ui), built in the `ui` stage and served at /.
     web_ui: bool = False
+    # The name of its compiler-cache mount (per architecture, each bounded by CCACHE_MAXSIZE);
+    # its own name unless it shares another backend's.
+    compiler_cache: str = ""
 
     @property
     def platform_names(self) -> tuple[str, ...]:
