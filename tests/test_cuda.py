@@ -149,8 +149,9 @@ def test_publish_requires_the_gpu_tier_unless_the_release_had_no_gpu_runner(
     root = copy_project(tmp_path / "project")
     monkeypatch.setenv("PIPELINE_ROOT", str(root))
     for no_gpu_runner in (False, True):
+        without = "cuda13" if no_gpu_runner else ()
         options = PublishOptions.named(
-            Project(root), dry_run=True, no_gpu_runner=no_gpu_runner, registry=None, no_sign=True
+            Project(root), dry_run=True, no_gpu_runner=without, registry=None, no_sign=True
         )
         outcome = publish(options, [cuda13_amd64], smokes)
         notes = " ".join(outcome.plan.notes)

@@ -66,7 +66,16 @@ def test_gpu_backends_carry_their_architecture_lists(matrix: Matrix) -> None:
     cuda13 = dict(configure_flags(matrix, matrix.backend("cuda13")))
     assert cuda13["CMAKE_CUDA_ARCHITECTURES"] == "75;80;86;89;90;100;120"
     rocm = dict(configure_flags(matrix, matrix.backend("rocm")))
-    assert rocm["GPU_TARGETS"].split(";")[:3] == ["gfx908", "gfx90a", "gfx942"]
+    # Every RDNA and CDNA target Debian's rocBLAS has kernels for (no gfx942, no RDNA4).
+    targets = ["gfx908", "gfx90a", "gfx1030", "gfx1100", "gfx1101", "gfx1102"]
+    assert rocm["GPU_TARGETS"].split(";") == targets
+    assert rocm["GGML_HIP"] == "ON"
+    rocm_backend = matrix.backend("rocm")
+    assert rocm_backend.rocm and set(targets) <= set(rocm_backend.rocm.rocblas_architectures)
+    assert rocm_backend.runtime.kind == "scratch"
+    assert rocm_backend.runtime.dlopened == ("libamd_comgr.so.3",)
+    assert rocm_backend.smoke.tiers["gpu"].devices == ("/dev/kfd", "/dev/dri")
+    assert rocm_backend.smoke.required(gpu_runner=False) == ("no-gpu", "real")
     # Native builders for CUDA/ROCm (no cross nvcc/hipcc): they run target code.
     assert matrix.backend("cuda").runs_target_code
     assert matrix.backend("cuda").smoke.needs_gpu
@@ -90,7 +99,6 @@ def test_cuda_backends_share_one_template_and_say_what_they_need(matrix: Matrix)
         assert backend.smoke.tiers["gpu"].gpus and not backend.smoke.tiers["no-gpu"].gpus
         assert backend.smoke.required(gpu_runner=True) == ("no-gpu", "gpu", "real")
         assert backend.smoke.required(gpu_runner=False) == ("no-gpu", "real")
-    assert matrix.backend("rocm").smoke.required(gpu_runner=False) is None
     assert matrix.backend("cpu").smoke.required(gpu_runner=False) == ("no-gpu", "real")
     every = ("no-gpu", "real", "cpus")
     assert matrix.backend("cpu").smoke.required(False, "all") == every
@@ -235,6 +243,31 @@ def test_each_compiler_has_its_own_compiler_cache(raw: dict[str, Any], matrix: M
     bad = copy.deepcopy(raw)
     bad["backends"]["vulkan"]["compiler_cache"] = "opencl"
     assert "compiler_cache 'opencl' is not a backend" in _error(bad)
+
+
+def test_a_gpu_target_rocblas_does_not_ship_is_refused(raw: dict[str, Any]) -> None:
+    """Debian's rocBLAS 6.4.4 has no kernels for CDNA3 (gfx942) or RDNA4 (gfx1200/1201): an
+    image for them would fail at its first matrix product, so render refuses, naming those it
+    ships; `nox -s build -- --gpu-architectures` refuses the same way, before any build."""
+    bad = copy.deepcopy(raw)
+    bad["backends"]["rocm"]["gpu_architectures"] = ["gfx1100", "gfx942", "gfx1201"]
+    message = _error(bad)
+    assert "gpu_architectures names gfx942, gfx1201, for which rocBLAS has no kernels" in message
+    assert "gfx90a, gfx1010, gfx1030, gfx1100, gfx1101, gfx1102" in message
+    from pipeline.build.options import BuildOptions
+    from pipeline.build.plan import plan_jobs
+    from pipeline.core.project import Project
+
+    options = BuildOptions.named(
+        Project(REPO_ROOT),
+        platforms=("linux/amd64",),
+        backends=("rocm",),
+        gpu_architectures="gfx1100,gfx1200",
+        quiet=True,
+    )
+    with pytest.raises(UsageError, match="rocBLAS has no kernels for gfx1200") as err:
+        plan_jobs(options)
+    assert "gfx803, gfx900" in err.value.line()
 
 
 def test_the_web_uis_npm_is_pinned_by_hash(raw: dict[str, Any], matrix: Matrix) -> None:

@@ -150,15 +150,20 @@ def test_gpu_backends_need_their_gpu_tier_unless_the_release_had_no_gpu_runner(
     smokes = tiers(builds, "no-gpu", "real")
     (refusal,) = review(options, builds, smokes).refusals
     assert "tier gpu, has no smoke report" in refusal.message
-    without = replace(options, no_gpu_runner=True)
+    without = replace(options, no_gpu_runner=("cuda13",))
     checked = review(without, builds, smokes)
     assert checked.refusals == ()
     assert "published on its no-gpu smoke tier only" in " ".join(checked.notes)
     assert review(options, builds, [*smokes, *tiers(builds, "gpu")]).refusals == ()
-    # rocm publishes on nothing less than a GPU smoke.
+    # Each GPU backend by its own runner: the AMD runner's absence is rocm's alone.
     rocm = [build("rocm", "linux/amd64")]
     (refusal,) = review(without, rocm, tiers(rocm, "no-gpu", "real")).refusals
-    assert "publish_without_gpu: null" in refusal.message
+    assert "rocm linux/amd64" in refusal.message and "tier gpu, has no smoke" in refusal.message
+    no_amd = replace(options, no_gpu_runner=("rocm",))
+    checked = review(no_amd, rocm, tiers(rocm, "no-gpu", "real"))
+    assert checked.refusals == () and "rocm: published on its no-gpu" in " ".join(checked.notes)
+    (refusal,) = review(no_amd, builds, smokes).refusals  # cuda13 still needs its gpu tier
+    assert "cuda13 linux/amd64" in refusal.message
 
 
 def test_the_default_backend_comes_first_and_backends_can_be_chosen(
@@ -204,3 +209,15 @@ def test_registry_credentials_go_to_their_own_registry_only(tmp_path: Path) -> N
         Project(root), env={**secrets, "REGISTRY_HOST": "127.0.0.1:5000"}, no_sign=True
     )
     assert set(auths_for(moved.target, builds, moved.access)) == {"127.0.0.1:5000"}
+
+
+def test_no_gpu_runner_names_backends_or_means_every_one(options: PublishOptions) -> None:
+    """`--no-gpu-runner` bare: no GPU runner at all; `--no-gpu-runner rocm`: none with an AMD
+    GPU (the NVIDIA images still need their gpu tier); an unknown name is refused."""
+    root = options.project
+    every = PublishOptions.named(root, env={}, no_sign=True, no_gpu_runner=True)
+    assert not any(every.gpu_runner(name) for name in every.matrix.backends)
+    amd = PublishOptions.named(root, env={}, no_sign=True, no_gpu_runner="rocm")
+    assert amd.no_gpu_runner == ("rocm",) and amd.gpu_runner("cuda13")
+    with pytest.raises(UsageError, match="opencl"):
+        PublishOptions.named(root, env={}, no_sign=True, no_gpu_runner="opencl")

@@ -148,7 +148,7 @@ def test_release_shape() -> None:
         for s in build["steps"]
     )
     publish = workflow["jobs"]["publish"]
-    assert publish["needs"] == ["build", "gpu-smoke"]
+    assert publish["needs"] == ["build", "gpu-smoke", "amd-gpu-smoke"]
     publish_runs = "\n".join(str(step.get("run", "")) for step in publish["steps"])
     assert 'nox -s publish -- "$@"' in publish_runs and "--dry-run" in publish_runs
     assert "--no-gpu-runner" in publish_runs
@@ -173,16 +173,33 @@ def test_release_builds_the_backends_it_can_publish_and_gpu_smokes_the_gpu_ones(
     build = jobs["build"]["strategy"]["matrix"]
     publishable = [n for n, b in matrix.backends.items() if b.smoke.required(False) is not None]
     assert build["backend"] == publishable
+    # Each backend on its own platforms only.
+    built = {
+        (b, a)
+        for b in build["backend"]
+        for a in build["arch"]
+        if {"backend": b, "arch": a} not in build.get("exclude", [])
+    }
+    assert built == {(n, p.arch) for n in publishable for p in matrix.backend(n).platforms}
     with_gpu_tier = [n for n in publishable if matrix.backend(n).smoke.needs_gpu]
-    assert jobs["gpu-smoke"]["strategy"]["matrix"]["backend"] == with_gpu_tier
-    assert "vars.GPU_RUNNER" in jobs["gpu-smoke"]["if"]
-    assert jobs["gpu-smoke"]["runs-on"] == "${{ vars.GPU_RUNNER }}"
-    assert set(jobs["publish"]["needs"]) == {"build", "gpu-smoke"}
-    runs = "\n".join(str(step.get("run", "")) for step in jobs["gpu-smoke"]["steps"])
-    assert "--tier gpu" in runs
-    for name in publishable:
-        arches = [p.arch for p in matrix.backend(name).platforms]
-        assert sorted(build["arch"]) == sorted(arches), name
+    # NVIDIA's GPUs through the container toolkit; AMD's as devices (the gpu tier's `devices`).
+    nvidia = [n for n in with_gpu_tier if not matrix.backend(n).smoke.tiers["gpu"].devices]
+    amd = [n for n in with_gpu_tier if n not in nvidia]
+    for job, backends, runner in (
+        ("gpu-smoke", nvidia, "GPU_RUNNER"),
+        ("amd-gpu-smoke", amd, "AMD_GPU_RUNNER"),
+    ):
+        assert jobs[job]["strategy"]["matrix"]["backend"] == backends
+        assert f"vars.{runner}" in jobs[job]["if"]
+        assert jobs[job]["runs-on"] == f"${{{{ vars.{runner} }}}}"
+        runs = "\n".join(str(step.get("run", "")) for step in jobs[job]["steps"])
+        assert "--tier gpu" in runs
+        # publish is told which backends had no runner when this one is not configured.
+        step = next(s for s in jobs["publish"]["steps"] if "nox -s publish" in str(s))
+        assert step["env"][runner] == f"${{{{ vars.{runner} }}}}"
+        assert f'if [ -z "${{{runner}}}" ]' in step["run"]
+        assert ",".join(backends) in step["run"]
+    assert set(jobs["publish"]["needs"]) == {"build", "gpu-smoke", "amd-gpu-smoke"}
 
 
 def test_ci_runs_lint_and_tests_on_pull_requests() -> None:

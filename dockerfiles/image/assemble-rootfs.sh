@@ -19,7 +19,10 @@
 # a CUDA toolkit's); ASSEMBLE_HOST_LIBRARIES, NEEDED names the host provides at run time (the
 # NVIDIA driver's libcuda.so.1), left out; ASSEMBLE_VULKAN_DRIVERS, the Vulkan drivers to carry
 # by the names of their ICD manifests (/usr/share/vulkan/icd.d/NAME_icd.json): each manifest at
-# its own path, where the Vulkan loader looks, and the driver library it names in /lib/TRIPLET.
+# its own path, where the Vulkan loader looks, and the driver library it names in /lib/TRIPLET;
+# ASSEMBLE_DLOPENED, libraries loaded with dlopen (in no NEEDED list: the HIP runtime's comgr),
+# carried with their closure; ASSEMBLE_LIBRARY_DATA, a file listing data files by their path
+# under /usr/lib/TRIPLET (rocBLAS's kernels), each carried at that path under /lib/TRIPLET.
 set -eu
 
 if [ "$#" -ne 8 ]; then
@@ -59,7 +62,7 @@ chmod 0755 "$rootfs/app/entrypoint.sh" "$rootfs/app/healthcheck.sh"
 
 # Mesa's manifests name their driver by a bare file name (one manifest for every architecture:
 # the package is Multi-Arch: same), which the loader's dlopen finds in /lib/TRIPLET.
-drivers=
+loaded= # libraries loaded with dlopen: Vulkan drivers, ASSEMBLE_DLOPENED
 for name in ${ASSEMBLE_VULKAN_DRIVERS:-}; do
     manifest=/usr/share/vulkan/icd.d/${name}_icd.json
     if [ ! -f "$manifest" ]; then
@@ -81,13 +84,34 @@ for name in ${ASSEMBLE_VULKAN_DRIVERS:-}; do
     cp "$manifest" "$rootfs$manifest"
     cp -L "$source" "$libdir/$lib"
     printf '%s\t%s\n' "$manifest" "$manifest" "/lib/$triplet/$lib" "$source" >>"$origins"
-    drivers="$drivers $libdir/$lib"
+    loaded="$loaded $libdir/$lib"
 done
 
+for lib in ${ASSEMBLE_DLOPENED:-}; do
+    if ! source=$(find_lib "$lib"); then
+        echo "error: $lib (matrix.yaml: runtime.dlopened) is in none of: $search" >&2
+        exit 1
+    fi
+    cp -L "$source" "$libdir/$lib"
+    printf '%s\t%s\n' "/lib/$triplet/$lib" "$source" >>"$origins"
+    loaded="$loaded $libdir/$lib"
+done
+
+if [ -n "${ASSEMBLE_LIBRARY_DATA:-}" ]; then
+    while IFS= read -r path; do
+        case $path in
+            "" | /* | *..*) echo "error: $ASSEMBLE_LIBRARY_DATA lists '$path', expected a path under /usr/lib/$triplet" >&2; exit 1 ;;
+        esac
+        mkdir -p "$libdir/${path%/*}"
+        cp "/usr/lib/$triplet/$path" "$libdir/$path"
+        printf '%s\t%s\n' "/lib/$triplet/$path" "/usr/lib/$triplet/$path" >>"$origins"
+    done <"$ASSEMBLE_LIBRARY_DATA"
+fi
+
 # Breadth-first over NEEDED: the server, every ggml backend module (dlopened, so their own
-# dependencies such as libgomp must be here too), the Vulkan drivers, then each library copied
-# in.
-queue="$(find "$rootfs/app" -type f -name '*.so*' -o -type f -name llama-server -o -type f -name ggml-rpc-server)$drivers"
+# dependencies such as libgomp must be here too), the Vulkan drivers and the other dlopened
+# libraries, then each library copied in.
+queue="$(find "$rootfs/app" -type f -name '*.so*' -o -type f -name llama-server -o -type f -name ggml-rpc-server)$loaded"
 while [ -n "$queue" ]; do
     next=
     for file in $queue; do

@@ -17,8 +17,9 @@
 #   LLAMA_SERVER_HOST         --host, default 0.0.0.0 (unless LLAMA_ARG_HOST is set: it is used)
 #   LLAMA_SERVER_PORT         --port, default 8080 (unless LLAMA_ARG_PORT is set: it is used)
 #   LLAMA_SERVER_EXTRA_ARGS   more options, split on whitespace
-#   LLAMA_ALLOW_CPU           1: a CUDA image without a visible GPU (or with a driver too old)
-#                             runs on its CPU kernels, with a warning, instead of refusing
+#   LLAMA_ALLOW_CPU           1: a CUDA or ROCm image without a usable GPU (or with a driver
+#                             too old) runs on its CPU kernels, with a warning, instead of
+#                             refusing
 #   LLAMA_METRICS             0: no Prometheus /metrics endpoint (served by default)
 #   LLAMA_CACHE               where downloads go (llama.cpp reads it): the image's /cache volume
 #   <NAME>_FILE               for LLAMA_HF_TOKEN, LLAMA_API_KEY and MODEL_ENDPOINT (a mirror's
@@ -37,7 +38,8 @@
 #                             (--rpc); each must answer when the server starts
 #
 # CUDA images set LLAMA_GPU_BACKEND=cuda, LLAMA_CUDA_VERSION, LLAMA_CUDA_MIN_DRIVER and
-# LLAMA_CUDA_INSTEAD (the tag suffix for older drivers): without them nothing is checked.
+# LLAMA_CUDA_INSTEAD (the tag suffix for older drivers); ROCm images LLAMA_GPU_BACKEND=rocm:
+# without them nothing is checked.
 set -eu
 
 # llama-server sits beside this script (/app in every image).
@@ -107,6 +109,25 @@ check_cuda_host() {
         return 0
     fi
     die "no NVIDIA GPU is visible in this container: run it with --gpus all on a host with the NVIDIA driver and the NVIDIA Container Toolkit, or set LLAMA_ALLOW_CPU=1 to run on the CPU (slow)"
+}
+
+# A ROCm image needs the host's AMD GPU as devices (/dev/kfd, the compute interface, and the
+# render nodes under /dev/dri) that the server's user may open: without them the HIP runtime
+# finds no GPU and the server quietly runs on the CPU. Say which, in a line.
+check_rocm_host() {
+    [ "${LLAMA_GPU_BACKEND:-}" = rocm ] || return 0
+    if [ ! -e /dev/kfd ]; then
+        message="no AMD GPU is visible in this container (no /dev/kfd): run it with --device /dev/kfd --device /dev/dri on a host with the amdgpu driver"
+    elif [ ! -r /dev/kfd ] || [ ! -w /dev/kfd ]; then
+        message="/dev/kfd is visible but user $(id -u) may not open it: add --group-add $(stat -c %g /dev/kfd) (the group owning /dev/kfd on the host; /dev/dri's render nodes need theirs, usually the same or render)"
+    else
+        return 0
+    fi
+    if [ "${LLAMA_ALLOW_CPU:-}" = 1 ]; then
+        warn "$message; LLAMA_ALLOW_CPU=1: running on the CPU (slow)"
+        return 0
+    fi
+    die "$message, or set LLAMA_ALLOW_CPU=1 to run on the CPU (slow)"
 }
 
 # `docker run IMAGE doctor [--model PATH] [--ctx-size N] [--json]`: what this container sees,
@@ -242,6 +263,21 @@ doctor() {
             [ "${LLAMA_ALLOW_CPU:-}" = 1 ] || problems="$problems old-driver"
         else
             gpu_verdict="$gpu_verdict: driver ${driver:-present} accepted"
+        fi
+    elif [ "${LLAMA_GPU_BACKEND:-}" = rocm ]; then
+        if [ ! -e /dev/kfd ]; then
+            gpu_verdict="ROCm: no AMD GPU visible (run with --device /dev/kfd --device /dev/dri)"
+        elif [ ! -r /dev/kfd ] || [ ! -w /dev/kfd ]; then
+            gpu_verdict="ROCm: /dev/kfd not usable by user $(id -u) (add --group-add $(stat -c %g /dev/kfd))"
+        else
+            gpu_verdict="ROCm: /dev/kfd usable"
+        fi
+        if [ "$gpu_verdict" != "ROCm: /dev/kfd usable" ]; then
+            if [ "${LLAMA_ALLOW_CPU:-}" = 1 ]; then
+                gpu_verdict="$gpu_verdict; LLAMA_ALLOW_CPU=1: the server runs on the CPU"
+            else
+                problems="$problems no-gpu"
+            fi
         fi
     fi
     model_verdict=
@@ -568,6 +604,7 @@ if [ -n "${LLAMA_HF_TOKEN:-}" ]; then
 fi
 
 check_cuda_host
+check_rocm_host
 
 # Where to listen: LLAMA_SERVER_* or llama-server's own LLAMA_ARG_* (which it reads itself and
 # an argument would override), never both; `--port` arguments win over either, as always.

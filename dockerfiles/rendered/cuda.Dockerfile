@@ -28,8 +28,8 @@ ARG GPU_ARCHITECTURES=61;70;75;80;86;89;90;100;120
 # More apt sources the shipped packages may come from (one line each; the train's own, e.g. a
 # security update's repository); empty: the base image's sources alone.
 ARG EXTRA_APT_SOURCES=
-# ggml's CUDA flash-attention kernels, ON in every release; OFF only in CI's budget build (they
-# are a third of the CUDA compile), and the image's label says which.
+# ggml's CUDA (and HIP) flash-attention kernels, ON in every release; OFF only in CI's budget
+# build (they are a third of the CUDA compile), and the image's label says which.
 ARG CUDA_FLASH_ATTENTION=ON
 
 # ---- snapshot-check: the context must hold the commit this image says it is built from.

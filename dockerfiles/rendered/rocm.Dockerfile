@@ -11,9 +11,8 @@
 # buildx builder with a native node per platform).
 
 # Base images; override to use a mirror or a pinned digest.
-ARG BUILDER_IMAGE=docker.io/rocm/dev-ubuntu-24.04:7.2.1-complete
+ARG BUILDER_IMAGE=debian:sid
 ARG WEB_UI_BUILDER_IMAGE=debian:trixie
-ARG RUNTIME_IMAGE=docker.io/rocm/dev-ubuntu-24.04:7.2.1-complete
 # The llama.cpp commit to build: must equal the commit recorded in snapshot.json.
 ARG LLAMA_CPP_COMMIT=0c1e57098bba43ac29e6e3b677cdceebdd22334f
 # Upstream's build number (b<N> release tags; 0 when the pin is not a release tag).
@@ -25,10 +24,13 @@ ARG IMAGE_CREATED=
 # ggml CPU kernels: all | baseline | x86-64-v3 | host (see pipeline/matrix/matrix.yaml).
 ARG CPU_VARIANTS=all
 # GPU targets compiled in (`nox -s build -- --gpu-architectures`); the image's label says which.
-ARG GPU_ARCHITECTURES=gfx908;gfx90a;gfx942;gfx1030;gfx1100;gfx1101;gfx1102;gfx1150;gfx1151;gfx1200;gfx1201
+ARG GPU_ARCHITECTURES=gfx908;gfx90a;gfx1030;gfx1100;gfx1101;gfx1102
 # More apt sources the shipped packages may come from (one line each; the train's own, e.g. a
 # security update's repository); empty: the base image's sources alone.
 ARG EXTRA_APT_SOURCES=
+# ggml's CUDA (and HIP) flash-attention kernels, ON in every release; OFF only in CI's budget
+# build (they are a third of the CUDA compile), and the image's label says which.
+ARG CUDA_FLASH_ATTENTION=ON
 
 # ---- snapshot-check: the context must hold the commit this image says it is built from.
 FROM --platform=$BUILDPLATFORM ${BUILDER_IMAGE} AS snapshot-check
@@ -140,7 +142,7 @@ fi
 # Versions: the base's Debian release and its updates; pin the base by digest to pin them.
 # shellcheck disable=SC2086 # $compilers is a list of package names
 apt-get install -y --no-install-recommends $compilers \
-    cmake ninja-build ccache ca-certificates pkgconf libssl-dev
+    cmake ninja-build ccache ca-certificates pkgconf libssl-dev hipcc libamdhip64-dev librocblas-dev libhipblas-dev
 apt-get download "busybox-static:$TARGETARCH"
 dpkg -x busybox-static_*.deb /tmp/busybox-static
 # In /usr/bin since Debian 13, in /bin before and on Ubuntu.
@@ -158,6 +160,7 @@ ARG LLAMA_CPP_COMMIT
 ARG LLAMA_CPP_BUILD_NUMBER
 ARG CPU_VARIANTS
 ARG GPU_ARCHITECTURES
+ARG CUDA_FLASH_ATTENTION
 # ccache in a cache mount per backend (matrix.yaml: compiler_cache) and architecture: a rebuild
 # after an upstream change recompiles only the files that changed. Each mount has its own
 # bound, CCACHE_MAXSIZE (least recently used entries go first; with it, what a release runner
@@ -201,10 +204,31 @@ case "$CPU_VARIANTS/$TARGETARCH" in
     host/amd64) set -- -DGGML_CPU_ALL_VARIANTS=OFF -DCMAKE_PROJECT_INCLUDE=/opt/cmake/quick-targets.cmake "-DQUICK_TARGETS=llama-common;mtmd;server-context;llama-server-impl;cpp-httplib" $(cpuinfo_options 'sse4_2:GGML_SSE42 avx:GGML_AVX avx2:GGML_AVX2 bmi2:GGML_BMI2 fma:GGML_FMA f16c:GGML_F16C avx_vnni:GGML_AVX_VNNI avx512f:GGML_AVX512 avx512vbmi:GGML_AVX512_VBMI avx512_vnni:GGML_AVX512_VNNI avx512_bf16:GGML_AVX512_BF16 amx_tile:GGML_AMX_TILE amx_int8:GGML_AMX_INT8 amx_bf16:GGML_AMX_BF16') ;;
     *) echo "error: unknown CPU_VARIANTS=$CPU_VARIANTS for $TARGETARCH (valid: all, baseline, x86-64-v3, host)" >&2; exit 1 ;;
 esac
-# HIP sources go through ROCm's clang; hipconfig says where ROCm lives in this image.
-HIPCXX="$(hipconfig -l)/clang"
+# HIP sources go through Debian's clang (hipconfig -l: its directory); ROCm lives in /usr.
+# ccache caches the HIP objects too.
 HIP_PATH="$(hipconfig -R)"
-export HIPCXX HIP_PATH
+export HIP_PATH
+set -- "$@" -DCMAKE_HIP_COMPILER="$(hipconfig -l)/clang" -DCMAKE_HIP_COMPILER_LAUNCHER=ccache
+case "$CUDA_FLASH_ATTENTION" in
+    ON|OFF) set -- "$@" -DGGML_CUDA_FA="$CUDA_FLASH_ATTENTION" ;;
+    *) echo "error: CUDA_FLASH_ATTENTION=$CUDA_FLASH_ATTENTION (valid: ON, OFF)" >&2; exit 1 ;;
+esac
+# A GPU target rocBLAS has no kernels for would compile, and fail at the first matrix product.
+for tensile in /usr/lib/"$triplet"/rocblas/*/library; do :; done
+shipped=
+for index in "$tensile"/TensileLibrary_lazy_*.dat; do
+    index=${index##*_lazy_}
+    shipped="$shipped ${index%.dat}"
+done
+IFS=';'
+for target in $GPU_ARCHITECTURES; do
+    case " $shipped " in
+        *" $target "*) ;;
+        *) echo "error: GPU_ARCHITECTURES names $target, for which this rocBLAS ($tensile) has no kernels; it has:$shipped" >&2
+           exit 1 ;;
+    esac
+done
+unset IFS
 # No .git in the snapshot: the commit and build number llama-server --version reports are given.
 cmake -S /src -B /build -G Ninja \
     -DCMAKE_BUILD_TYPE=Release \
@@ -277,38 +301,49 @@ RUN --mount=type=cache,id=ccache-rocm-$TARGETARCH,target=/root/.cache/ccache,sha
 FROM scratch AS ccache-export
 COPY --from=ccache-collect /ccache/ /
 
-# ---- runtime
-FROM ${RUNTIME_IMAGE} AS runtime
+# ---- rootfs: the runtime's whole filesystem: llama-server and its ggml modules, the target's
+# shared libraries (their NEEDED closure, read with readelf), busybox for /bin/sh and wget,
+# CA certificates, passwd/group with the non-root user; and the inventory of every file in it
+# (where it came from: a Debian package and version, or llama.cpp), for the image's SBOM.
+FROM builder AS rootfs
 ARG TARGETARCH
-ARG EXTRA_APT_SOURCES
-COPY --from=builder /opt/busybox/bin/busybox /usr/local/bin/busybox
-# Versions: the base image's release with its current updates (the upgrade: a security fix
-# reaches the packages the base already holds, as `nox -s track` expects); pin the base by
-# digest and the apt sources to a snapshot to pin them.
-# hadolint ignore=DL3008
-RUN --mount=type=cache,id=apt-cache-rocm-runtime-$TARGETARCH,target=/var/cache/apt,sharing=locked \
-    --mount=type=cache,id=apt-lists-rocm-runtime-$TARGETARCH,target=/var/lib/apt/lists,sharing=locked <<'EOF'
+ARG GPU_ARCHITECTURES
+RUN --mount=type=bind,from=support,target=/support <<'EOF'
 set -eu
-rm -f /etc/apt/apt.conf.d/docker-clean
-if [ -n "$EXTRA_APT_SOURCES" ]; then
-    printf '%s\n' "$EXTRA_APT_SOURCES" >/etc/apt/sources.list.d/extra.list
-fi
+case "$TARGETARCH" in
+    amd64) triplet=x86_64-linux-gnu ;;
+    *) echo "error: rocm is not built for $TARGETARCH (platforms: linux/amd64)" >&2; exit 1 ;;
+esac
 
-apt-get update
-apt-get upgrade -y --no-install-recommends
-apt-get install -y --no-install-recommends libgomp1 libssl3t64 ca-certificates
-rm -f /etc/apt/sources.list.d/extra.list
-useradd --uid 10001 --user-group --create-home \
-    --home-dir /home/llama --shell /usr/sbin/nologin llama
-ln -s busybox /usr/local/bin/wget
-# Downloads: the user's, writable by group 0 too (a run as an arbitrary uid of group 0).
-install -d -o 10001 -g 0 -m 2775 /cache
+# Loaded with dlopen (matrix.yaml: runtime.dlopened), so in no NEEDED list.
+export ASSEMBLE_DLOPENED="libamd_comgr.so.3"
+# rocBLAS's kernels (its Tensile library, which it finds beside librocblas.so) for the GPU
+# targets compiled in (gfx90a's come as gfx90a, gfx90a-xnack+ and -xnack-), and the files
+# every target shares: nothing for the others.
+for tensile in /usr/lib/"$triplet"/rocblas/*/library; do :; done
+find "$tensile" -type f ! -name '*gfx*' -printf "${tensile#/usr/lib/"$triplet"/}/%P\n" >/tmp/library-data
+IFS=';'
+for target in $GPU_ARCHITECTURES; do
+    find "$tensile" -type f \( -name "*[_-]$target.*" -o -name "*[_-]$target-*" \) \
+        -printf "${tensile#/usr/lib/"$triplet"/}/%P\n" >>/tmp/library-data
+done
+unset IFS
+export ASSEMBLE_LIBRARY_DATA=/tmp/library-data
+sh /support/assemble-rootfs.sh "$triplet" /out/app /opt/busybox/bin/busybox \
+    /support/entrypoint.sh llama 10001 /rootfs \
+    /tmp/origins.tsv
+mkdir -p /sbom
+sh /support/inventory.sh /rootfs /tmp/origins.tsv llama.cpp /bin/busybox "$TARGETARCH" \
+    /sbom/files.tsv
 EOF
 
-COPY --from=builder /out/app/ /app/
-# `support` is the named build context dockerfiles/image/, not a stage.
-# hadolint ignore=DL3022
-COPY --chmod=0755 --from=support entrypoint.sh healthcheck.sh /app/
+# ---- sbom: the inventory alone (`nox -s build` exports it and writes the CycloneDX SBOM).
+FROM scratch AS sbom
+COPY --from=rootfs /sbom/ /
+
+# ---- runtime
+FROM scratch AS runtime
+COPY --from=rootfs /rootfs/ /
 
 ARG LLAMA_CPP_COMMIT
 ARG LLAMA_CPP_BUILD_NUMBER
@@ -316,7 +351,7 @@ ARG IMAGE_VERSION
 ARG IMAGE_CREATED
 ARG CPU_VARIANTS
 LABEL org.opencontainers.image.title="llama.cpp server (ROCm)" \
-      org.opencontainers.image.description="The OpenAI-compatible llama-server of llama.cpp with the HIP backend for AMD GPUs (ROCm)." \
+      org.opencontainers.image.description="The OpenAI-compatible llama-server of llama.cpp with the HIP backend for AMD GPUs (RDNA2/3, CDNA), built with Debian's ROCm (HIP 6.4, rocBLAS and hipBLAS 6.4); a minimal image assembled from files." \
       org.opencontainers.image.source="https://github.com/ggml-org/llama.cpp" \
       org.opencontainers.image.revision="${LLAMA_CPP_COMMIT}" \
       org.opencontainers.image.version="${IMAGE_VERSION}" \
@@ -332,6 +367,12 @@ ENV PATH=/app:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     LLAMA_CACHE=/cache
 VOLUME ["/cache"]
+ARG GPU_ARCHITECTURES
+ARG CUDA_FLASH_ATTENTION
+LABEL org.llamacpp-images.gpu-architectures="${GPU_ARCHITECTURES}" \
+      org.llamacpp-images.flash-attention="${CUDA_FLASH_ATTENTION}"
+ENV LLAMA_GPU_BACKEND=rocm
+
 USER 10001:10001
 WORKDIR /home/llama
 EXPOSE 8080

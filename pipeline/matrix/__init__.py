@@ -21,6 +21,7 @@ from pipeline.matrix.backends import (
     CpuVariantSet,
     CudaRuntime,
     Matrix,
+    RocmRuntime,
     Runtime,
     RuntimeUser,
     SmokeTier,
@@ -54,6 +55,8 @@ MATRIX_FILE = Path(__file__).with_name("matrix.yaml")
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _ICD_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")  # Mesa's ICD manifest names: intel_hasvk
+_SONAME_RE = re.compile(r"^lib[A-Za-z0-9_+-]+\.so(\.[0-9]+)*$")  # libamd_comgr.so.3
+_GFX_RE = re.compile(r"^gfx[0-9a-f]{3,4}$")  # an AMD GPU target: gfx1100
 # npm pinned by version and the sha512 of its tarball, as corepack takes it.
 _NPM_RE = re.compile(r"^\d+\.\d+\.\d+\+sha512\.[0-9a-f]{128}$")
 _TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a CMake target name
@@ -93,6 +96,7 @@ _BACKEND_KEYS = (
     "gpu_architectures_flag",
     "smoke",
     "cuda",
+    "rocm",
     "web_ui",
     "compiler_cache",
 )
@@ -156,14 +160,15 @@ def _runtime(spec: Fields, arches: set[str]) -> Runtime:
     runtime = spec.sub("runtime", expected="a mapping with kind (scratch or distribution)")
     kind = runtime.choice("kind", RUNTIME_KINDS)
     if kind == "scratch":
-        runtime.no_unknown(("kind", "vulkan_drivers"))
+        runtime.no_unknown(("kind", "vulkan_drivers", "dlopened"))
         drivers: dict[str, tuple[str, ...]] = {}
         if runtime.has("vulkan_drivers"):
             per_arch = runtime.sub(
                 "vulkan_drivers", arches, expected="a mapping arch -> ICD manifest names"
             )
             drivers = {arch: per_arch.strings(arch, _ICD_RE) for arch in per_arch.data}
-        return Runtime(kind, vulkan_drivers=drivers)
+        dlopened = runtime.strings("dlopened", _SONAME_RE, default=())
+        return Runtime(kind, vulkan_drivers=drivers, dlopened=dlopened)
     runtime.no_unknown(("kind", "image", "packages"))
     return Runtime(kind, runtime.text("image", _IMAGE_RE), runtime.strings("packages", _PACKAGE_RE))
 
@@ -177,12 +182,16 @@ def _tier(name: str, spec: Fields) -> SmokeTier:
             spec.fail(f"device_log /{pattern}/ is not a regex: {exc}")
     if not patterns:
         spec.fail("device_log is empty (what proves the backend serves?)")
+    devices = spec.strings("devices", re.compile(r"^/dev/[A-Za-z0-9/_-]+$"), default=())
+    if devices and not spec.boolean("gpus", default=False):
+        spec.fail("devices are a GPU's: a tier with devices needs gpus: true")
     return SmokeTier(
         name,
         spec.boolean("gpus", default=False),
         spec.string_map("env", default={}),
         tuple(patterns),
         spec.strings("checks", _NAME_RE, default=()),
+        devices,
     )
 
 
@@ -192,7 +201,7 @@ def _smoke(backend: Fields, variant_sets: Mapping[str, CpuVariantSet]) -> Backen
         *("publish_requires", "publish_without_gpu", "publish_requires_by_cpu_variants"),
     )
     spec = backend.sub("smoke", keys, expected="a mapping (tiers, publish_requires, ...)")
-    known = ("gpus", "env", "device_log", "checks")
+    known = ("gpus", "env", "device_log", "checks", "devices")
     tiers = {
         name: _tier(name, tier) for name, tier in spec.entries("tiers", known, non_empty=False)
     }
@@ -240,6 +249,20 @@ def _cuda(backend: Fields) -> CudaRuntime | None:
         spec.optional_text("instead", _NAME_RE),
         spec.choice("toolkit", TOOLKIT_SOURCES),
     )
+
+
+def _rocm(backend: Fields, gpu_architectures: tuple[str, ...]) -> RocmRuntime | None:
+    if backend.raw("rocm", None) is None:
+        return None
+    spec = backend.sub("rocm", ("rocblas_architectures",))
+    shipped = spec.strings("rocblas_architectures", _GFX_RE)
+    missing = [a for a in gpu_architectures if a not in shipped]
+    if missing:
+        backend.fail(
+            f"gpu_architectures names {', '.join(missing)}, for which rocBLAS has no kernels",
+            f"rocm.rocblas_architectures (what Debian's rocBLAS ships): {', '.join(shipped)}",
+        )
+    return RocmRuntime(shipped)
 
 
 def _backend(
@@ -291,6 +314,7 @@ def _backend(
         gpu_architectures_flag=gpu_flag,
         smoke=_smoke(spec, variant_sets),
         cuda=_cuda(spec),
+        rocm=_rocm(spec, gpu_architectures),
         web_ui=spec.boolean("web_ui", default=False),
         compiler_cache=spec.text("compiler_cache", _NAME_RE, default=name),
     )

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from pipeline.core.errors import UsageError
@@ -56,6 +57,8 @@ class Runtime:
     # scratch only: arch -> the Vulkan drivers carried, by the names of their ICD manifests
     # (/usr/share/vulkan/icd.d/<name>_icd.json, each with the driver library it names)
     vulkan_drivers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # scratch only: libraries loaded with dlopen (in no NEEDED list), carried with their closure
+    dlopened: tuple[str, ...] = ()
 
 
 RUNTIME_KINDS = ("scratch", "distribution")
@@ -64,7 +67,8 @@ RUNTIME_KINDS = ("scratch", "distribution")
 @dataclass(frozen=True)
 class SmokeTier:
     """One way of smoke-testing a backend's image: `no-gpu` runs on any machine, `gpu` where
-    the GPU the backend is built for is visible (its containers get `--gpus all`)."""
+    the GPU the backend is built for is visible (its containers get `--gpus all`, or the
+    host's `devices`)."""
 
     name: str
     gpus: bool
@@ -73,6 +77,9 @@ class SmokeTier:
     # image whose backend finds no device still answers every request from its CPU kernels.
     device_log: tuple[re.Pattern[str], ...]
     checks: tuple[str, ...] = ()  # checks this tier runs besides everyone's (by name)
+    # Host device paths given to its containers (`docker run --device`: AMD's /dev/kfd and
+    # /dev/dri); empty with `gpus`: NVIDIA's device request (`--gpus all`).
+    devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,16 @@ class BackendSmoke:
     # Tiers an image built with a CPU variant set also needs (cpu, `all`: the cpus tier proves
     # the choice ggml makes between its kernel libraries; an image with one set has none).
     publish_requires_by_cpu_variants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def gpu_visible(self, root: Path = Path("/")) -> bool:
+        """Whether the machine at `root` shows the GPU the gpu tier needs: its devices (AMD's
+        /dev/kfd and /dev/dri), else an NVIDIA GPU (its driver's control device); False for a
+        backend without a gpu tier."""
+        tier = self.tiers.get("gpu")
+        if tier is None:
+            return False
+        devices = tier.devices or ("/dev/nvidiactl",)
+        return all((root / device.lstrip("/")).exists() for device in devices)
 
     @property
     def needs_gpu(self) -> bool:
@@ -140,6 +157,13 @@ TOOLKIT_SOURCES = ("image", "wheels")
 
 
 @dataclass(frozen=True)
+class RocmRuntime:
+    """What a ROCm image is built with: the GPU targets its rocBLAS has kernels for."""
+
+    rocblas_architectures: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class RuntimeUser:
     name: str
     uid: int
@@ -166,6 +190,7 @@ class Backend:
     gpu_architectures_flag: str | None
     smoke: BackendSmoke
     cuda: CudaRuntime | None = None
+    rocm: RocmRuntime | None = None
     # Upstream's web UI (tools/ui), built in the `ui` stage and served at /.
     web_ui: bool = False
     # The name of its compiler-cache mount (per architecture, each bounded by CCACHE_MAXSIZE);
@@ -175,6 +200,13 @@ class Backend:
     @property
     def platform_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.platforms)
+
+    @property
+    def compiles_ggml_cuda(self) -> bool:
+        """Whether it compiles ggml's CUDA sources (CUDA, or HIP for ROCm), whose
+        flash-attention kernels are the build arg CUDA_FLASH_ATTENTION."""
+        flags = dict(self.cmake_flags)
+        return "ON" in (flags.get("GGML_CUDA"), flags.get("GGML_HIP"))
 
     @property
     def runs_target_code(self) -> bool:

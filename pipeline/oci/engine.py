@@ -185,6 +185,17 @@ class ServerExited(Exception):
     """The container stopped before the condition we were waiting for."""
 
 
+def device_groups(devices: tuple[str, ...]) -> list[str]:
+    """The host's group ids owning `devices` and, for a directory such as /dev/dri, its
+    entries: `docker run --group-add` for each, as a non-root process needs to open them."""
+    gids: set[int] = set()
+    for device in map(Path, devices):
+        for path in [device, *(device.iterdir() if device.is_dir() else ())]:
+            with suppress(OSError):
+                gids.add(path.stat().st_gid)
+    return [str(gid) for gid in sorted(gids - {0})]
+
+
 class ServerContainer:
     """A container from `image`, started on enter and force-removed on exit, whatever happens.
 
@@ -218,6 +229,7 @@ class ServerContainer:
         name: str | None = None,
         restart: str | None = None,
         entrypoint: list[str] | None = None,
+        devices: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         self.image = image
@@ -230,6 +242,7 @@ class ServerContainer:
         self.network_host = network_host
         self.health_interval = health_interval
         self.gpus = gpus
+        self.devices = devices
         self.user = user
         self.read_only = read_only
         self.memory = memory
@@ -266,7 +279,11 @@ class ServerContainer:
             options["restart_policy"] = {"Name": self.restart}
         if self.entrypoint:
             options["entrypoint"] = self.entrypoint
-        if self.gpus:  # `docker run --gpus all`: the NVIDIA Container Toolkit's device request
+        if self.devices:  # `docker run --device`: AMD's /dev/kfd and /dev/dri, as AMD documents
+            options["devices"] = [f"{d}:{d}:rwm" for d in self.devices]
+            # The non-root server may open them as the host's groups owning them allow.
+            options["group_add"] = device_groups(self.devices)
+        elif self.gpus:  # `docker run --gpus all`: the NVIDIA Container Toolkit's device request
             from docker.types import DeviceRequest
 
             options["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]

@@ -39,9 +39,9 @@ class PublishOptions(Resolved):
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
     reports: Path | None = None  # None: the project's reports directory
     no_sign: bool = False  # publish unsigned (signing needs COSIGN_KEY or GitHub's OIDC token)
-    # The release had no GPU runner: GPU backends need what matrix.yaml's publish_without_gpu
-    # says instead of their gpu tier (the plan says so).
-    no_gpu_runner: bool = False
+    # The GPU backends the release had no GPU runner for: they need what matrix.yaml's
+    # publish_without_gpu says instead of their gpu tier (the plan says so).
+    no_gpu_runner: tuple[str, ...] = ()
     channel: str = STABLE  # whose tag rules (tags.yaml: stable, edge)
     # Only these platforms of each backend (a CI-size release); None: every one it is built for.
     platforms: tuple[TargetPlatform, ...] | None = None
@@ -49,6 +49,10 @@ class PublishOptions(Resolved):
     @property
     def reports_dir(self) -> Path:
         return self.reports or self.project.reports_dir
+
+    def gpu_runner(self, backend: str) -> bool:
+        """Whether the release had a runner with `backend`'s GPU (its gpu tier could run)."""
+        return backend not in self.no_gpu_runner
 
     @classmethod
     def named(
@@ -62,6 +66,7 @@ class PublishOptions(Resolved):
         release_tag: str | None = None,
         env: Mapping[str, str] | None = None,
         matrix: Matrix | None = None,
+        no_gpu_runner: bool | str | Sequence[str] = (),
         **rest: Any,
     ) -> PublishOptions:
         env = dict(os.environ) if env is None else dict(env)
@@ -88,8 +93,18 @@ class PublishOptions(Resolved):
             backends=backends_named(backends, inputs.matrix) if backends else (),
             platforms=platforms_named(platforms, inputs.matrix) if platforms else None,
             env=env,
+            no_gpu_runner=_without_gpu_runner(no_gpu_runner, inputs.matrix),
             **rest,
         )
+
+
+def _without_gpu_runner(named: bool | str | Sequence[str], matrix: Matrix) -> tuple[str, ...]:
+    """--no-gpu-runner: True (given bare) is every backend; else the backends named."""
+    if named is True:
+        return tuple(matrix.backends)
+    if not named:
+        return ()
+    return tuple(b.name for b in backends_named(named, matrix))
 
 
 def check_release_tag(version: str, release_tag: str | None, env: Mapping[str, str]) -> None:
@@ -158,10 +173,14 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
         default=STABLE,
         help="whose tags: stable (X.Y.Z, latest...; the default) or edge (edge, b<N>: the train)",
     )
-    switch(
-        parser,
+    parser.add_argument(
         "--no-gpu-runner",
-        "no GPU smoke ran: GPU backends publish on what matrix.yaml's publish_without_gpu allows",
+        nargs="?",
+        const=True,
+        default=(),
+        metavar="BACKENDS",
+        help="no GPU smoke ran (for these backends, comma-separated; bare: for any): they "
+        "publish on what matrix.yaml's publish_without_gpu allows",
     )
 
 

@@ -82,8 +82,8 @@ def review(
     groups, incomplete = _group_by_backend(options, chosen)
     refusals = check_reports(options, chosen, smokes) + incomplete
     notes: list[str] = []
-    if options.no_gpu_runner:
-        for group in groups:
+    for group in groups:
+        if not options.gpu_runner(group.backend.name):
             tiers = group.backend.smoke.required(gpu_runner=False)
             if group.backend.smoke.needs_gpu and tiers is not None:
                 device = [t for t in tiers if t != REAL_TIER]
@@ -95,7 +95,7 @@ def review(
     tested = {}
     for build in chosen:
         smoke = options.matrix.backend(build.backend).smoke
-        tiers = smoke.required(not options.no_gpu_runner, build.cpu_variants)
+        tiers = smoke.required(options.gpu_runner(build.backend), build.cpu_variants)
         passed = [
             s
             for s in smokes
@@ -160,7 +160,7 @@ def check_reports(
     for build in builds:
         where = f"{build.backend} {build.platform} ({build.digest[:19]}…)"
         backend = options.matrix.backend(build.backend)
-        tiers = backend.smoke.required(not options.no_gpu_runner, build.cpu_variants)
+        tiers = backend.smoke.required(options.gpu_runner(build.backend), build.cpu_variants)
         if tiers is None:
             problems.append(
                 f"{where} needs a smoke test on a GPU, and matrix.yaml publishes it with "

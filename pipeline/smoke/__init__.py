@@ -155,16 +155,9 @@ def _present(client: Any, target: SmokeTarget, access: RegistryAccess) -> SmokeT
     return target
 
 
-def nvidia_gpu_visible() -> bool:
-    """Whether this machine shows an NVIDIA GPU (its driver's control device)."""
-    return Path("/dev/nvidiactl").exists()
-
-
 def default_tier(backend: Backend) -> str:
     """`gpu` where the backend has that tier and this machine shows its GPU, else `no-gpu`."""
-    if "gpu" in backend.smoke.tiers and backend.cuda is not None and nvidia_gpu_visible():
-        return "gpu"
-    return NO_GPU_TIER
+    return "gpu" if backend.smoke.gpu_visible() else NO_GPU_TIER
 
 
 def write_smoke_record(

@@ -201,6 +201,7 @@ class SmokeRun:
             health_interval=self.timing.health_interval,
             env={**self.tier.env, **(env or {})},
             gpus=self.tier.gpus,
+            devices=self.tier.devices,
             **kwargs,
         )
 

@@ -1,5 +1,6 @@
 """The checks a smoke tier runs besides everyone's (matrix.yaml: a tier's `checks`), registered
-by name. CUDA images: the entrypoint's refusals, each in a short-lived container of its own.
+by name. CUDA and ROCm images: the entrypoint's refusals, each in a short-lived container of its
+own.
 """
 
 from __future__ import annotations
@@ -23,12 +24,36 @@ def refusal(run: SmokeRun, env: dict[str, str], mounts: dict[Path, str] | None =
     return lines
 
 
+# What a GPU image's refusal names: how to give its container the GPU, and the way out.
+GPU_REFUSAL_NAMES = {
+    "cuda": ("--gpus all", "NVIDIA Container Toolkit", "LLAMA_ALLOW_CPU=1"),
+    "rocm": ("--device /dev/kfd", "--device /dev/dri", "LLAMA_ALLOW_CPU=1"),
+}
+
+
 @smoke_check("gpu-refusal", Runs.CONTAINER, named_only=True)
 def check_gpu_refusal(run: SmokeRun) -> str:
-    # Without a GPU a CUDA image would serve from its CPU kernels at a fraction of the
+    # Without a GPU a CUDA or ROCm image would serve from its CPU kernels at a fraction of the
     # speed: unless LLAMA_ALLOW_CPU=1, it refuses, naming how to give it the GPU.
+    kind = "cuda" if run.backend.cuda else "rocm" if run.backend.rocm else None
+    require(kind is not None, f"{run.backend.name} is not a GPU backend the entrypoint checks")
     (line,) = refusal(run, {})
-    for needed in ("--gpus all", "NVIDIA Container Toolkit", "LLAMA_ALLOW_CPU=1"):
+    for needed in GPU_REFUSAL_NAMES[kind or ""]:
+        require(needed in line, f"the refusal does not name {needed!r}: {line!r}")
+    return line
+
+
+@smoke_check("gpu-access-refusal", Runs.CONTAINER, named_only=True)
+def check_gpu_access_refusal(run: SmokeRun) -> str:
+    # /dev/kfd given but not to the server's user (the group owning it not added): the HIP
+    # runtime would find no GPU. In its place here, a file only root may open.
+    with tempfile.TemporaryDirectory(prefix="kfd-") as tmp:
+        device = Path(tmp) / "kfd"
+        device.write_bytes(b"")
+        device.chmod(0o600)
+        group = device.stat().st_gid
+        (line,) = refusal(run, {}, {device: "/dev/kfd"})
+    for needed in ("/dev/kfd", f"--group-add {group}", "LLAMA_ALLOW_CPU=1"):
         require(needed in line, f"the refusal does not name {needed!r}: {line!r}")
     return line
 

@@ -146,7 +146,7 @@ def _run(options: TrackOptions, chain: Chain) -> None:
     chain.run("sync", "sync", "--remote", options.remote)
     for backend in options.backends:
         variants = options.cpu_variants or backend.cpu_variants
-        tiers = backend.smoke.required(options.gpu_runner, variants) or ()
+        tiers = backend.smoke.required(options.gpu_runner(backend), variants) or ()
         for platform in options.platforms_of(backend):
             where = f"{backend.name} {platform.name}"
             chain.run(
@@ -173,7 +173,8 @@ def _run(options: TrackOptions, chain: Chain) -> None:
                 )
     publish = ["publish", "--channel", "edge", "--image", str(options.repository)]
     publish += [*(["--no-sign"] if options.no_sign else [])]
-    publish += [*([] if options.gpu_runner else ["--no-gpu-runner"])]
+    without = [b.name for b in options.backends if not options.gpu_runner(b)]
+    publish += ["--no-gpu-runner", ",".join(without)] if without else []
     for platform in options.platforms or ():  # a CI-size train: only what it built
         publish += ["--platform", platform.name]
     chain.run("publish edge", *publish)

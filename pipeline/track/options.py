@@ -25,8 +25,6 @@ from pipeline.matrix.choose import (
 from pipeline.oci.image import ImageName
 
 BUMPS = ("patch", "minor", "major")
-# What the NVIDIA driver shows where a GPU is visible (the gpu tier runs only there).
-NVIDIA_CONTROL = Path("/dev/nvidiactl")
 
 
 @dataclass(frozen=True)
@@ -45,12 +43,16 @@ class TrackOptions(Resolved):
     no_sign: bool = False
     reproducible: bool = False  # rebuild the host's cpu image; the candidate says if identical
     from_edge: bool = False  # build nothing: the candidate is what edge holds of the pin
-    gpu_runner: bool = False  # a GPU is visible: GPU backends smoke their gpu tier too
+    # The backends whose GPU this machine shows: they smoke their gpu tier too.
+    gpu_visible: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
 
     @property
     def work_dir(self) -> Path:
         return self.project.build_dir / "track"
+
+    def gpu_runner(self, backend: Backend) -> bool:
+        return backend.name in self.gpu_visible
 
     def platforms_of(self, backend: Backend) -> tuple[TargetPlatform, ...]:
         if self.platforms is None:
@@ -73,14 +75,14 @@ class TrackOptions(Resolved):
     ) -> TrackOptions:
         env = dict(os.environ) if env is None else dict(env)
         inputs = Resolved.load(project, env=env)
-        gpu_runner = NVIDIA_CONTROL.exists()
+        visible = tuple(n for n, b in inputs.matrix.backends.items() if b.smoke.gpu_visible())
         if backends:
             chosen = backends_named(backends, inputs.matrix)
         else:  # what a release publishes here: a GPU-only backend needs its GPU
             every = inputs.matrix.backends.values()
-            chosen = tuple(b for b in every if b.smoke.required(gpu_runner) is not None)
+            chosen = tuple(b for b in every if b.smoke.required(b.name in visible) is not None)
         for backend in chosen:
-            if backend.smoke.required(gpu_runner) is None:
+            if backend.smoke.required(backend.name in visible) is None:
                 raise UsageError(
                     f"{backend.name} is published only after its gpu tier, and no GPU is "
                     "visible here",
@@ -96,7 +98,7 @@ class TrackOptions(Resolved):
             backends=chosen,
             platforms=platforms_named(platforms, inputs.matrix) if platforms else None,
             gpu_architectures=gpu_architectures_named(gpu_architectures),
-            gpu_runner=gpu_runner,
+            gpu_visible=visible,
             env=env,
             **rest,
         )
