@@ -688,6 +688,27 @@ def test_a_cuda_entrypoint_without_a_gpu_refuses_unless_cpu_is_allowed(
     assert run_entrypoint(fake_server, {"LLAMA_HF_REPO": "a/b"}, shell=shell).returncode == 0
 
 
+@pytest.mark.skipif(Path("/dev/kfd").exists(), reason="this machine shows an AMD GPU (/dev/kfd)")
+@pytest.mark.parametrize("shell", shells())
+def test_a_rocm_entrypoint_without_a_gpu_refuses_unless_cpu_is_allowed(
+    fake_server: Path, shell: str
+) -> None:
+    """A ROCm image's env (LLAMA_GPU_BACKEND=rocm) where no /dev/kfd is: one line naming the
+    devices to give (AMD's docker convention), or, with LLAMA_ALLOW_CPU=1, a warning and the
+    server. (The group check, /dev/kfd present but not the user's: tests/test_rocm.py.)"""
+    env = {"LLAMA_GPU_BACKEND": "rocm", "LLAMA_HF_REPO": "a/b"}
+    refused = run_entrypoint(fake_server, env, shell=shell)
+    assert refused.returncode == 64 and refused.stderr.count("\n") == 1, refused.stderr
+    for needed in ("no AMD GPU is visible", "--device /dev/kfd --device /dev/dri", "ALLOW_CPU=1"):
+        assert needed in refused.stderr
+    assert not Path(f"{fake_server}.args").exists()
+    allowed = run_entrypoint(fake_server, {**env, "LLAMA_ALLOW_CPU": "1"}, shell=shell)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "warning: no AMD GPU is visible in this container" in allowed.stderr
+    assert "LLAMA_ALLOW_CPU=1: running on the CPU" in allowed.stderr
+    assert "--hf-repo" in Path(f"{fake_server}.args").read_text()
+
+
 def test_entrypoint_names_an_unknown_knob_and_goes_on(fake_server: Path, tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")

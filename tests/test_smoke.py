@@ -501,3 +501,30 @@ def test_a_digest_the_registry_lacks_is_one_line(
     assert main(["smoke", missing]) == 8
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot pull {missing} for linux/amd64") and "\n" not in err
+
+
+def test_the_record_line_names_a_start_only_where_one_server_started(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The cpus tier starts a server per CPU model: its record has no one start to name, and a
+    passed run must not read "healthy after never"; a failed run without one says so."""
+    from pipeline.records import CheckResult, SmokeRecord
+    from pipeline.smoke.junit import print_record
+
+    record = SmokeRecord(
+        image="x",
+        digest=None,
+        backend="cpu",
+        platform="linux/amd64",
+        passed=True,
+        seconds=370.0,
+        checks=(CheckResult("cpu Haswell", True, 139.0),),
+        tier="cpus",
+    )
+    lines = []
+    for changes in ({}, {"passed": False}, {"time_to_healthy": 1.5}):
+        print_record(record.__class__(**{**record.__dict__, **changes}))
+        lines.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "healthy" not in lines[0] and "never" not in lines[0], lines[0]
+    assert lines[1].endswith("; never healthy"), lines[1]
+    assert lines[2].endswith("; healthy after 1.50 s"), lines[2]
