@@ -289,3 +289,16 @@ def test_broken_files_fail_with_the_file_named(tmp_path: Path) -> None:
         load_matrix(tmp_path / "absent.yaml")
     assert "absent.yaml not found" in err.value.line()
     assert "top level is list" in _error([1, 2])
+
+
+def test_a_backends_gpu_is_visible_by_its_own_devices(matrix: Matrix, tmp_path: Path) -> None:
+    """Each GPU backend's gpu tier runs where its own GPU shows (track and smoke ask this):
+    rocm where /dev/kfd and /dev/dri are, the CUDA images where NVIDIA's control device is;
+    an NVIDIA machine is no GPU runner for rocm, nor an AMD one for cuda."""
+    (tmp_path / "dev" / "dri").mkdir(parents=True)
+    (tmp_path / "dev" / "kfd").write_bytes(b"")
+    smoke = {name: matrix.backend(name).smoke for name in ("cpu", "vulkan", "cuda13", "rocm")}
+    assert [n for n, s in smoke.items() if s.gpu_visible(tmp_path)] == ["rocm"]
+    (tmp_path / "dev" / "kfd").unlink()
+    (tmp_path / "dev" / "nvidiactl").write_bytes(b"")
+    assert [n for n, s in smoke.items() if s.gpu_visible(tmp_path)] == ["cuda13"]
