@@ -9,27 +9,22 @@ an NVIDIA GPU (skipped here, with the reason)."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
+from fixtures.images import build_gpu_image, image_config
 from fixtures.lab import (
-    TEST_CPU_VARIANTS,
-    build_lock,
     copy_project,
     require_gpu_images,
     require_lab,
 )
 
-from pipeline.build.options import BuildOptions
 from pipeline.build.sbom import sbom_files
 from pipeline.build.toolkit import load_wheels
 from pipeline.core.project import Project
 from pipeline.matrix import load_matrix
 from pipeline.publish.options import PublishOptions
 from pipeline.records import BuildRecord, SmokeRecord, load_smoke_records
-from pipeline.records.snapshot import check_snapshot
 from pipeline.smoke.options import SmokeOptions
 
 CI_GPU_ARCHITECTURES = "90-virtual"
@@ -43,36 +38,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 @pytest.fixture(scope="session")
 def cuda13_amd64(docker_engine: None, lab_project: Project) -> BuildRecord:
-    from pipeline.build import build
-
     require_gpu_images("cuda13")
-
-    options = BuildOptions.named(
-        lab_project,
-        platforms=("linux/amd64",),
-        backends=("cuda13",),
-        cpu_variants=TEST_CPU_VARIANTS,
-        gpu_architectures=CI_GPU_ARCHITECTURES,
-        build_args=CI_BUILD_ARGS,
-        quiet=True,
-    )
-    with build_lock():
-        (record,) = build(options, check_snapshot(lab_project))
-    return record
-
-
-def inspect(ref: str) -> dict[str, Any]:
-    out = subprocess.run(
-        ["docker", "image", "inspect", ref], capture_output=True, text=True, check=True
-    ).stdout
-    data: dict[str, Any] = json.loads(out)[0]
-    return data
+    return build_gpu_image(lab_project, "cuda13", CI_GPU_ARCHITECTURES, CI_BUILD_ARGS)
 
 
 def test_the_cuda13_image_follows_nvidias_conventions_and_carries_only_what_it_loads(
     cuda13_amd64: BuildRecord, lab_project: Project
 ) -> None:
-    config = inspect(cuda13_amd64.ref)["Config"]
+    config = image_config(cuda13_amd64.ref)
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"

@@ -18,23 +18,17 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fixtures.images import SmokeImage
+from fixtures.images import SmokeImage, build_gpu_image, image_config
 from fixtures.lab import (
-    TEST_CPU_VARIANTS,
-    build_lock,
-    docker_engine_answers,
     require_gpu_images,
     require_lab,
 )
 
-from pipeline.build.options import BuildOptions
 from pipeline.build.sbom import sbom_files
 from pipeline.core.project import Project
 from pipeline.records import BuildRecord
-from pipeline.records.snapshot import check_snapshot
 from pipeline.smoke.options import SmokeOptions
 
 CI_GPU_ARCHITECTURES = "gfx1100"
@@ -95,36 +89,14 @@ def test_the_rocm_refusals_in_the_image_entrypoint(
 
 @pytest.fixture(scope="session")
 def rocm_amd64(docker_engine: None, lab_project: Project) -> BuildRecord:
-    from pipeline.build import build
-
     require_gpu_images("rocm")
-    require_lab(docker_engine_answers(), "a Docker engine")
     sid = subprocess.run(
         ["docker", "buildx", "imagetools", "inspect", "127.0.0.1:5000/library/debian:sid"],
         capture_output=True,
         check=False,
     )
     require_lab(sid.returncode == 0, "the lab's debian:sid base (LAB_SID_BASE=1 .ci/provision)")
-    options = BuildOptions.named(
-        lab_project,
-        platforms=("linux/amd64",),
-        backends=("rocm",),
-        cpu_variants=TEST_CPU_VARIANTS,
-        gpu_architectures=CI_GPU_ARCHITECTURES,
-        build_args=CI_BUILD_ARGS,
-        quiet=True,
-    )
-    with build_lock():
-        (record,) = build(options, check_snapshot(lab_project))
-    return record
-
-
-def inspect(ref: str) -> dict[str, Any]:
-    out = subprocess.run(
-        ["docker", "image", "inspect", ref], capture_output=True, text=True, check=True
-    ).stdout
-    data: dict[str, Any] = json.loads(out)[0]
-    return data
+    return build_gpu_image(lab_project, "rocm", CI_GPU_ARCHITECTURES, CI_BUILD_ARGS)
 
 
 # Timeout: the cold HIP compile on a 2-core machine.
@@ -134,7 +106,7 @@ def inspect(ref: str) -> dict[str, Any]:
 def test_the_rocm_image_carries_what_it_loads_for_its_gpu_targets_only(
     rocm_amd64: BuildRecord, lab_project: Project, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = inspect(rocm_amd64.ref)["Config"]
+    config = image_config(rocm_amd64.ref)
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["LLAMA_GPU_BACKEND"] == "rocm"
     labels = config["Labels"]
