@@ -505,6 +505,10 @@ def test_bench_sync_and_size_for_real(
     assert "| sync: no-op re-sync |" in (report / "report.md").read_text()
     assert data["machine"]["cpus"] == os.cpu_count()
     assert parts["size"]["details"]["ours"]["image"] == cpu_amd64.ref
+    # The GPU images' rows are there, measured or saying what is missing.
+    assert {"size.cuda.compressed", "size.rocm.compressed", "size.vulkan.uncompressed"} <= set(
+        metrics
+    )
 
 
 def test_progress_of_a_stopped_build_reads_the_last_run(tmp_path: Path) -> None:
