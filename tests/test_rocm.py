@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 from fixtures.images import SmokeImage, build_gpu_image, image_config
@@ -37,9 +38,10 @@ LABELS = "org.llamacpp-images"
 ROCM_ENV = ("-e", "LLAMA_GPU_BACKEND=rocm")
 
 
-def run_image(image: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_image(image: str, *options: str, command: tuple[str, ...] = ()) -> CompletedProcess[str]:
+    """`docker run --rm OPTIONS IMAGE COMMAND` through the image's entrypoint."""
     return subprocess.run(
-        ["docker", "run", "--rm", *args, image],
+        ["docker", "run", "--rm", *options, image, *command],
         capture_output=True,
         text=True,
         timeout=120,
@@ -78,10 +80,11 @@ def test_the_rocm_refusals_in_the_image_entrypoint(
     # (informational ones such as --version skip them).
     device.chmod(0o666)
     past = ("--no-such-option",)
-    opened = run_image(cpu_amd64.ref, *ROCM_ENV, *model, "-v", f"{device}:/dev/kfd", *past)
+    mounted = ("-v", f"{device}:/dev/kfd")
+    opened = run_image(cpu_amd64.ref, *ROCM_ENV, *model, *mounted, command=past)
     assert "invalid argument: --no-such-option" in opened.stderr, opened.stderr
     assert "kfd" not in opened.stderr and "AMD" not in opened.stderr, opened.stderr
-    allowed = run_image(cpu_amd64.ref, *ROCM_ENV, "-e", "LLAMA_ALLOW_CPU=1", *model, *past)
+    allowed = run_image(cpu_amd64.ref, *ROCM_ENV, "-e", "LLAMA_ALLOW_CPU=1", *model, command=past)
     assert "invalid argument: --no-such-option" in allowed.stderr, allowed.stderr
     assert "warning: no AMD GPU is visible" in allowed.stderr
     assert "LLAMA_ALLOW_CPU=1: running on the CPU (slow)" in allowed.stderr
