@@ -196,7 +196,7 @@ def test_the_release_workflow_replayed_in_the_lab(
     tag_push = github_context("push", f"refs/tags/v{version}", "release.yml")
     dispatch = github_context("workflow_dispatch", "refs/heads/main", "release.yml")
     ordered = dict(jobs_in_order(workflow))
-    assert list(ordered) == ["edge", "promote", "build", "gpu-smoke", "publish"]
+    assert list(ordered) == ["edge", "promote", "build", "gpu-smoke", "amd-gpu-smoke", "publish"]
     build_spec, publish_spec = ordered["build"], ordered["publish"]
     # Edge never saw this release (the registry is empty): no candidate, so it is built.
     (edge,) = replay("edge", ordered["edge"], tag_push, {}, tmp_path / "artifacts-tag-push")
@@ -207,10 +207,12 @@ def test_the_release_workflow_replayed_in_the_lab(
     with build_lock():
         builds = replay("build", build_spec, tag_push, {}, tmp_path / "artifacts-tag-push")
     assert {job.context["matrix"]["arch"] for job in builds} == {"amd64", "arm64"}
-    # No GPU runner here (vars.GPU_RUNNER unset): the gpu tier's job is skipped, and publish
-    # runs after it, with --no-gpu-runner.
-    needs = {"build": {"result": "success"}, "gpu-smoke": {"result": "skipped"}}
-    assert not job_runs(ordered["gpu-smoke"], {"vars": {}, "needs": {"build": needs["build"]}})
+    # No GPU runner here (vars.GPU_RUNNER, vars.AMD_GPU_RUNNER unset): the gpu tiers' jobs are
+    # skipped, and publish runs after them, with --no-gpu-runner for their backends.
+    skipped = {"result": "skipped"}
+    needs = {"build": {"result": "success"}, "gpu-smoke": skipped, "amd-gpu-smoke": skipped}
+    for gpu_job in ("gpu-smoke", "amd-gpu-smoke"):
+        assert not job_runs(ordered[gpu_job], {"vars": {}, "needs": {"build": needs["build"]}})
     assert job_runs(publish_spec, {"vars": {}, "needs": needs})
 
     # What the build jobs pushed and smoke-tested: one digest per platform, the same in both
