@@ -49,6 +49,12 @@ find_lib() {
     return 1
 }
 
+# copy_lib SOURCE NAME: into /lib/TRIPLET as NAME, where it came from recorded.
+copy_lib() {
+    cp -L "$1" "$libdir/$2"
+    printf '%s\t%s\n' "/lib/$triplet/$2" "$1" >>"$origins"
+}
+
 needed() {
     "$readelf" -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'
 }
@@ -82,8 +88,8 @@ for name in ${ASSEMBLE_VULKAN_DRIVERS:-}; do
     fi
     mkdir -p "$rootfs${manifest%/*}"
     cp "$manifest" "$rootfs$manifest"
-    cp -L "$source" "$libdir/$lib"
-    printf '%s\t%s\n' "$manifest" "$manifest" "/lib/$triplet/$lib" "$source" >>"$origins"
+    printf '%s\t%s\n' "$manifest" "$manifest" >>"$origins"
+    copy_lib "$source" "$lib"
     loaded="$loaded $libdir/$lib"
 done
 
@@ -92,8 +98,7 @@ for lib in ${ASSEMBLE_DLOPENED:-}; do
         echo "error: $lib (matrix.yaml: runtime.dlopened) is in none of: $search" >&2
         exit 1
     fi
-    cp -L "$source" "$libdir/$lib"
-    printf '%s\t%s\n' "/lib/$triplet/$lib" "$source" >>"$origins"
+    copy_lib "$source" "$lib"
     loaded="$loaded $libdir/$lib"
 done
 
@@ -127,8 +132,7 @@ while [ -n "$queue" ]; do
                 echo "error: $file needs $lib, which is in none of: $search" >&2
                 exit 1
             fi
-            cp -L "$source" "$libdir/$lib"
-            printf '%s\t%s\n' "/lib/$triplet/$lib" "$source" >>"$origins"
+            copy_lib "$source" "$lib"
             next="$next $libdir/$lib"
         done
     done

@@ -114,15 +114,19 @@ check_cuda_host() {
 # A ROCm image needs the host's AMD GPU as devices (/dev/kfd, the compute interface, and the
 # render nodes under /dev/dri) that the server's user may open: without them the HIP runtime
 # finds no GPU and the server quietly runs on the CPU. Say which, in a line.
+# rocm_problem prints what is wrong (nothing when the GPU is usable); doctor says the same.
+rocm_problem() {
+    if [ ! -e /dev/kfd ]; then
+        echo "no AMD GPU is visible in this container (no /dev/kfd): run it with --device /dev/kfd --device /dev/dri on a host with the amdgpu driver"
+    elif [ ! -r /dev/kfd ] || [ ! -w /dev/kfd ]; then
+        echo "/dev/kfd is visible but user $(id -u) may not open it: add --group-add $(stat -c %g /dev/kfd) (the group owning /dev/kfd on the host; /dev/dri's render nodes need theirs, usually the same or render)"
+    fi
+}
+
 check_rocm_host() {
     [ "${LLAMA_GPU_BACKEND:-}" = rocm ] || return 0
-    if [ ! -e /dev/kfd ]; then
-        message="no AMD GPU is visible in this container (no /dev/kfd): run it with --device /dev/kfd --device /dev/dri on a host with the amdgpu driver"
-    elif [ ! -r /dev/kfd ] || [ ! -w /dev/kfd ]; then
-        message="/dev/kfd is visible but user $(id -u) may not open it: add --group-add $(stat -c %g /dev/kfd) (the group owning /dev/kfd on the host; /dev/dri's render nodes need theirs, usually the same or render)"
-    else
-        return 0
-    fi
+    message=$(rocm_problem)
+    [ -n "$message" ] || return 0
     if [ "${LLAMA_ALLOW_CPU:-}" = 1 ]; then
         warn "$message; LLAMA_ALLOW_CPU=1: running on the CPU (slow)"
         return 0
@@ -265,14 +269,9 @@ doctor() {
             gpu_verdict="$gpu_verdict: driver ${driver:-present} accepted"
         fi
     elif [ "${LLAMA_GPU_BACKEND:-}" = rocm ]; then
-        if [ ! -e /dev/kfd ]; then
-            gpu_verdict="ROCm: no AMD GPU visible (run with --device /dev/kfd --device /dev/dri)"
-        elif [ ! -r /dev/kfd ] || [ ! -w /dev/kfd ]; then
-            gpu_verdict="ROCm: /dev/kfd not usable by user $(id -u) (add --group-add $(stat -c %g /dev/kfd))"
-        else
-            gpu_verdict="ROCm: /dev/kfd usable"
-        fi
-        if [ "$gpu_verdict" != "ROCm: /dev/kfd usable" ]; then
+        problem=$(rocm_problem)
+        gpu_verdict="ROCm: ${problem:-/dev/kfd usable}"
+        if [ -n "$problem" ]; then
             if [ "${LLAMA_ALLOW_CPU:-}" = 1 ]; then
                 gpu_verdict="$gpu_verdict; LLAMA_ALLOW_CPU=1: the server runs on the CPU"
             else

@@ -74,15 +74,13 @@ def _job(
     gpu = None
     if backend.gpu_architectures_flag is not None:
         gpu = options.gpu_architectures or backend.gpu_architectures
-    if gpu and backend.rocm is not None:
-        shipped = backend.rocm.rocblas_architectures
-        missing = [a for a in gpu if a not in shipped]
-        if missing:
-            raise UsageError(
-                f"--gpu-architectures {','.join(gpu)}: rocBLAS has no kernels for "
-                f"{', '.join(missing)}, so {backend.name} cannot serve them",
-                f"the targets Debian's rocBLAS ships (matrix.yaml): {', '.join(shipped)}",
-            )
+    if gpu and backend.rocm is not None and (missing := backend.rocm.unshipped(gpu)):
+        shipped = ", ".join(backend.rocm.rocblas_architectures)
+        raise UsageError(
+            f"--gpu-architectures {','.join(gpu)}: rocBLAS has no kernels for "
+            f"{', '.join(missing)}, so {backend.name} cannot serve them",
+            f"the targets Debian's rocBLAS ships (matrix.yaml): {shipped}",
+        )
     return BuildJob(
         backend,
         platforms,

@@ -255,14 +255,15 @@ def _rocm(backend: Fields, gpu_architectures: tuple[str, ...]) -> RocmRuntime | 
     if backend.raw("rocm", None) is None:
         return None
     spec = backend.sub("rocm", ("rocblas_architectures",))
-    shipped = spec.strings("rocblas_architectures", _GFX_RE)
-    missing = [a for a in gpu_architectures if a not in shipped]
+    rocm = RocmRuntime(spec.strings("rocblas_architectures", _GFX_RE))
+    missing = rocm.unshipped(gpu_architectures)
     if missing:
+        shipped = ", ".join(rocm.rocblas_architectures)
         backend.fail(
             f"gpu_architectures names {', '.join(missing)}, for which rocBLAS has no kernels",
-            f"rocm.rocblas_architectures (what Debian's rocBLAS ships): {', '.join(shipped)}",
+            f"rocm.rocblas_architectures (what Debian's rocBLAS ships): {shipped}",
         )
-    return RocmRuntime(shipped)
+    return rocm
 
 
 def _backend(

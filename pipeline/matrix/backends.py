@@ -162,6 +162,10 @@ class RocmRuntime:
 
     rocblas_architectures: tuple[str, ...]
 
+    def unshipped(self, targets: Sequence[str]) -> list[str]:
+        """Those of `targets` rocBLAS has no kernels for."""
+        return [t for t in targets if t not in self.rocblas_architectures]
+
 
 @dataclass(frozen=True)
 class RuntimeUser:

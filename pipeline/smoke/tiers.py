@@ -24,22 +24,18 @@ def refusal(run: SmokeRun, env: dict[str, str], mounts: dict[Path, str] | None =
     return lines
 
 
-# What a GPU image's refusal names: how to give its container the GPU, and the way out.
-GPU_REFUSAL_NAMES = {
-    "cuda": ("--gpus all", "NVIDIA Container Toolkit", "LLAMA_ALLOW_CPU=1"),
-    "rocm": ("--device /dev/kfd", "--device /dev/dri", "LLAMA_ALLOW_CPU=1"),
-}
-
-
 @smoke_check("gpu-refusal", Runs.CONTAINER, named_only=True)
 def check_gpu_refusal(run: SmokeRun) -> str:
     # Without a GPU a CUDA or ROCm image would serve from its CPU kernels at a fraction of the
-    # speed: unless LLAMA_ALLOW_CPU=1, it refuses, naming how to give it the GPU.
-    kind = "cuda" if run.backend.cuda else "rocm" if run.backend.rocm else None
-    require(kind is not None, f"{run.backend.name} is not a GPU backend the entrypoint checks")
+    # speed: unless LLAMA_ALLOW_CPU=1, it refuses, naming how to give it the GPU: what the gpu
+    # tier gives its containers (the devices, or NVIDIA's `--gpus all` through its toolkit).
+    gpu = run.backend.smoke.tiers.get("gpu")
+    require(gpu is not None, f"{run.backend.name} has no gpu tier: no GPU to refuse without")
+    assert gpu is not None
+    needed = [f"--device {d}" for d in gpu.devices] or ["--gpus all", "NVIDIA Container Toolkit"]
     (line,) = refusal(run, {})
-    for needed in GPU_REFUSAL_NAMES[kind or ""]:
-        require(needed in line, f"the refusal does not name {needed!r}: {line!r}")
+    for name in (*needed, "LLAMA_ALLOW_CPU=1"):
+        require(name in line, f"the refusal does not name {name!r}: {line!r}")
     return line
 
 

@@ -89,7 +89,12 @@ def from_edge(options: TrackOptions) -> CandidateRecord | None:
                 variants = image.labels.get(LABEL_CPU_VARIANTS)
                 images.append(
                     CandidateImage(
-                        backend.name, image.platform, image.digest, tiers, size, None, variants
+                        backend.name,
+                        image.platform,
+                        image.digest,
+                        tiers,
+                        compressed_bytes=size,
+                        cpu_variants=variants,
                     )
                 )
     record = CandidateRecord(
